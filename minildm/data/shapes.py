@@ -1,0 +1,438 @@
+"""Procedural captioned shapes: the default dataset of minildm, and a checker that reads images back.
+
+Every image is one filled shape on a black background, described by three attributes from a small fixed
+vocabulary (6 colours x 3 shapes x 5 positions = 90 combinations), with a caption such as
+"a red circle on the left". Because the data is generated, we know the right answer for every prompt, so a
+rule-based checker, `describe`, can grade generated images ("did the model draw a red circle on the left?").
+
+Ten combinations (`HELD_OUT`) never appear in training. Each of their colours, shapes and positions does
+appear in training with other partners, so a model that draws them has composed attributes it learned
+separately: this is how we measure compositional generalisation.
+
+Geometry (all lengths are fractions of the image side, y grows downwards):
+- every shape fits in a box of half-extent r around its centre (cx, cy); r ~ U(0.17, 0.20) with jitter;
+- circle: radius r; square: half-side r * sqrt(pi) / 2 (same area as the circle);
+  triangle (pointing up): apex (cx, cy - r), base from (cx - r, cy + r) to (cx + r, cy + r);
+- the centre is jittered by up to +-0.02, so a shape always keeps a margin of >= 0.05 from the border.
+Shapes are anti-aliased by supersampling: render at 4x the resolution, then average each 4x4 block.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from einops import rearrange
+
+# ----------------------------------------------------------------------------------------------------------
+# Vocabulary (fixed, so results compare across versions)
+# ----------------------------------------------------------------------------------------------------------
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 90, 230),
+    "yellow": (230, 210, 40),
+    "purple": (150, 60, 200),
+    "cyan": (40, 200, 210),
+}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = {  # name -> (cx, cy) as fractions of the side, y measured from the top
+    "left": (0.27, 0.5),
+    "right": (0.73, 0.5),
+    "top": (0.5, 0.27),
+    "bottom": (0.5, 0.73),
+    "center": (0.5, 0.5),
+}
+
+RADIUS = 0.185  # canonical half-extent r of a shape (no jitter)
+RADIUS_RANGE = (0.17, 0.20)  # r ~ U(RADIUS_RANGE) with jitter
+CENTER_JITTER = 0.02  # cx, cy += U(-CENTER_JITTER, CENTER_JITTER) with jitter
+SUPERSAMPLE = 4  # anti-aliasing: render at 4x and average 4x4 blocks
+RENDER_CHUNK = 64  # images rendered at once; bounds the memory of the supersampled grids
+
+ALL_COMBOS = tuple((c, s, p) for c in COLORS for s in SHAPES for p in POSITIONS)  # 90, colour-major order
+
+
+def _held_out_combos() -> tuple:
+    """The ten held-out combinations, by the rule: for k = 0..9 take
+    colour k mod 6, shape (k + k // 6) mod 3, position (2k + 1) mod 5
+    (indices into the orders of COLORS, SHAPES and POSITIONS above).
+
+    The `k // 6` term shifts the shape for k >= 6 so no (colour, shape) pair is held out twice; each
+    position is held out exactly twice. Every colour keeps >= 13 of its 15 combinations in training,
+    every (colour, shape), (colour, position) and (shape, position) pair still appears in training.
+    """
+    colors, positions = list(COLORS), list(POSITIONS)
+    return tuple((colors[k % 6], SHAPES[(k + k // 6) % 3], positions[(2 * k + 1) % 5]) for k in range(10))
+
+
+HELD_OUT = _held_out_combos()
+SEEN = tuple(combo for combo in ALL_COMBOS if combo not in HELD_OUT)  # the 80 training combinations
+SPLITS = {"train": SEEN, "held_out": HELD_OUT, "all": ALL_COMBOS}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Captions
+# ----------------------------------------------------------------------------------------------------------
+def _check_combo(color: str, shape: str, position: str) -> None:
+    if color not in COLORS or shape not in SHAPES or position not in POSITIONS:
+        raise ValueError(
+            f"unknown combination ({color!r}, {shape!r}, {position!r}): choose the colour from "
+            f"{list(COLORS)}, the shape from {list(SHAPES)} and the position from {list(POSITIONS)}."
+        )
+
+
+def _position_phrase(position: str) -> str:
+    return "in the center" if position == "center" else f"on the {position}"
+
+
+def caption(color: str, shape: str, position: str, paraphrase: bool = False) -> str:
+    """Caption of one combination.
+
+    caption("red", "circle", "left")                  -> "a red circle on the left"
+    caption("red", "circle", "center")                -> "a red circle in the center"
+    caption("red", "circle", "left", paraphrase=True) -> "a circle that is red, on the left"
+    """
+    _check_combo(color, shape, position)
+    if paraphrase:
+        return f"a {shape} that is {color}, {_position_phrase(position)}"
+    return f"a {color} {shape} {_position_phrase(position)}"
+
+
+def _words(text: str) -> tuple:
+    """Lower-case words of a caption, with the comma as a word of its own: "a b, c" -> ("a", "b", ",", "c")."""
+    return tuple(re.findall(r"[a-z]+|,", text.lower()))
+
+
+# Every word any caption can use (the comma of the paraphrase counts as a word), for building a tokenizer.
+VOCAB_WORDS = ("a", "on", "in", "the", "that", "is", ",") + tuple(COLORS) + SHAPES + tuple(POSITIONS)
+
+# Both caption forms of every combination, as word tuples -> combination; parsing is a lookup.
+_CAPTION_TABLE = {_words(caption(*combo, paraphrase=p)): combo for combo in ALL_COMBOS for p in (False, True)}
+
+
+def parse_caption(text: str) -> tuple:
+    """Inverse of `caption` for both forms: "a red circle on the left" -> ("red", "circle", "left").
+
+    Case, spacing and punctuation other than the comma are ignored; anything else raises ValueError.
+    """
+    combo = _CAPTION_TABLE.get(_words(text))
+    if combo is None:
+        raise ValueError(
+            f"cannot parse caption {text!r}: expected 'a <color> <shape> on the <position>' "
+            f"or 'a <shape> that is <color>, on the <position>' with words from VOCAB_WORDS."
+        )
+    return combo
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------------------
+def _draw_jitter(rng: np.random.Generator, n: int) -> tuple:
+    """Random centre offsets [n, 2] and half-extents [n] for n shapes."""
+    offsets = rng.uniform(-CENTER_JITTER, CENTER_JITTER, size=(n, 2))
+    radii = rng.uniform(*RADIUS_RANGE, size=n)
+    return offsets, radii
+
+
+def _inside(shape: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Is the point (dx, dy) from the centre inside a shape of half-extent r? (all broadcast together)"""
+    if shape == "circle":
+        return dx**2 + dy**2 <= r**2
+    if shape == "square":  # half-side r * sqrt(pi) / 2 gives the circle's area
+        return np.maximum(np.abs(dx), np.abs(dy)) <= r * (np.sqrt(np.pi) / 2)
+    return (dy <= r) & (np.abs(dx) <= (dy + r) / 2)  # triangle: half-width 0 at the apex (dy = -r), r at the base
+
+
+def _render_batch(combos: Sequence[tuple], offsets: np.ndarray, radii: np.ndarray, size: int) -> np.ndarray:
+    """Render B shapes at once with array maths (no Python loop over pixels or images).
+
+    combos: B (color, shape, position) tuples; offsets: [B, 2] centre jitter (dx, dy); radii: [B] half-extents r.
+    Returns float32 [B, size, size, 3] in [0, 1], rounded to 8-bit levels (so it equals `render(...) / 255`).
+    """
+    if size < 8:
+        raise ValueError(f"image size must be at least 8 pixels to draw a recognisable shape, got {size}.")
+    if len(combos) > RENDER_CHUNK:  # render a big batch chunk by chunk
+        chunks = [slice(i, i + RENDER_CHUNK) for i in range(0, len(combos), RENDER_CHUNK)]
+        return np.concatenate([_render_batch(combos[c], offsets[c], radii[c], size) for c in chunks])
+    for combo in combos:
+        _check_combo(*combo)
+    centers = (np.array([POSITIONS[p] for _, _, p in combos]) + offsets).astype(np.float32)  # [B, 2] = (cx, cy)
+    radii = np.asarray(radii, dtype=np.float32)[:, None, None]  # [B, 1, 1]
+    rgb = np.array([COLORS[c] for c, _, _ in combos], dtype=np.float32) / 255.0  # [B, 3]
+
+    n = size * SUPERSAMPLE
+    u = (np.arange(n, dtype=np.float32) + 0.5) / n  # centres of the supersampled pixels, as fractions of the side
+    dx = u[None, None, :] - centers[:, 0, None, None]  # [B, 1, n]  horizontal offset from the centre
+    dy = u[None, :, None] - centers[:, 1, None, None]  # [B, n, 1]  vertical offset (positive = below)
+    inside = np.empty((len(combos), n, n), dtype=bool)  # [B, n, n] supersampled hit mask
+    for shape in SHAPES:
+        group = np.array([s == shape for _, s, _ in combos], dtype=bool)  # the images showing this shape
+        inside[group] = _inside(shape, dx[group], dy[group], radii[group])
+
+    # anti-aliasing: a pixel's coverage is the mean of its SUPERSAMPLE x SUPERSAMPLE sub-pixel hits
+    # (a sum of strided slices; numpy is much slower at reducing the tiny axes of a reshape)
+    hits = inside.astype(np.float32)
+    coverage = sum(hits[:, i::SUPERSAMPLE, j::SUPERSAMPLE] for i in range(SUPERSAMPLE) for j in range(SUPERSAMPLE))
+    coverage = coverage / SUPERSAMPLE**2  # [B, size, size]
+    image = coverage[..., None] * rgb[:, None, None, :]  # [B, size, size, 3]
+    return np.rint(image * 255.0) / 255.0
+
+
+def render(
+    color: str, shape: str, position: str, size: int = 32, rng: Optional[np.random.Generator] = None
+) -> np.ndarray:
+    """One filled shape on black: uint8 [size, size, 3].
+
+    rng: np.random.Generator for jitter of centre and size; None gives the canonical, unjittered shape.
+    """
+    if rng is None:
+        offsets, radii = np.zeros((1, 2)), np.array([RADIUS])
+    else:
+        offsets, radii = _draw_jitter(rng, 1)
+    image = _render_batch([(color, shape, position)], offsets, radii, size)[0]
+    return np.rint(image * 255.0).astype(np.uint8)
+
+
+def _to_model_range(images: np.ndarray) -> torch.Tensor:
+    """float [B, H, W, 3] in [0, 1] -> float tensor [B, 3, H, W] in [-1, 1] (the model convention)."""
+    return torch.from_numpy(rearrange(images * 2.0 - 1.0, "b h w c -> b c h w").copy())
+
+
+def _as_numpy_rng(rng: Union[np.random.Generator, torch.Generator]) -> np.random.Generator:
+    """Training loops may hold a torch.Generator: draw a numpy seed from it (deterministic, advances it)."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, torch.Generator):
+        return np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=rng)))
+    raise ValueError(f"rng must be a numpy Generator or a torch.Generator, got {type(rng).__name__}.")
+
+
+def _split_combos(split: str) -> tuple:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: use one of {list(SPLITS)}.")
+    return SPLITS[split]
+
+
+def sample_batch(
+    batch_size: int,
+    rng: Union[np.random.Generator, torch.Generator],
+    split: str = "train",
+    size: int = 32,
+    paraphrase_prob: float = 0.0,
+) -> tuple:
+    """A fresh random batch for on-the-fly training: (images [B, 3, size, size] in [-1, 1], captions list[str]).
+
+    Combinations are drawn uniformly from the split ("train" = SEEN, "held_out", "all"); every image gets
+    its own jitter. rng: np.random.Generator or torch.Generator (advanced by the call).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive number of images, got {batch_size}.")
+    combos_of_split = _split_combos(split)
+    rng = _as_numpy_rng(rng)
+    picks = rng.integers(len(combos_of_split), size=batch_size)
+    combos = [combos_of_split[i] for i in picks]
+    paraphrase = rng.random(batch_size) < paraphrase_prob
+    offsets, radii = _draw_jitter(rng, batch_size)
+    images = _render_batch(combos, offsets, radii, size)
+    return _to_model_range(images), [caption(*c, paraphrase=bool(p)) for c, p in zip(combos, paraphrase)]
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """Deterministic shapes dataset: item i -> (image float [3, size, size] in [-1, 1], caption str).
+
+    Item i depends only on (seed, i): its combination (uniform over the split), paraphrase coin and jitter
+    come from np.random.default_rng((seed, i)), so the same index always gives the same item.
+    cache=True renders all `length` items once into one tensor [length, 3, size, size] (fast training).
+    """
+
+    def __init__(
+        self,
+        size: int = 32,
+        split: str = "train",
+        length: int = 10_000,
+        seed: int = 0,
+        cache: bool = False,
+        paraphrase_prob: float = 0.0,
+    ):
+        if length < 1:
+            raise ValueError(f"length must be a positive number of items, got {length}.")
+        self.size, self.split, self.length, self.seed = size, split, length, seed
+        self.combos = _split_combos(split)
+        self.paraphrase_prob = paraphrase_prob
+        self.images = None
+        if cache:
+            items = [self._draw(i) for i in range(length)]
+            self.captions = [caption(*combo, paraphrase=p) for combo, p, _, _ in items]
+            self.images = self._render(items)  # [length, 3, size, size]
+
+    def _draw(self, index: int) -> tuple:
+        """(combo, paraphrase, offset [2], radius) of item `index`, from its own seeded generator."""
+        rng = np.random.default_rng((self.seed, index))
+        combo = self.combos[rng.integers(len(self.combos))]
+        paraphrase = bool(rng.random() < self.paraphrase_prob)
+        offsets, radii = _draw_jitter(rng, 1)
+        return combo, paraphrase, offsets[0], radii[0]
+
+    def _render(self, items: list) -> torch.Tensor:
+        combos = [combo for combo, _, _, _ in items]
+        offsets = np.stack([offset for _, _, offset, _ in items])
+        radii = np.array([radius for _, _, _, radius in items])
+        return _to_model_range(_render_batch(combos, offsets, radii, self.size))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} is out of range for a dataset of {self.length} items.")
+        if self.images is not None:
+            return self.images[index], self.captions[index]
+        item = self._draw(index)
+        return self._render([item])[0], caption(*item[0], paraphrase=item[1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading images back: the rule-based checker
+# ----------------------------------------------------------------------------------------------------------
+MIN_PEAK = 0.2  # an image whose bright pixels are darker than this has no foreground
+MIN_BLOB_PIXELS = 4  # a blob smaller than this is a speck, not a shape
+
+
+def _as_hwc_float(image: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
+    """float tensor [3, H, W] in [0, 1] or uint8 array [H, W, 3] -> float array [H, W, 3] in [0, 1]."""
+    if isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3:
+        return rearrange(image.detach().float().cpu().numpy(), "c h w -> h w c")
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        return image.astype(np.float32) / 255.0
+    raise ValueError(
+        "describe expects a float tensor [3, H, W] in [0, 1] or a uint8 numpy array [H, W, 3]; "
+        f"got {type(image).__name__} of shape {tuple(getattr(image, 'shape', ()))}."
+    )
+
+
+def _largest_blob(mask: np.ndarray) -> np.ndarray:
+    """Largest 4-connected group of True pixels of mask [H, W] bool, as a bool mask (drops isolated specks)."""
+    padded = np.pad(mask, 1)  # a False border, so a neighbour index never falls off the image
+    width = padded.shape[1]
+    unvisited = padded.ravel().tolist()  # flat list: True = foreground pixel not yet in a blob
+    steps = (-width, -1, 1, width)  # the neighbours above, left, right, below
+    largest = []
+    for start in np.flatnonzero(padded).tolist():
+        if not unvisited[start]:
+            continue
+        unvisited[start] = False
+        blob = [start]
+        for pixel in blob:  # flood fill: the loop also visits the pixels appended while it runs
+            for step in steps:
+                if unvisited[pixel + step]:
+                    unvisited[pixel + step] = False
+                    blob.append(pixel + step)
+        if len(blob) > len(largest):
+            largest = blob
+    out = np.zeros(padded.size, dtype=bool)
+    out[largest] = True
+    return out.reshape(padded.shape)[1:-1, 1:-1]
+
+
+def _smooth(brightness: np.ndarray) -> np.ndarray:
+    """3x3 binomial blur [[1,2,1],[2,4,2],[1,2,1]] / 16 of an [H, W] map (rows, then columns): averages out noise."""
+    p = np.pad(brightness, 1, mode="edge")
+    p = (p[:-2] + 2 * p[1:-1] + p[2:]) / 4  # along y: [H, W + 2]
+    return (p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]) / 4  # along x: [H, W]
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    """Grow a bool mask [H, W] by one pixel in all 8 directions."""
+    height, width = mask.shape
+    padded = np.pad(mask, 1)
+    return np.any([padded[i : i + height, j : j + width] for i in range(3) for j in range(3)], axis=0)
+
+
+def _nearest(value: np.ndarray, names: Sequence[str], prototypes: np.ndarray) -> str:
+    """The name whose prototype (row of prototypes [K, D]) is closest to value [D] in Euclidean distance."""
+    return names[int(np.argmin(((prototypes - value) ** 2).sum(axis=1)))]
+
+
+# Colour is judged by hue and saturation, not brightness: every colour is scaled so its largest channel is 1.
+_PALETTE_DIRECTIONS = np.array([np.array(rgb) / max(rgb) for rgb in COLORS.values()])  # [6, 3]
+_POSITION_CENTERS = np.array(list(POSITIONS.values()))  # [5, 2]
+SQUARE_FILL = 0.875  # fill ratio between circle (pi/4 = 0.785) and square (1.0); blur raises circles to ~0.84
+TRIANGLE_DROP = 0.05  # mass centre below the box centre, as a fraction of the height: triangle 1/6, others 0
+
+
+def describe(image: Union[torch.Tensor, np.ndarray]) -> tuple:
+    """Read (color, shape, position) back from an image; (None, None, None) if there is no shape.
+
+    image: float tensor [3, H, W] in [0, 1], or uint8 numpy array [H, W, 3]. Built to cope with generated
+    images (noise, soft edges, slightly wrong colours):
+    1. brightness = max over RGB, lightly blurred; the peak is its 99th percentile (ignores a few specks);
+       foreground = pixels brighter than half the peak; keep the largest connected blob.
+    2. colour: mean RGB of the blob's bright core, scaled so its largest channel is 1, nearest palette
+       colour scaled the same way.
+    3. soft mask m = brightness / (core brightness), clipped to [0, 1] (anti-aliased edges count partly).
+       Width = sum over columns of the column's largest m, height likewise over rows (sub-pixel extents);
+       the box centre from these profiles gives the position (nearest POSITIONS centre).
+    4. shape: fill = sum(m) / (width * height): circle pi/4, square 1, triangle 1/2; and the drop of the mass
+       centre below the box centre, / height: a triangle pointing up has 1/6 (its mass is in the base).
+    """
+    rgb = _as_hwc_float(image)  # [H, W, 3]
+    height, width = rgb.shape[:2]
+    brightness = _smooth(rgb.max(axis=-1))  # [H, W]
+    peak = np.partition(brightness.ravel(), int(0.99 * brightness.size))[int(0.99 * brightness.size)]  # 99th pct
+    if peak < MIN_PEAK:
+        return None, None, None
+    blob = _largest_blob(brightness >= 0.5 * peak)  # [H, W] bool
+    if blob.sum() < MIN_BLOB_PIXELS:
+        return None, None, None
+    core = blob & (brightness >= 0.75 * peak)  # the blob minus its soft edges
+    if not core.any():  # the brightest pixels lie outside the largest blob: use the whole blob
+        core = blob
+
+    mean_rgb = rgb[core].mean(axis=0)  # [3]
+    color = _nearest(mean_rgb / max(mean_rgb.max(), 1e-6), list(COLORS), _PALETTE_DIRECTIONS)
+
+    m = np.clip(brightness / brightness[core].mean(), 0.0, 1.0) * _dilate(blob)  # [H, W] soft mask
+    col_profile, row_profile = m.max(axis=0), m.max(axis=1)  # [W], [H]
+    box_w, box_h, area = col_profile.sum(), row_profile.sum(), m.sum()
+    xs, ys = np.arange(width) + 0.5, np.arange(height) + 0.5  # pixel centres
+    box_cx, box_cy = (col_profile * xs).sum() / box_w, (row_profile * ys).sum() / box_h
+    mass_cy = (m.sum(axis=1) * ys).sum() / area
+    position = _nearest(np.array([box_cx / width, box_cy / height]), list(POSITIONS), _POSITION_CENTERS)
+
+    fill = area / (box_w * box_h)
+    drop = (mass_cy - box_cy) / box_h
+    if drop > TRIANGLE_DROP:
+        shape = "triangle"
+    elif fill > SQUARE_FILL:
+        shape = "square"
+    else:
+        shape = "circle"
+    return color, shape, position
+
+
+def attribute_accuracy(images: torch.Tensor, prompts: Sequence[str]) -> dict:
+    """Per-attribute agreement of describe(image) with the prompt, over a batch.
+
+    images: float tensor [N, 3, H, W] in [0, 1]; prompts: N captions (either caption form).
+    Returns {"color": float, "shape": float, "position": float, "all": float}, each a fraction in [0, 1];
+    "all" counts an image right only when colour, shape and position all match.
+    """
+    if len(images) != len(prompts) or len(prompts) == 0:
+        raise ValueError(
+            f"need one prompt per image and at least one image, got {len(images)} images and {len(prompts)} prompts."
+        )
+    hits = {"color": 0, "shape": 0, "position": 0, "all": 0}
+    for image, prompt in zip(images, prompts):
+        wanted, seen = parse_caption(prompt), describe(image)
+        matches = [w == s for w, s in zip(wanted, seen)]
+        for name, match in zip(("color", "shape", "position"), matches):
+            hits[name] += match
+        hits["all"] += all(matches)
+    return {name: count / len(prompts) for name, count in hits.items()}
+
+
+def prompt_accuracy(images: torch.Tensor, prompts: Sequence[str]) -> float:
+    """Fraction of images [N, 3, H, W] in [0, 1] whose colour, shape and position all match their prompt."""
+    return attribute_accuracy(images, prompts)["all"]

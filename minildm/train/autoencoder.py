@@ -1,0 +1,150 @@
+"""Stage 1: train the VQ-VAE first stage with the VQGAN losses (LDM section 3 / the lecture's autoencoder).
+
+Each step has two halves with two optimisers:
+    generator:      L = L1 + w_p * perceptual + VQ loss + lambda_adaptive * w_d * hinge_g   (GAN part after disc_start)
+    discriminator:  L_D = mean(relu(1 - D(x))) + mean(relu(1 + D(x_rec)))              (only after disc_start)
+After training: the latent scale factor 1 / std(z) (so the diffusion model sees latents of unit variance),
+and a summary on held-back shapes: PSNR, codebook usage, perplexity.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from minildm.autoencoder.losses import VQGANLoss
+from minildm.autoencoder.vqvae import VQVAE
+from minildm.checkpoint import load_checkpoint, save_checkpoint
+from minildm.config import Preset
+from minildm.data import shapes
+from minildm.train.common import GracefulInterrupt, LossLog, progress, step_rng
+from minildm.viz import plot_curves, save_grid
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """PSNR in dB of images in [0, 1]: 10 log10(1 / MSE)."""
+    mse = (x.clamp(0, 1) - y.clamp(0, 1)).pow(2).mean().item()
+    return 10 * math.log10(1 / max(mse, 1e-12))
+
+
+@torch.no_grad()
+def evaluate_autoencoder(model: VQVAE, images: torch.Tensor, batch_size: int = 256) -> dict:
+    """PSNR, codebook usage and perplexity over held-back images [N, 3, H, W] in [-1, 1]."""
+    model.eval()
+    recs, counts = [], torch.zeros(model.cfg.num_codes)
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size]
+        z_q, _, info = model.quantize(model.encode(x))
+        recs.append(model.decoder(z_q))
+        counts += torch.bincount(info["indices"].flatten().cpu(), minlength=model.cfg.num_codes)
+    rec = torch.cat(recs)
+    p = counts / counts.sum()
+    perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()).item()
+    return {"psnr": psnr((rec.cpu() + 1) / 2, (images.cpu() + 1) / 2), "usage": (counts > 0).float().mean().item(),
+            "codes_used": int((counts > 0).sum()), "perplexity": perplexity}
+
+
+def held_back_shapes(preset: Preset, n: int) -> torch.Tensor:
+    """Fresh shapes of every combination, drawn from a seed training never uses: [n, 3, H, W] in [-1, 1]."""
+    images, _ = shapes.sample_batch(n, step_rng(preset.vq_train.seed, 0, stream=2), split="all", size=preset.image_size)
+    return images
+
+
+def train_autoencoder(preset: Preset, run_dir: str | Path, device: torch.device, resume: bool = False,
+                      steps: int | None = None, batch_size: int | None = None, show_progress: bool = True) -> Path:
+    """Train the VQ-VAE on shapes; writes run_dir/autoencoder.pt, grids and plots; returns the checkpoint path."""
+    cfg = preset.vq_train
+    steps = steps or cfg.steps
+    batch_size = batch_size or cfg.batch_size
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / "autoencoder.pt"
+    torch.manual_seed(cfg.seed)
+
+    model = VQVAE(preset.vq).to(device)
+    losses = VQGANLoss(cfg.loss).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(losses.discriminator.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
+    log = LossLog()
+    step = 0
+    if resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path, "autoencoder")
+        model.load_state_dict(state["model"])
+        losses.discriminator.load_state_dict(state["discriminator"])
+        opt.load_state_dict(state["optimizer"])
+        opt_d.load_state_dict(state["optimizer_d"])
+        log.load(state["log"])
+        step = state["step"]
+
+    def save(summary: dict | None = None) -> Path:
+        return save_checkpoint(ckpt_path, "autoencoder", {
+            "config": asdict(preset.vq), "model": model.state_dict(),
+            "discriminator": losses.discriminator.state_dict(), "optimizer": opt.state_dict(),
+            "optimizer_d": opt_d.state_dict(), "step": step, "log": log.state(),
+            "scale_factor": float(model.scale_factor), "summary": summary or {},
+        })
+
+    fixed, _ = shapes.sample_batch(8, step_rng(cfg.seed, 0, stream=1), split="all", size=preset.image_size)
+    fixed = fixed.to(device)
+
+    def reconstruction_grid() -> None:
+        model.eval()
+        with torch.no_grad():
+            rec, _, _ = model(fixed)
+        save_grid((torch.cat([fixed, rec]) + 1) / 2, run_dir / "samples" / f"autoencoder_step{step:06d}.png",
+                  nrow=len(fixed), upscale=2)
+        model.train()
+
+    model.train()
+    bar = progress(steps, step, "autoencoder", show_progress)
+    with GracefulInterrupt() as interrupt:
+        while step < steps and not interrupt.requested:
+            x, _ = shapes.sample_batch(batch_size, step_rng(cfg.seed, step), split="train", size=preset.image_size)
+            x = x.to(device)
+            x_rec, vq_loss, info = model(x)
+            loss, logs = losses.generator_loss(x, x_rec, vq_loss, step, model.last_layer)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if losses.disc_active(step):
+                loss_d, logs_d = losses.discriminator_loss(x, x_rec.detach(), step)
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_d.step()
+                logs.update(logs_d)
+            step += 1
+
+            if step % cfg.log_every == 0 or step == steps:
+                log.add(step, **logs, perplexity=float(info["perplexity"]), usage=float(info["usage"]))
+                bar.set_postfix(log.postfix("l1", "perplexity", "usage"))
+            bar.update(1)
+            if cfg.image_every and step % cfg.image_every == 0:
+                reconstruction_grid()
+            if cfg.save_every and step % cfg.save_every == 0:
+                save()
+    bar.close()
+
+    # The scale factor 1 / std(z): the diffusion model trains on z * scale_factor, which has unit variance.
+    model.eval()
+    with torch.no_grad():
+        data = [shapes.sample_batch(256, step_rng(cfg.seed, i, stream=3), split="train", size=preset.image_size)[0].to(device)
+                for i in range(4)]
+        model.scale_factor.fill_(model.compute_scale_factor(data))
+    summary = evaluate_autoencoder(model, held_back_shapes(preset, cfg.eval_images).to(device))
+    summary["scale_factor"] = float(model.scale_factor)
+    summary["steps"] = step
+    path = save(summary)
+    reconstruction_grid()
+    h = log.history
+    plot_curves({k: h[k] for k in ("l1", "perceptual", "vq", "gan", "d_loss") if h.get(k)}, run_dir / "autoencoder_loss.png",
+                title="autoencoder losses", marks={"disc_start": cfg.loss.disc_start} if cfg.loss.disc_start < steps else None)
+    plot_curves({"codebook usage": h["usage"], "perplexity / num_codes": [(s, v / preset.vq.num_codes) for s, v in h["perplexity"]]},
+                run_dir / "codebook_usage.png", title="codebook usage (fraction of codes per batch)", logy=False)
+    tqdm.write(
+        f"autoencoder: PSNR {summary['psnr']:.2f} dB on held-back shapes | codes in use {summary['codes_used']}"
+        f"/{preset.vq.num_codes} ({summary['usage']:.0%}) | perplexity {summary['perplexity']:.1f} | "
+        f"latent scale factor {summary['scale_factor']:.4f}" + (" | stopped early, --resume continues" if interrupt.requested else "")
+    )
+    return path

@@ -1,0 +1,117 @@
+"""What every training stage shares: device choice, a progress bar with a loss EMA, weight EMA,
+Ctrl-C handling, and per-step random streams that make resumed runs see the same data."""
+from __future__ import annotations
+
+import copy
+import signal
+from collections import defaultdict
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' takes CUDA, then Apple's MPS, then the CPU; anything else is passed to torch.device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but this machine has no CUDA GPU: use --device cpu.")
+    return device
+
+
+def step_rng(seed: int, step: int, stream: int = 0) -> np.random.Generator:
+    """The random stream of one training step: a resumed run draws exactly the batches it would have.
+
+    `stream` separates independent uses of the same (seed, step): 0 training batches, 1 fixed preview
+    images, 2 held-back evaluation images, 3 scale-factor estimation."""
+    return np.random.default_rng((stream, seed, step))
+
+
+class EMA:
+    """Exponential moving average of a model's weights: theta_ema <- d * theta_ema + (1 - d) * theta.
+
+    Sampling from the EMA weights gives smoother, better images than the last raw weights."""
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int | None = None) -> None:
+        # warm-up: average over the steps seen so far while there are fewer than 1/(1-decay) of them
+        d = self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
+        for p_ema, p in zip(self.model.parameters(), model.parameters()):
+            p_ema.lerp_(p.detach(), 1 - d)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+class LossLog:
+    """Keeps every logged value (for plots) and an EMA of each (for the progress bar)."""
+
+    def __init__(self, smoothing: float = 0.98):
+        self.smoothing = smoothing
+        self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self.ema: dict[str, float] = {}
+
+    def add(self, step: int, **values: float) -> None:
+        for k, v in values.items():
+            v = float(v)
+            self.history[k].append((step, v))
+            self.ema[k] = v if k not in self.ema else self.smoothing * self.ema[k] + (1 - self.smoothing) * v
+
+    def postfix(self, *keys: str) -> dict[str, str]:
+        keys = keys or tuple(self.ema)
+        return {k: f"{self.ema[k]:.4g}" for k in keys if k in self.ema}
+
+    def state(self) -> dict:
+        return {k: [list(p) for p in v] for k, v in self.history.items()}
+
+    def load(self, state: dict) -> None:
+        for k, v in state.items():
+            self.history[k] = [(int(s), float(x)) for s, x in v]
+            if v:
+                self.ema[k] = float(v[-1][1])
+
+
+def progress(total: int, initial: int, desc: str, enabled: bool = True):
+    """A tqdm bar over training steps (it shows it/s and the ETA; we add the loss EMA as postfix)."""
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=not enabled,
+                smoothing=0.05, mininterval=0.5)
+
+
+class GracefulInterrupt:
+    """Turn the first Ctrl-C into a flag so the loop can finish its step, save, and exit cleanly.
+
+    A second Ctrl-C interrupts at once, as usual."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("\nCtrl-C: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort).")
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread (e.g. inside some test runners): plain KeyboardInterrupt
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False

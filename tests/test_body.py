@@ -1,0 +1,174 @@
+"""BoLID body adapter: Gaussian keypoint weights (eqs. 11-13), image weighting, the body VAE, the keypoint regressor."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from minildm.adapters.body import (BodyVAE, BodyVAEConfig, KeypointRegressor, gaussian_keypoint_weights,
+                                   keypoint_gaussians, keypoints_to_pixels, keypoints_to_unit, kl_divergence,
+                                   reparameterize, train_keypoint_regressor, weight_image)
+from minildm.data.bodies import BodiesDataset
+
+
+def weights_reference(keypoints, visible, height, width, sigma):
+    """Slow per-pixel loop written straight from eqs. 11-13 (the 'no visible keypoint -> ones' guard too)."""
+    out = torch.zeros(keypoints.shape[0], height, width, dtype=torch.float64)
+    for b in range(keypoints.shape[0]):
+        for y in range(height):
+            for x in range(width):
+                best = 0.0
+                for i in range(keypoints.shape[1]):
+                    if visible[b, i]:
+                        xi, yi = keypoints[b, i].tolist()
+                        best = max(best, math.exp(-((x - xi) ** 2 + (y - yi) ** 2) / (2 * sigma ** 2)))
+                out[b, y, x] = best
+        peak = out[b].max()
+        out[b] = out[b] / peak if peak > 0 else torch.ones(height, width)
+    return out
+
+
+def test_weights_peak_at_one_and_equal_exp_minus_half_at_sigma():
+    sigma = 2.5
+    kp = torch.tensor([[10.0, 7.0]], dtype=torch.float64)
+    w = gaussian_keypoint_weights(kp, torch.tensor([True]), 20, 24, sigma)
+    assert w.shape == (20, 24)
+    assert w[7, 10].item() == pytest.approx(1.0, abs=1e-12)
+    assert w.max().item() == pytest.approx(1.0, abs=1e-12)
+    kp_off = torch.tensor([[10.0, 7.0 + sigma]], dtype=torch.float64)  # so pixel (10, 7) is sigma away
+    w_off = gaussian_keypoint_weights(torch.cat([kp_off, torch.tensor([[3.0, 15.0]], dtype=torch.float64)]),
+                                      torch.tensor([True, True]), 20, 24, sigma)
+    assert w_off[7, 10].item() == pytest.approx(math.exp(-0.5), rel=1e-9)
+    # eq. 13: a keypoint between pixels (peak < 1 before normalising) still gives max W_norm = 1
+    w_half = gaussian_keypoint_weights(torch.tensor([[4.5, 4.5]]), torch.tensor([True]), 10, 10, 1.0)
+    assert w_half.max().item() == pytest.approx(1.0) and w_half[4, 4].item() == pytest.approx(1.0)
+
+
+def test_max_not_sum():
+    kp = torch.tensor([[[5.0, 5.0], [6.0, 5.0]]])
+    vis = torch.ones(1, 2, dtype=torch.bool)
+    w = gaussian_keypoint_weights(kp, vis, 12, 12, 2.0)
+    assert w.max().item() == pytest.approx(1.0, abs=1e-6)
+    # halfway between the two, the max of the two bumps is exp(-0.25^2/8), the sum would be twice that
+    single = keypoint_gaussians(kp, vis, 12, 12, 2.0)
+    assert torch.allclose(w[0], single[0].amax(0) / single[0].amax(0).max())
+
+
+def test_invisible_keypoints_contribute_nothing():
+    kp = torch.tensor([[[5.0, 5.0], [14.0, 3.0]]])
+    with_far = gaussian_keypoint_weights(kp, torch.tensor([[True, False]]), 16, 18, 2.0)
+    alone = gaussian_keypoint_weights(kp[:, :1], torch.tensor([[True]]), 16, 18, 2.0)
+    assert torch.equal(with_far, alone)
+    none = gaussian_keypoint_weights(kp, torch.tensor([[False, False]]), 16, 18, 2.0)
+    assert torch.equal(none, torch.ones(1, 16, 18))  # documented guard: nothing visible -> keep everything
+    with pytest.raises(ValueError):
+        gaussian_keypoint_weights(kp, torch.tensor([[1.0, 0.0]]), 16, 18, 2.0)
+
+
+def test_vectorised_weights_equal_the_per_pixel_loop():
+    g = torch.Generator().manual_seed(0)
+    B, K, H, W = 3, 17, 9, 11
+    kp = torch.rand(B, K, 2, generator=g, dtype=torch.float64) * torch.tensor([W + 4, H + 4]) - 2
+    vis = torch.rand(B, K, generator=g) > 0.4
+    vis[2] = False  # one image with nothing visible
+    fast = gaussian_keypoint_weights(kp, vis, H, W, sigma=1.7)
+    slow = weights_reference(kp, vis, H, W, sigma=1.7)
+    assert fast.shape == (B, H, W)
+    assert torch.allclose(fast, slow, atol=1e-12)
+    unbatched = gaussian_keypoint_weights(kp[0], vis[0], H, W, sigma=1.7)
+    assert torch.allclose(unbatched, slow[0], atol=1e-12)
+
+
+def test_weight_image():
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    weights = torch.rand(2, 8, 8, generator=g)
+    assert torch.equal(weight_image(image, weights, alpha=1.0), image)
+    assert torch.allclose(weight_image(image, weights, alpha=0.0), image * weights[:, None])
+    half = weight_image(image, weights, alpha=0.5)
+    assert torch.allclose(half, image * (0.5 + 0.5 * weights[:, None]))
+    with pytest.raises(ValueError):
+        weight_image(image, weights, alpha=1.5)
+
+
+def test_unit_coordinates_round_trip():
+    kp = torch.tensor([[0.0, 0.0], [31.0, 15.0], [10.0, 4.0]])
+    unit = keypoints_to_unit(kp, 16, 32)
+    assert torch.allclose(unit[:2], torch.tensor([[-1.0, -1.0], [1.0, 1.0]]))
+    assert torch.allclose(keypoints_to_pixels(unit, 16, 32), kp)
+
+
+def test_reparameterize_moments():
+    torch.manual_seed(0)
+    mu = torch.tensor([1.5, -2.0, 0.0])
+    logvar = torch.tensor([math.log(0.25), math.log(4.0), 0.0])
+    z = reparameterize(mu.expand(200_000, 3), logvar.expand(200_000, 3))
+    assert torch.allclose(z.mean(0), mu, atol=0.02)
+    assert torch.allclose(z.var(0), logvar.exp(), rtol=0.03)
+
+
+def test_kl_closed_form():
+    assert kl_divergence(torch.zeros(4, 6), torch.zeros(4, 6)).abs().max().item() == 0.0
+    g = torch.Generator().manual_seed(2)
+    mu, logvar = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    expected = torch.distributions.kl_divergence(q, p).sum(-1)
+    assert torch.allclose(kl_divergence(mu, logvar), expected, atol=1e-5)
+    assert torch.isfinite(kl_divergence(torch.zeros(1, 2), torch.full((1, 2), 500.0))).all()  # logvar clamp
+
+
+def tiny_vae():
+    torch.manual_seed(0)
+    return BodyVAE(BodyVAEConfig(image_size=32, channels=(8, 16), feature_dim=32, latent_dim=8, keypoint_sigma=2.0))
+
+
+def view_sets(num_identities, views, seed=0):
+    data = BodiesDataset(num_identities, 1, size=32, seed=seed)
+    rng = np.random.default_rng(seed)
+    sets = [data.sample_views(i, views, rng) for i in range(num_identities)]
+    return tuple(torch.stack([s[k] for s in sets]) for k in ("image", "keypoints", "visible"))
+
+
+def test_vae_any_number_of_views_and_order_invariant():
+    vae = tiny_vae().eval()
+    images, kp, vis = view_sets(2, 5)
+    mu5, logvar5 = vae.encode(images, kp, vis)
+    assert mu5.shape == (2, 8) and logvar5.shape == (2, 8)
+    mu1, _ = vae.encode(images[:, :1], kp[:, :1], vis[:, :1])
+    assert mu1.shape == (2, 8) and not torch.allclose(mu1, mu5)
+    perm = torch.tensor([3, 0, 4, 2, 1])
+    mu_p, logvar_p = vae.encode(images[:, perm], kp[:, perm], vis[:, perm])
+    assert torch.allclose(mu_p, mu5, atol=1e-5) and torch.allclose(logvar_p, logvar5, atol=1e-5)
+    # a masked view counts as absent
+    mask = torch.tensor([[True, True, False, True, True]] * 2)
+    keep = torch.tensor([0, 1, 3, 4])
+    mu_m, _ = vae.encode(images, kp, vis, view_mask=mask)
+    mu_k, _ = vae.encode(images[:, keep], kp[:, keep], vis[:, keep])
+    assert torch.allclose(mu_m, mu_k, atol=1e-5)
+    assert vae.decode(mu5, kp[:, 0], vis[:, 0]).shape == (2, 3, 32, 32)
+
+
+def test_vae_training_lowers_the_loss():
+    vae = tiny_vae()
+    images, kp, vis = view_sets(3, 2)
+    opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(10):
+        loss, logs = vae.loss(images, kp, vis)
+        assert set(logs) == {"loss", "recon", "kl"}
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(logs["loss"])
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+
+
+def test_keypoint_regressor_learns():
+    model, losses = train_keypoint_regressor(steps=12, batch_size=16, num_identities=4, views_per_identity=8,
+                                             size=32, lr=3e-3, progress=False)
+    assert isinstance(model, KeypointRegressor) and not model.training
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+    images = BodiesDataset(1, 2, size=32)[0]["image"][None]
+    kp, vis = model.predict(images)
+    assert kp.shape == (1, 17, 2) and vis.shape == (1, 17) and vis.dtype == torch.bool

@@ -9,7 +9,7 @@ modules/unet.py, TextEncoderConfig in text/encoder.py); a preset only picks thei
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from minildm.autoencoder.losses import VQGANLossConfig
 from minildm.autoencoder.vqvae import VQConfig
@@ -88,12 +88,27 @@ def rtx3090() -> Preset:
     )
 
 
+def micro() -> Preset:
+    """The tiny preset shrunk to seconds of CPU: for tests, quick lessons and smoke runs (blurry samples)."""
+    p = tiny()
+    p.name = "micro"
+    p.vq = replace(p.vq, channels=8, num_codes=32, kmeans_iters=2)
+    p.vq_train = replace(p.vq_train, steps=20, batch_size=16, image_every=0, save_every=0, eval_images=32)
+    p.unet = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                        heads=2, dim_head=8, context_dim=32, norm_groups=8)
+    p.text = replace(p.text, dim=32, depth=1, heads=2, dim_head=16)
+    p.ldm = replace(p.ldm, steps=20, batch_size=16, cache_size=256, sample_every=0, save_every=0, warmup=2)
+    return p
+
+
 def get_preset(name: str) -> Preset:
     if name == "tiny":
         return tiny()
     if name == "3090":
         return rtx3090()
-    raise ValueError(f"unknown preset '{name}': use tiny or 3090.")
+    if name == "micro":
+        return micro()
+    raise ValueError(f"unknown preset '{name}': use tiny, 3090 (or micro for a seconds-long smoke run).")
 
 
 def count_parameters(module) -> int:
@@ -102,8 +117,6 @@ def count_parameters(module) -> int:
 
 def describe_preset(preset: Preset) -> str:
     """A table of the preset's components and their parameter counts (builds the models, no training)."""
-    from dataclasses import replace
-
     from minildm.autoencoder.vqvae import VQVAE
     from minildm.modules.unet import UNet
     from minildm.text.encoder import PromptEncoder

@@ -8,9 +8,8 @@ from PIL import Image
 
 import sample
 import train
-from minildm.autoencoder.vqvae import VQConfig
 from minildm.checkpoint import load_checkpoint
-from minildm.config import tiny
+from minildm.config import micro
 from minildm.diffusion.ddpm import diffusion_loss
 from minildm.diffusion.schedule import NoiseSchedule
 from minildm.modules.unet import UNet, UNetConfig
@@ -22,13 +21,9 @@ from minildm.train.ldm import train_ldm
 
 
 def micro_preset():
-    p = tiny()
-    p.vq = replace(VQConfig.tiny(), channels=8, num_codes=32, kmeans_iters=2)
-    p.vq_train = replace(p.vq_train, steps=6, batch_size=8, image_every=0, save_every=0, eval_images=16)
-    p.unet = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                        heads=2, dim_head=8, context_dim=32, norm_groups=8)
-    p.text = replace(p.text, dim=32, depth=1, heads=2, dim_head=16)
-    p.ldm = replace(p.ldm, steps=6, batch_size=8, cache_size=64, sample_every=0, save_every=0, warmup=2)
+    p = micro()
+    p.vq_train = replace(p.vq_train, steps=6, batch_size=8, eval_images=16)
+    p.ldm = replace(p.ldm, steps=6, batch_size=8, cache_size=64)
     return p
 
 

@@ -14,8 +14,9 @@ import torch
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Generate images with a trained minildm run.")
-    p.add_argument("prompts", nargs="*", default=["a red circle on the left"],
-                   help='one or more prompts; "" is the unconditional prompt')
+    p.add_argument("prompts", nargs="*", default=None,
+                   help='one or more prompts; "" is the unconditional prompt (default: "a red circle on the left", '
+                        'or "" with --image-prompt)')
     p.add_argument("--run", default="runs/tiny", help="run directory written by train.py")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (DDIM); DDPM always uses all T")
@@ -25,11 +26,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora", default=None, help="a LoRA file from train.py --stage lora")
     p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--image-prompt", default=None,
+                   help="an image file (PNG, JPG, ...) as image prompt, read by the run's IP-Adapter (ip_adapter.pt)")
+    p.add_argument("--ip-scale", type=float, default=1.0, help="IP-Adapter lambda: weight of the image prompt (0 = text only)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="output PNG (default: RUN/samples/<prompt>.png)")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"--n must be at least 1, got {args.n}.")
+    args.prompts = args.prompts or ([""] if args.image_prompt else ["a red circle on the left"])
     return args
 
 
@@ -44,16 +49,22 @@ def main(argv=None) -> int:
         device = pick_device(args.device)
         pipe = LatentDiffusion.load(args.run, device)
         if args.lora:
-            from minildm.adapters.lora import load_lora_file, set_lora_scale
-            load_lora_file(pipe.unet, args.lora)
-            set_lora_scale(pipe.unet, args.lora_scale)
+            from minildm.train.lora import apply_lora_file  # LoRA weights + the new words the file teaches
+            apply_lora_file(pipe, args.lora, args.lora_scale)
+        extra_tokens = None
+        if args.image_prompt:  # IP-Adapter: image tokens appended after the text of both guidance halves
+            from minildm.train.ip_adapter import ADAPTER_FILE, load_image_file, load_image_prompter
+            prompter = load_image_prompter(pipe, Path(args.run) / ADAPTER_FILE, args.ip_scale)
+            extra_tokens = prompter.extra_tokens(load_image_file(args.image_prompt, pipe.image_size))
         prompts = [p for p in args.prompts for _ in range(args.n)]
         images = pipe.generate(prompts, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                               eta=args.eta, seed=args.seed, progress=True)
+                               eta=args.eta, seed=args.seed, progress=True, extra_tokens=extra_tokens)
     except (ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     slug = "_".join(args.prompts)[:60].replace(" ", "-").replace("/", "-") or "unconditional"
+    if args.image_prompt:
+        slug += f"_ip-{Path(args.image_prompt).stem}-{args.ip_scale:g}"
     out = Path(args.out) if args.out else Path(args.run) / "samples" / f"{slug}_seed{args.seed}.png"
     save_grid(images, out, nrow=args.n, upscale=4 if images.shape[-1] <= 64 else 1)
     print(f"wrote {out}")

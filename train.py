@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("all", "autoencoder", "ldm", "lora")
+STAGES = ("all", "autoencoder", "ldm", "lora", "clip", "ip-adapter")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print the models' sizes and exit")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     # LoRA stage
-    p.add_argument("--base", default=None, help="(lora) the trained run to adapt")
+    p.add_argument("--base", default=None, help="(lora, ip-adapter) the trained run to adapt")
     p.add_argument("--concept", default="orange", help="(lora) the new concept to learn")
     p.add_argument("--rank", type=int, default=4, help="(lora) adapter rank")
     p.add_argument("--alpha", type=float, default=None, help="(lora) adapter alpha (default: the rank)")
@@ -78,6 +78,20 @@ def main(argv=None) -> int:
             from minildm.train.lora import train_lora
             train_lora(preset, Path(args.base or run_dir), device, concept=args.concept, rank=args.rank,
                        alpha=args.alpha, steps=args.steps, out=args.out)
+        if args.stage == "clip":  # the small CLIP: IP-Adapter's image encoder and the CLIP-T/CLIP-I judge
+            from minildm.train.clip import train_clip_stage
+            train_clip_stage(run_dir, device, steps=args.steps, batch_size=args.batch_size)
+        if args.stage == "ip-adapter":  # frozen base run + CLIP (trained first if the run has none)
+            from dataclasses import replace
+
+            from minildm.train.ip_adapter import IPAdapterTrainConfig, train_ip_adapter
+            cfg = IPAdapterTrainConfig()
+            cfg = replace(cfg, steps=args.steps or cfg.steps, batch_size=args.batch_size or cfg.batch_size)
+            base = Path(args.base or run_dir)
+            run_dir = Path(args.out) if args.out else base  # ip_adapter.pt (and clip.pt) go here
+            train_ip_adapter(base, device, out_dir=run_dir, cfg=cfg)
+            if run_dir == base:  # sample.py finds ldm.pt, ip_adapter.pt and clip.pt in one run directory
+                print(f'try: python sample.py "" --image-prompt IMAGE.png --run {run_dir}')
     except (ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,15 +19,15 @@ from minildm.text.encoder import TextEncoderConfig
 
 @dataclass
 class AutoencoderTrainConfig:
-    steps: int = 2000
+    steps: int = 800
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 2e-3  # peak; cosine decay to 0
     disc_lr: float = 2e-4
     loss: VQGANLossConfig = field(default_factory=VQGANLossConfig.tiny)
     log_every: int = 10
-    image_every: int = 500  # reconstruction grid (inputs above reconstructions) every N steps
+    image_every: int = 200  # reconstruction grid (inputs above reconstructions) every N steps
     save_every: int = 500
-    eval_images: int = 512  # held-back shapes for the PSNR / usage summary
+    eval_images: int = 1024  # held-back shapes for the PSNR / usage summary
     seed: int = 0
 
 

@@ -78,13 +78,16 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: list[str] | str, steps: int = 50, guidance: float = 3.0, sampler: str = "ddim",
                  eta: float = 0.0, seed: int = 0, progress: bool = False, return_trajectory: bool = False,
-                 return_attention: bool = False):
+                 return_attention: bool = False, extra_tokens: tuple[torch.Tensor, torch.Tensor] | None = None):
         """prompts -> images [N, 3, H, W] in [0, 1]. Same seed and prompts -> same images.
 
         guidance: the CFG scale s of eps_u + s (eps_c - eps_u) (1 = plain conditional model, 0 = unconditional).
         sampler "ddim" uses `steps` steps (eta = 0 deterministic, eta = 1 DDPM-like); "ddpm" always walks all T.
         return_trajectory adds the decoded x_t along the way; return_attention adds the cross-attention maps
         of the last step, averaged over heads and layers at the finest attended resolution, [N, L, h', w'].
+        extra_tokens: optional (cond [N or 1, n, d], uncond [1, n, d]) appended after the text context of the
+        conditional and the unconditional half (IP-Adapter's image tokens: the UNet's decoupled cross-attention
+        splits them off by count; the text mask still covers the text only).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         T = self.schedule.num_timesteps
@@ -103,6 +106,13 @@ class LatentDiffusion(nn.Module):
         x_T = torch.randn((len(prompts), *self.latent_shape()), generator=generator).to(self.device)
         context_c, mask_c = self.encode_prompts(prompts)
         context_u, mask_u = self.encode_prompts([""])
+        if extra_tokens is not None:  # both halves have max_len text tokens, so cfg_model_fn pads nothing after them
+            extra_c, extra_u = extra_tokens
+            if extra_c.shape[0] not in (1, len(prompts)) or extra_u.shape[0] != 1:
+                raise ValueError(f"extra_tokens must be (cond [1 or {len(prompts)}, n, d], uncond [1, n, d]), "
+                                 f"got {tuple(extra_c.shape)} and {tuple(extra_u.shape)}.")
+            context_c = torch.cat([context_c, extra_c.to(context_c).expand(len(prompts), -1, -1)], dim=1)
+            context_u = torch.cat([context_u, extra_u.to(context_u)], dim=1)
         model_fn = cfg_model_fn(self.unet, context_c, mask_c, context_u, mask_u, guidance)
         eps_fn = as_eps_fn(model_fn, self.schedule, self.prediction)
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from minildm.data.bodies import (BACKGROUND, COCO_KEYPOINTS, COCO_SKELETON, POSE_NAMES, BodiesDataset, View,
-                                 identity, plot_identity, pose_caption, random_view, render_body)
+from minildm.data.bodies import (BACKGROUND, COCO_KEYPOINTS, COCO_SKELETON, MEAN_SHAPE, POSE_NAMES, BodiesDataset,
+                                 View, identity, plot_identity, pose_caption, pose_keypoints, random_view, render_body)
 
 K = {name: i for i, name in enumerate(COCO_KEYPOINTS)}
 
@@ -57,6 +57,15 @@ def test_dataset_item_format():
     views = data.sample_views(1, 5, np.random.default_rng(0))
     assert views["image"].shape == (5, 3, 32, 32) and views["keypoints"].shape == (5, 17, 2)
     assert views["visible"].shape == (5, 17) and len(views["caption"]) == 5
+    assert views["pose_keypoints"].shape == (5, 17, 2)
+
+
+def test_pose_keypoints_are_the_view_on_the_mean_body():
+    view = random_view(np.random.default_rng(3))
+    _, kp_mean, _ = render_body(MEAN_SHAPE, view, size=48)
+    assert np.allclose(pose_keypoints(view, 48), kp_mean)
+    _, kp_person, _ = render_body(identity(0), view, size=48)
+    assert not np.allclose(pose_keypoints(view, 48), kp_person, atol=0.5)  # the person's own lengths differ
 
 
 def test_visible_keypoints_lie_on_the_body():

@@ -127,12 +127,12 @@ def view_sets(num_identities, views, seed=0):
     data = BodiesDataset(num_identities, 1, size=32, seed=seed)
     rng = np.random.default_rng(seed)
     sets = [data.sample_views(i, views, rng) for i in range(num_identities)]
-    return tuple(torch.stack([s[k] for s in sets]) for k in ("image", "keypoints", "visible"))
+    return tuple(torch.stack([s[k] for s in sets]) for k in ("image", "keypoints", "visible", "pose_keypoints"))
 
 
 def test_vae_any_number_of_views_and_order_invariant():
     vae = tiny_vae().eval()
-    images, kp, vis = view_sets(2, 5)
+    images, kp, vis, pose = view_sets(2, 5)
     mu5, logvar5 = vae.encode(images, kp, vis)
     assert mu5.shape == (2, 8) and logvar5.shape == (2, 8)
     mu1, _ = vae.encode(images[:, :1], kp[:, :1], vis[:, :1])
@@ -146,16 +146,18 @@ def test_vae_any_number_of_views_and_order_invariant():
     mu_m, _ = vae.encode(images, kp, vis, view_mask=mask)
     mu_k, _ = vae.encode(images[:, keep], kp[:, keep], vis[:, keep])
     assert torch.allclose(mu_m, mu_k, atol=1e-5)
-    assert vae.decode(mu5, kp[:, 0], vis[:, 0]).shape == (2, 3, 32, 32)
+    assert vae.decode(mu5, pose[:, 0]).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError):
+        vae.encode(images, kp, vis, view_mask=torch.zeros(2, 5, dtype=torch.bool))
 
 
 def test_vae_training_lowers_the_loss():
     vae = tiny_vae()
-    images, kp, vis = view_sets(3, 2)
+    images, kp, vis, pose = view_sets(3, 2)
     opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
     losses = []
     for _ in range(10):
-        loss, logs = vae.loss(images, kp, vis)
+        loss, logs = vae.loss(images, kp, vis, pose)
         assert set(logs) == {"loss", "recon", "kl"}
         opt.zero_grad()
         loss.backward()

@@ -144,9 +144,12 @@ class BodyVAE(nn.Module):
     Encoder: each view is weighted by its keypoints (eqs. 11-13), a shared conv net turns it into a
     feature vector, the features are mean-pooled over the (unmasked) views, so any number of views works
     and their order does not matter, and two linear heads give mu and logvar [B, D].
-    Decoder: a view is rebuilt from z and that view's per-keypoint Gaussian maps (its pose): the pose maps
-    pass through their own conv pyramid whose features join the upsampling path at every resolution,
-    so the pose says *where* the limbs go and z has to carry *whose* body it is (widths, lengths, colours).
+    Decoder: a view is rebuilt from z and per-keypoint Gaussian maps of that view's pose *retargeted to
+    the average body* (same joint angles and yaw, average lengths). The pose maps pass through their own
+    conv pyramid whose features join the upsampling path at every resolution, so the pose says where the
+    limbs point and z has to carry whose body it is (lengths, widths, thickness, colours). Conditioning
+    on the view's own keypoints instead would hand the decoder the lengths and widths for free, and the
+    KL term would then push them out of z.
     Loss: recon + beta_kl * KL, recon = squared error summed over pixels of the weighted view.
     """
 
@@ -215,11 +218,15 @@ class BodyVAE(nn.Module):
         pooled = (feats * m).sum(dim=1) / m.sum(dim=1)                                # mean over real views
         return self.to_mu(pooled), self.to_logvar(pooled)
 
-    def decode(self, z: torch.Tensor, keypoints: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """Rebuild the weighted view whose pose is given: z [B, D], keypoints [B, K, 2], visible [B, K]
-        -> image [B, 3, H, W] (the weighted view in [-1, 1], no output squashing)."""
+    def decode(self, z: torch.Tensor, pose_keypoints: torch.Tensor) -> torch.Tensor:
+        """Rebuild a weighted view from the body latent and an identity-free pose.
+
+        z [B, D], pose_keypoints [B, K, 2] pixel (x, y) of the pose on the average body
+        (``minildm.data.bodies.pose_keypoints``) -> image [B, 3, H, W] (the weighted view in [-1, 1]).
+        """
         size = self.cfg.image_size
-        pose = keypoint_gaussians(keypoints, visible, size, size, self.cfg.keypoint_sigma)  # [B, K, H, W]
+        all_visible = torch.ones(pose_keypoints.shape[:-1], dtype=torch.bool, device=pose_keypoints.device)
+        pose = keypoint_gaussians(pose_keypoints, all_visible, size, size, self.cfg.keypoint_sigma)  # [B, K, H, W]
         pose_feats = [pose]
         for block in self.pose_encoder:
             pose_feats.append(block(pose_feats[-1]))                                  # H/2, H/4, ... H/2^L
@@ -229,26 +236,28 @@ class BodyVAE(nn.Module):
         return self.to_rgb(torch.cat([h, pose], dim=1))
 
     def loss(self, images: torch.Tensor, keypoints: torch.Tensor, visible: torch.Tensor,
-             view_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """Negative ELBO: every (real) view is rebuilt from the set's z and its own pose.
+             pose_keypoints: torch.Tensor, view_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """Negative ELBO: every (real) view is rebuilt from the set's z and its own identity-free pose.
 
-        images [B, V, 3, H, W], keypoints [B, V, K, 2], visible [B, V, K], view_mask [B, V] | None
-        -> (total scalar, logs dict of floats). recon = sum over pixels of (I_w - decode(z, pose))^2,
-        averaged over real views; kl = KL(q(z | views) || N(0, I)) averaged over rows.
+        images [B, V, 3, H, W], keypoints [B, V, K, 2], visible [B, V, K], pose_keypoints [B, V, K, 2],
+        view_mask [B, V] | None -> (total scalar, logs dict of floats).
+        recon = sum over pixels of (I_w - decode(z, pose))^2, averaged over real views (a Gaussian
+        decoder's negative log-likelihood up to constants); kl = KL(q(z | views) || N(0, I)), mean over rows.
         """
         self._check_views(images, keypoints, visible, view_mask)
+        if pose_keypoints.shape != keypoints.shape:
+            raise ValueError(f"pose_keypoints must have the shape of keypoints {tuple(keypoints.shape)}, "
+                             f"got {tuple(pose_keypoints.shape)}.")
         target = self.weigh(images, keypoints, visible)                              # I_w, eq. 13
         mu, logvar = self._encode_weighted(target, view_mask)
         z = reparameterize(mu, logvar)
         B, V = images.shape[:2]
-        recon = self.decode(repeat(z, "b d -> (b v) d", v=V),
-                            rearrange(keypoints, "b v k c -> (b v) k c"),
-                            rearrange(visible, "b v k -> (b v) k"))
+        recon = self.decode(repeat(z, "b d -> (b v) d", v=V), rearrange(pose_keypoints, "b v k c -> (b v) k c"))
         err = reduce((rearrange(target, "b v c h w -> (b v) c h w") - recon) ** 2, "n c h w -> n", "sum")
         m = (torch.ones(B, V, device=images.device) if view_mask is None else view_mask.float()).flatten()
         recon_loss = (err * m).sum() / m.sum()
         kl = kl_divergence(mu, logvar).mean()
-        total = recon_loss + self.cfg.beta_kl * kl
+        total = recon_loss + self.cfg.beta_kl * kl                                   # -ELBO (beta_kl = 1)
         return total, {"loss": total.item(), "recon": recon_loss.item(), "kl": kl.item()}
 
 

@@ -88,7 +88,8 @@ POSE_NAMES = tuple(POSES)
 _AZIMUTH = {"nose": 0.0, "left_eye": 0.6, "right_eye": -0.6, "left_ear": math.pi / 2, "right_ear": -math.pi / 2,
             "left_shoulder": 1.0, "right_shoulder": -1.0, "left_hip": 1.0, "right_hip": -1.0}
 FACING_THRESHOLD = -0.3
-# Head keypoints relative to the head centre, in head radii: (azimuth from _AZIMUTH, height above centre, radius).
+# Head keypoints relative to the head centre, in head radii: (height above the centre, distance from the
+# vertical axis); their direction around that axis is the azimuth in _AZIMUTH.
 _HEAD_POINTS = {"nose": (-0.1, 0.85), "left_eye": (0.2, 0.75), "right_eye": (0.2, 0.75),
                 "left_ear": (0.1, 0.9), "right_ear": (0.1, 0.9)}
 # Which painted parts each keypoint belongs to (it is visible only where one of these is frontmost).
@@ -130,22 +131,25 @@ class BodyShape:
         return self.leg_length + self.limb_thickness + self.torso_length + self.neck_length + 2 * self.head_size
 
 
+# Range of every body measurement (body units); identity() draws each uniformly, MEAN_SHAPE takes the midpoints.
+SHAPE_RANGES = {"shoulder_width": (0.13, 0.27), "hip_width": (0.09, 0.19), "torso_length": (0.19, 0.27),
+                "arm_length": (0.22, 0.31), "leg_length": (0.26, 0.38), "head_size": (0.055, 0.075),
+                "limb_thickness": (0.017, 0.038)}
+MEAN_SHAPE = BodyShape(**{k: (lo + hi) / 2 for k, (lo, hi) in SHAPE_RANGES.items()})
+
+
 def identity(i: int, seed: int = 0) -> BodyShape:
-    """Body shape of identity ``i``: every measurement uniform in a range, deterministic from (seed, i).
+    """Body shape of identity ``i``: every measurement uniform in its SHAPE_RANGES range and the clothes
+    and skin from small palettes, deterministic from (seed, i).
 
     The ranges are wide (e.g. legs 0.26-0.38, shoulders 0.13-0.27) so identities differ visibly in build.
     """
     if i < 0:
         raise ValueError(f"identity index must be >= 0, got {i}.")
     rng = np.random.default_rng([seed, 1, i])
-    u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
-    return BodyShape(
-        shoulder_width=u(0.13, 0.27), hip_width=u(0.09, 0.19), torso_length=u(0.19, 0.27),
-        arm_length=u(0.22, 0.31), leg_length=u(0.26, 0.38), head_size=u(0.055, 0.075),
-        limb_thickness=u(0.017, 0.038),
-        shirt=SHIRTS[rng.integers(len(SHIRTS))], trousers=TROUSERS[rng.integers(len(TROUSERS))],
-        skin=SKINS[rng.integers(len(SKINS))],
-    )
+    sizes = {k: float(rng.uniform(lo, hi)) for k, (lo, hi) in SHAPE_RANGES.items()}
+    return BodyShape(**sizes, shirt=SHIRTS[rng.integers(len(SHIRTS))],
+                     trousers=TROUSERS[rng.integers(len(TROUSERS))], skin=SKINS[rng.integers(len(SKINS))])
 
 
 @dataclass
@@ -153,7 +157,8 @@ class View:
     """One view of a person: a named pose's joint angles, a yaw, a scale and a translation.
 
     angles: joint -> (abduction, flexion) radians, keys {left,right}_{shoulder,elbow,hip,knee} (see POSES).
-    yaw: radians about the vertical axis; + turns the person toward their own left. |yaw| < pi/2 (front half).
+    yaw: radians about the vertical axis; + turns the person toward their own left. The figures have no
+    back side, so |yaw| must stay below pi/2.
     scale: pixels per body unit as a fraction of the image side. translation: (dx, dy) as fractions of the side.
     """
     name: str
@@ -209,8 +214,8 @@ def _skeleton(shape: BodyShape, view: View) -> dict:
     """3-D joints of the posed body, origin at the pelvis: name -> array [3] (X left, Y up, Z forward)."""
     joints = {"head": np.array([0.0, shape.torso_length + shape.neck_length + shape.head_size, 0.0]),
               "neck": np.array([0.0, shape.torso_length, 0.0])}
+    a = view.angles
     for side_name, side in (("left", 1.0), ("right", -1.0)):
-        a = view.angles
         shoulder = np.array([side * shape.shoulder_width / 2, shape.torso_length, 0.0])
         hip = np.array([side * shape.hip_width / 2, 0.0, 0.0])
         sa, sf = a[f"{side_name}_shoulder"]
@@ -239,8 +244,8 @@ def _project(joints: dict, shape: BodyShape, view: View, size: int) -> tuple[dic
     image x = cx + s X', image y = cy - s Y (rows grow downward). The figure's bounding box is centred,
     then shifted by the view's translation.
     """
-    c, s_ = math.cos(view.yaw), math.sin(view.yaw)
-    turned = {k: (v[0] * c + v[2] * s_, v[1], -v[0] * s_ + v[2] * c) for k, v in joints.items()}
+    cos_y, sin_y = math.cos(view.yaw), math.sin(view.yaw)
+    turned = {k: (X * cos_y + Z * sin_y, Y, -X * sin_y + Z * cos_y) for k, (X, Y, Z) in joints.items()}
     s = view.scale * size
     xs = np.array([p[0] for p in turned.values()])
     ys = np.array([p[1] for p in turned.values()])
@@ -335,6 +340,8 @@ def render_body(shape: BodyShape, view: View, size: int = 64, supersample: int =
     """
     if size < 8 or supersample < 1:
         raise ValueError(f"size must be >= 8 and supersample >= 1, got size={size}, supersample={supersample}.")
+    if abs(view.yaw) >= math.pi / 2:
+        raise ValueError(f"yaw must be in (-pi/2, pi/2) (the figures have no back side), got {view.yaw:.3f}.")
     pts, depth, s = _project(_skeleton(shape, view), shape, view, size)
     parts = _parts(shape, pts, depth, s)
     part_index = {p.name: k for k, p in enumerate(parts)}
@@ -370,6 +377,17 @@ def render_body(shape: BodyShape, view: View, size: int = 64, supersample: int =
     return np.clip(np.round(image), 0, 255).astype(np.uint8), keypoints, visible
 
 
+def pose_keypoints(view: View, size: int = 64) -> np.ndarray:
+    """The view's pose retargeted to MEAN_SHAPE: float32 [17, 2] pixel (x, y) in COCO order.
+
+    Same joint angles, yaw, scale and translation, but average limb lengths and widths, so these
+    keypoints say where the limbs point and not how long they are (an identity-free pose; the body
+    VAE's decoder reads them, so body proportions have to come from its latent).
+    """
+    pts, _, _ = _project(_skeleton(MEAN_SHAPE, view), MEAN_SHAPE, view, size)
+    return np.stack([pts[name] for name in COCO_KEYPOINTS]).astype(np.float32)
+
+
 def _to_model_image(image: np.ndarray) -> torch.Tensor:
     """uint8 [H, W, 3] -> float [3, H, W] in [-1, 1]."""
     return torch.from_numpy(rearrange(image, "h w c -> c h w").astype(np.float32) / 127.5 - 1.0)
@@ -380,7 +398,7 @@ class BodiesDataset(Dataset):
 
     Item ``k`` is view ``k % views_per_identity`` of identity ``k // views_per_identity``:
     dict(image float [3, H, W] in [-1, 1], keypoints float [17, 2] pixel (x, y), visible bool [17],
-    identity int, caption str).
+    pose_keypoints float [17, 2] (the same view on MEAN_SHAPE, see pose_keypoints), identity int, caption str).
     """
 
     def __init__(self, num_identities: int, views_per_identity: int, size: int = 64, seed: int = 0):
@@ -400,7 +418,9 @@ class BodiesDataset(Dataset):
     def _item(self, identity_index: int, view: View) -> dict:
         image, keypoints, visible = render_body(self.shapes[identity_index], view, self.size)
         return dict(image=_to_model_image(image), keypoints=torch.from_numpy(keypoints),
-                    visible=torch.from_numpy(visible), identity=identity_index, caption=pose_caption(view.name))
+                    visible=torch.from_numpy(visible),
+                    pose_keypoints=torch.from_numpy(pose_keypoints(view, self.size)),
+                    identity=identity_index, caption=pose_caption(view.name))
 
     def __getitem__(self, k: int) -> dict:
         if not 0 <= k < len(self):
@@ -411,15 +431,14 @@ class BodiesDataset(Dataset):
     def sample_views(self, identity_index: int, n: int, rng: np.random.Generator) -> dict:
         """``n`` fresh random views of one identity (for training the body VAE on sets of views).
 
-        Returns dict(image [n, 3, H, W], keypoints [n, 17, 2], visible [n, 17], identity int, caption list[str]).
+        Returns dict(image [n, 3, H, W], keypoints [n, 17, 2], visible [n, 17], pose_keypoints [n, 17, 2],
+        identity int, caption list[str]).
         """
         if not 0 <= identity_index < self.num_identities:
             raise ValueError(f"identity must be in 0..{self.num_identities - 1}, got {identity_index}.")
         items = [self._item(identity_index, random_view(rng)) for _ in range(n)]
-        return dict(image=torch.stack([it["image"] for it in items]),
-                    keypoints=torch.stack([it["keypoints"] for it in items]),
-                    visible=torch.stack([it["visible"] for it in items]),
-                    identity=identity_index, caption=[it["caption"] for it in items])
+        stacked = {k: torch.stack([it[k] for it in items]) for k in ("image", "keypoints", "visible", "pose_keypoints")}
+        return dict(**stacked, identity=identity_index, caption=[it["caption"] for it in items])
 
 
 def plot_identity(shape: BodyShape, n_views: int, path, size: int = 64, seed: int = 0, columns: int = 6) -> None:

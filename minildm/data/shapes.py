@@ -53,6 +53,19 @@ RENDER_CHUNK = 64  # images rendered at once; bounds the memory of the supersamp
 
 ALL_COMBOS = tuple((c, s, p) for c in COLORS for s in SHAPES for p in POSITIONS)  # 90, colour-major order
 
+# Concept colours: words the base vocabulary does not have. No combination, split or training caption above
+# uses them; LoRA fine-tuning (minildm/train/lora.py, lesson 13) teaches a trained model one of them as a new
+# word. `render` and `caption` accept them; `describe` reads them only when asked: describe(x, concepts=("orange",)).
+CONCEPT_COLORS = {"orange": (240, 130, 20)}  # hue halfway between red and yellow, as far from both as they allow
+_RGB = {**COLORS, **CONCEPT_COLORS}
+
+
+def concept_combos(concept: str) -> tuple:
+    """The 15 (concept, shape, position) combinations of a concept colour, shape-major order."""
+    if concept not in CONCEPT_COLORS:
+        raise ValueError(f"unknown concept {concept!r}: choose one of {list(CONCEPT_COLORS)}.")
+    return tuple((concept, s, p) for s in SHAPES for p in POSITIONS)
+
 
 def _held_out_combos() -> tuple:
     """The ten held-out combinations, by the rule: for k = 0..9 take
@@ -76,10 +89,11 @@ SPLITS = {"train": SEEN, "held_out": HELD_OUT, "all": ALL_COMBOS}
 # Captions
 # ----------------------------------------------------------------------------------------------------------
 def _check_combo(color: str, shape: str, position: str) -> None:
-    if color not in COLORS or shape not in SHAPES or position not in POSITIONS:
+    if color not in _RGB or shape not in SHAPES or position not in POSITIONS:
         raise ValueError(
             f"unknown combination ({color!r}, {shape!r}, {position!r}): choose the colour from "
-            f"{list(COLORS)}, the shape from {list(SHAPES)} and the position from {list(POSITIONS)}."
+            f"{list(COLORS)} (or a concept colour {list(CONCEPT_COLORS)}), the shape from {list(SHAPES)} "
+            f"and the position from {list(POSITIONS)}."
         )
 
 
@@ -108,8 +122,9 @@ def _words(text: str) -> tuple:
 # Every word any caption can use (the comma of the paraphrase counts as a word), for building a tokenizer.
 VOCAB_WORDS = ("a", "on", "in", "the", "that", "is", ",") + tuple(COLORS) + SHAPES + tuple(POSITIONS)
 
-# Both caption forms of every combination, as word tuples -> combination; parsing is a lookup.
-_CAPTION_TABLE = {_words(caption(*combo, paraphrase=p)): combo for combo in ALL_COMBOS for p in (False, True)}
+# Both caption forms of every combination (concept colours included), as word tuples -> combination.
+_CAPTION_TABLE = {_words(caption(*combo, paraphrase=p)): combo
+                  for combo in ALL_COMBOS + sum(map(concept_combos, CONCEPT_COLORS), ()) for p in (False, True)}
 
 
 def parse_caption(text: str) -> tuple:
@@ -160,7 +175,7 @@ def _render_batch(combos: Sequence[tuple], offsets: np.ndarray, radii: np.ndarra
         _check_combo(*combo)
     centers = (np.array([POSITIONS[p] for _, _, p in combos]) + offsets).astype(np.float32)  # [B, 2] = (cx, cy)
     radii = np.asarray(radii, dtype=np.float32)[:, None, None]  # [B, 1, 1]
-    rgb = np.array([COLORS[c] for c, _, _ in combos], dtype=np.float32) / 255.0  # [B, 3]
+    rgb = np.array([_RGB[c] for c, _, _ in combos], dtype=np.float32) / 255.0  # [B, 3]
 
     n = size * SUPERSAMPLE
     u = (np.arange(n, dtype=np.float32) + 0.5) / n  # centres of the supersampled pixels, as fractions of the side
@@ -237,6 +252,13 @@ def sample_batch(
     offsets, radii = _draw_jitter(rng, batch_size)
     images = _render_batch(combos, offsets, radii, size)
     return _to_model_range(images), [caption(*c, paraphrase=bool(p)) for c, p in zip(combos, paraphrase)]
+
+
+def render_combos(combos: Sequence[tuple], rng: np.random.Generator, size: int = 32) -> torch.Tensor:
+    """Jittered images of the given (color, shape, position) combinations, concept colours allowed:
+    float tensor [B, 3, size, size] in [-1, 1] (e.g. the concept images of LoRA fine-tuning)."""
+    offsets, radii = _draw_jitter(rng, len(combos))
+    return _to_model_range(_render_batch(list(combos), offsets, radii, size))
 
 
 class ShapesDataset(torch.utils.data.Dataset):
@@ -356,16 +378,30 @@ def _nearest(value: np.ndarray, names: Sequence[str], prototypes: np.ndarray) ->
 
 
 # Colour is judged by hue and saturation, not brightness: every colour is scaled so its largest channel is 1.
-_PALETTE_DIRECTIONS = np.array([np.array(rgb) / max(rgb) for rgb in COLORS.values()])  # [6, 3]
+def _palette_directions(colors: Sequence[str]) -> np.ndarray:
+    """[K, 3]: each colour's RGB scaled so its largest channel is 1."""
+    return np.array([np.array(_RGB[c]) / max(_RGB[c]) for c in colors])
+
+
+def _palette(concepts: Sequence[str]) -> list:
+    """The colour names describe chooses from: COLORS, plus the asked-for concept colours."""
+    for concept in concepts:
+        if concept not in CONCEPT_COLORS:
+            raise ValueError(f"unknown concept {concept!r}: describe knows the concept colours {list(CONCEPT_COLORS)}.")
+    return list(COLORS) + [c for c in concepts if c not in COLORS]
+
+
+_PALETTE_DIRECTIONS = _palette_directions(list(COLORS))  # [6, 3]
 _POSITION_CENTERS = np.array(list(POSITIONS.values()))  # [5, 2]
 SQUARE_FILL = 0.875  # fill ratio between circle (pi/4 = 0.785) and square (1.0); blur raises circles to ~0.84
 TRIANGLE_DROP = 0.05  # mass centre below the box centre, as a fraction of the height: triangle 1/6, others 0
 
 
-def describe(image: Union[torch.Tensor, np.ndarray]) -> tuple:
+def describe(image: Union[torch.Tensor, np.ndarray], concepts: Sequence[str] = ()) -> tuple:
     """Read (color, shape, position) back from an image; (None, None, None) if there is no shape.
 
-    image: float tensor [3, H, W] in [0, 1], or uint8 numpy array [H, W, 3]. Built to cope with generated
+    image: float tensor [3, H, W] in [0, 1], or uint8 numpy array [H, W, 3]. concepts: names from
+    CONCEPT_COLORS that may also be answered (default: only the six COLORS). Built to cope with generated
     images (noise, soft edges, slightly wrong colours):
     1. brightness = max over RGB, lightly blurred; the peak is its 99th percentile (ignores a few specks);
        foreground = pixels brighter than half the peak; keep the largest connected blob.
@@ -391,7 +427,9 @@ def describe(image: Union[torch.Tensor, np.ndarray]) -> tuple:
         core = blob
 
     mean_rgb = rgb[core].mean(axis=0)  # [3]
-    color = _nearest(mean_rgb / max(mean_rgb.max(), 1e-6), list(COLORS), _PALETTE_DIRECTIONS)
+    names = _palette(concepts)
+    directions = _PALETTE_DIRECTIONS if len(names) == len(COLORS) else _palette_directions(names)
+    color = _nearest(mean_rgb / max(mean_rgb.max(), 1e-6), names, directions)
 
     m = np.clip(brightness / brightness[core].mean(), 0.0, 1.0) * _dilate(blob)  # [H, W] soft mask
     col_profile, row_profile = m.max(axis=0), m.max(axis=1)  # [W], [H]
@@ -412,10 +450,11 @@ def describe(image: Union[torch.Tensor, np.ndarray]) -> tuple:
     return color, shape, position
 
 
-def attribute_accuracy(images: torch.Tensor, prompts: Sequence[str]) -> dict:
+def attribute_accuracy(images: torch.Tensor, prompts: Sequence[str], concepts: Sequence[str] = ()) -> dict:
     """Per-attribute agreement of describe(image) with the prompt, over a batch.
 
-    images: float tensor [N, 3, H, W] in [0, 1]; prompts: N captions (either caption form).
+    images: float tensor [N, 3, H, W] in [0, 1]; prompts: N captions (either caption form);
+    concepts: concept colours describe may answer besides the six COLORS (see `describe`).
     Returns {"color": float, "shape": float, "position": float, "all": float}, each a fraction in [0, 1];
     "all" counts an image right only when colour, shape and position all match.
     """
@@ -425,7 +464,7 @@ def attribute_accuracy(images: torch.Tensor, prompts: Sequence[str]) -> dict:
         )
     hits = {"color": 0, "shape": 0, "position": 0, "all": 0}
     for image, prompt in zip(images, prompts):
-        wanted, seen = parse_caption(prompt), describe(image)
+        wanted, seen = parse_caption(prompt), describe(image, concepts)
         matches = [w == s for w, s in zip(wanted, seen)]
         for name, match in zip(("color", "shape", "position"), matches):
             hits[name] += match
@@ -433,6 +472,7 @@ def attribute_accuracy(images: torch.Tensor, prompts: Sequence[str]) -> dict:
     return {name: count / len(prompts) for name, count in hits.items()}
 
 
-def prompt_accuracy(images: torch.Tensor, prompts: Sequence[str]) -> float:
-    """Fraction of images [N, 3, H, W] in [0, 1] whose colour, shape and position all match their prompt."""
-    return attribute_accuracy(images, prompts)["all"]
+def prompt_accuracy(images: torch.Tensor, prompts: Sequence[str], concepts: Sequence[str] = ()) -> float:
+    """Fraction of images [N, 3, H, W] in [0, 1] whose colour, shape and position all match their prompt
+    (concepts: concept colours describe may answer, see `describe`)."""
+    return attribute_accuracy(images, prompts, concepts)["all"]

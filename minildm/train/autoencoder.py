@@ -103,6 +103,8 @@ def train_autoencoder(preset: Preset, run_dir: str | Path, device: torch.device,
         while step < steps and not interrupt.requested:
             x, _ = shapes.sample_batch(batch_size, step_rng(cfg.seed, step), split="train", size=preset.image_size)
             x = x.to(device)
+            for group in opt.param_groups:  # cosine decay of the learning rate to 0 at the last step
+                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
             x_rec, vq_loss, info = model(x)
             loss, logs = losses.generator_loss(x, x_rec, vq_loss, step, model.last_layer)
             opt.zero_grad(set_to_none=True)

@@ -1,0 +1,73 @@
+"""Attention kernels: time and peak memory of naive, chunked (online softmax) and SDPA at 1k-16k tokens.
+
+    python bench/attention.py            # prints a markdown table, writes bench/results/attention.md
+
+Self-attention, batch 1, 4 heads of 32 dims (inner width 128), float32, forward only. Each measurement runs in
+a fresh subprocess and reports that process's peak resident memory above the same process with a
+1-token problem (so the number is the attention's working memory: the naive kernel holds the N x N score
+matrix, 4 * N^2 * 4 bytes per head group; the chunked kernel only a chunk x chunk block).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CHILD = r"""
+import json, resource, sys, time, torch
+sys.path.insert(0, {root!r})
+from minildm.modules.attention import attention, chunked_attention, sdpa_attention
+torch.set_num_threads({threads})
+kernel, n = {kernel!r}, {n}
+fn = {{"naive": attention, "chunked": chunked_attention, "sdpa": sdpa_attention}}[kernel]
+g = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(1, 4, n, 32, generator=g) for _ in range(3))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+times = []
+for _ in range({repeats}):
+    t0 = time.perf_counter(); out = fn(q, k, v); times.append(time.perf_counter() - t0)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"time": min(times), "peak_kb": peak - base}}))
+"""
+
+
+def measure(kernel: str, n: int, threads: int, repeats: int) -> dict:
+    code = CHILD.format(root=str(ROOT), threads=threads, kernel=kernel, n=n, repeats=repeats)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    threads = torch.get_num_threads()
+    sizes = [1024, 2048, 4096, 8192, 16384]
+    kernels = ["naive", "chunked", "sdpa"]
+    rows = []
+    for n in sizes:
+        cells = []
+        for kernel in kernels:
+            r = measure(kernel, n, threads, repeats=3 if n <= 4096 else 1)
+            cells.append(f"{r['time'] * 1000:.0f} ms / {r['peak_kb'] / 1024:.0f} MB")
+        rows.append(f"| {n} | " + " | ".join(cells) + " |")
+        print(rows[-1], flush=True)
+    table = "\n".join([
+        f"Attention kernels, self-attention, batch 1, 4 heads x 32 dims, fp32, forward; time (best of runs) / "
+        f"peak extra memory. Machine: {platform.processor() or platform.machine()}, {threads} torch threads, "
+        f"torch {torch.__version__}.",
+        "",
+        "| tokens | naive | chunked (online softmax) | SDPA |",
+        "|---|---|---|---|",
+        *rows,
+    ])
+    out = ROOT / "bench" / "results" / "attention.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

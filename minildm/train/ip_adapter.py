@@ -1,0 +1,233 @@
+"""Stage "ip-adapter": teach a frozen text-to-image run to follow image prompts (Ye et al. 2023, seed 003).
+
+Everything of the base run stays frozen (autoencoder, prompt encoder tau_theta, UNet eps_theta) and so does
+the CLIP that reads the image prompt. Only the image projection W_p (+ LayerNorm) and the new W'_k, W'_v of
+every cross-attention layer train (adapters/ip_adapter.py has the decoupled attention itself):
+
+    e   = CLIP_img(x)                        the image prompt is the training image itself (as in the paper)
+    c_i = LayerNorm(W_p e)   [B, 4, d]       e = 0 when the image is dropped
+    c_t = tau_theta(y)                       y = "" when the text is dropped
+    drop text only, image only, both: p = 0.05 each (classifier-free guidance over both conditions)
+    loss = || eps - eps_theta(z_t, t, cat[c_t, c_i]) ||^2,     z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps
+
+The file ip_adapter.pt holds only W_p, the LayerNorm and W'_k, W'_v (a few percent of the UNet: the paper's
+22M against SD's ~860M), plus the adapter config and a fingerprint of the CLIP it was trained with.
+
+At sampling time (`ImagePrompter`) the image tokens are appended after the text context of both halves of
+classifier-free guidance: the conditional half gets the image prompt's tokens, the unconditional half the
+tokens of a zero embedding (the learned "no image" of training), with the empty prompt.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from minildm.adapters.ip_adapter import (
+    ImageProjection,
+    IPAdapterConfig,
+    drop_conditions,
+    ip_adapter_parameters,
+    ip_adapter_state_dict,
+    load_ip_adapter,
+    new_ip_adapter,
+    set_ip_scale,
+)
+from minildm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from minildm.clip import CLIP, load_clip
+from minildm.config import count_parameters
+from minildm.data import shapes
+from minildm.diffusion.ddpm import diffusion_loss
+from minildm.pipeline import LatentDiffusion
+from minildm.train.clip import train_clip_stage
+from minildm.train.common import GracefulInterrupt, LossLog, progress, step_rng
+from minildm.train.ldm import GRID_PROMPTS, encode_latent_cache
+from minildm.viz import plot_curves, save_grid
+
+ADAPTER_FILE, CLIP_FILE = "ip_adapter.pt", "clip.pt"
+
+
+@dataclass
+class IPAdapterTrainConfig:
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 1e-3  # the paper: 1e-4 for 1M steps at batch 64; a small adapter on a tiny UNet takes more
+    weight_decay: float = 0.01  # as the paper (AdamW)
+    num_tokens: int = 4  # N image tokens
+    drop_prob: float = 0.05  # text only, image only, both: each with this probability
+    cache_size: int = 2048  # SEEN shapes rendered once, encoded to latents and CLIP embeddings
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Image prompts at sampling time
+# ----------------------------------------------------------------------------------------------------------
+def clip_fingerprint(clip: CLIP) -> float:
+    """One number that changes whenever the CLIP image projection changes (sum |W_i|): an adapter only
+    understands the embeddings of the CLIP it was trained with."""
+    return clip.image_proj.weight.detach().double().abs().sum().item()
+
+
+class ImagePrompter:
+    """A frozen CLIP + the trained ImageProjection: image prompts -> the `extra_tokens` of `LatentDiffusion.generate`."""
+
+    def __init__(self, clip: CLIP, projection: ImageProjection):
+        self.clip, self.projection = clip.eval(), projection.eval()
+
+    @torch.no_grad()
+    def extra_tokens(self, images: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [N or 1, 3, H, W] in [-1, 1], or None (text only) -> (cond [N or 1, n, d], uncond [1, n, d]).
+
+        uncond = LayerNorm(W_p 0): the tokens of a dropped image, which the adapter learned as "no image prompt".
+        """
+        device = self.projection.proj.weight.device
+        uncond = self.projection(torch.zeros(1, self.projection.d_img, device=device))  # c_i of e = 0
+        if images is None:
+            return uncond, uncond
+        return self.projection(self.clip.encode_image(images.to(device))), uncond  # c_i = LN(W_p CLIP_img(x))
+
+
+def load_image_prompter(pipe: LatentDiffusion, adapter_path: str | Path, scale: float = 1.0) -> ImagePrompter:
+    """Install the adapter of `adapter_path` (with the clip.pt beside it) into pipe.unet at lambda = scale."""
+    adapter_path = Path(adapter_path)
+    if not adapter_path.is_file():
+        raise CheckpointError(f"no IP-Adapter at {adapter_path}: train one with "
+                              f"python train.py --stage ip-adapter --base {adapter_path.parent}.")
+    state = load_checkpoint(adapter_path, "ip-adapter")
+    clip, _ = load_clip(adapter_path.parent / CLIP_FILE, pipe.device)
+    if abs(clip_fingerprint(clip) - state["clip_fingerprint"]) > 1e-3 * state["clip_fingerprint"]:
+        raise CheckpointError(f"{adapter_path.parent / CLIP_FILE} is not the CLIP that {adapter_path} was trained "
+                              "with: train the adapter again (python train.py --stage ip-adapter).")
+    projection = new_ip_adapter(pipe.unet, IPAdapterConfig(**state["config"]))
+    load_ip_adapter(pipe.unet, projection, state)
+    set_ip_scale(pipe.unet, scale)
+    return ImagePrompter(clip, projection)
+
+
+def load_image_file(path: str | Path, size: int) -> torch.Tensor:
+    """Any image file PIL reads (PNG, JPG, ...) -> [1, 3, size, size] in [-1, 1]: RGB, the central square, resized."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"the image prompt {path} does not exist: give the path of a PNG or JPG file.")
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError):
+        raise ValueError(f"cannot read {path} as an image: give a PNG or JPG file.") from None
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 127.5 - 1.0  # [size, size, 3] in [-1, 1]
+    return rearrange(pixels, "h w c -> 1 c h w")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+def parameter_counts(pipe: LatentDiffusion, projection: ImageProjection) -> tuple[int, int]:
+    """(trainable adapter parameters, parameters of the frozen UNet without the adapter)."""
+    trainable = sum(p.numel() for p in ip_adapter_parameters(pipe.unet, projection))
+    return trainable, count_parameters(pipe.unet) - (trainable - count_parameters(projection))
+
+
+@torch.no_grad()
+def encode_clip_cache(clip: CLIP, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Images [N, 3, H, W] in [-1, 1] -> CLIP image embeddings e [N, d_img] (the frozen encoder, run once)."""
+    return torch.cat([clip.encode_image(images[i:i + batch_size].to(clip.device)).cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def reference_images(size: int, seed: int = 0) -> torch.Tensor:
+    """The GRID_PROMPTS combinations rendered once (jittered): fixed image prompts for previews, [8, 3, size, size]."""
+    rng = step_rng(seed, 0, stream=1)
+    combos = [shapes.parse_caption(p) for p in GRID_PROMPTS]
+    images = np.stack([shapes.render(*combo, size=size, rng=rng) for combo in combos])  # uint8 [8, H, W, 3]
+    return torch.from_numpy(rearrange(images, "b h w c -> b c h w").copy()).float() / 127.5 - 1.0
+
+
+def train_ip_adapter(base_dir: str | Path, device: torch.device, out_dir: str | Path | None = None,
+                     cfg: IPAdapterTrainConfig | None = None, show_progress: bool = True) -> Path:
+    """Train an IP-Adapter on the frozen run `base_dir`; writes OUT/ip_adapter.pt (OUT = out_dir or base_dir).
+
+    The CLIP is OUT/clip.pt; when there is none, the "clip" stage trains it first.
+    """
+    cfg = cfg or IPAdapterTrainConfig()
+    base_dir = Path(base_dir)
+    out_dir = Path(out_dir or base_dir)
+    torch.manual_seed(cfg.seed)
+    pipe = LatentDiffusion.load(base_dir, device)  # frozen: eval mode, requires_grad False everywhere
+    if not (out_dir / CLIP_FILE).is_file():
+        print(f"no CLIP in {out_dir}: training one first (stage clip)")
+        train_clip_stage(out_dir, device, seed=cfg.seed, show_progress=show_progress)
+    clip, _ = load_clip(out_dir / CLIP_FILE, device)
+    clip.requires_grad_(False)
+
+    data = shapes.ShapesDataset(size=pipe.image_size, split="train", length=cfg.cache_size, seed=cfg.seed + 1,
+                                cache=True)
+    z0_all = encode_latent_cache(pipe.autoencoder, data.images, device=device)  # scaled latents z_0 [N, c, h, w]
+    e_all = encode_clip_cache(clip, data.images)  # e [N, d_img]: the image prompt is the training image itself
+    tokens_all = pipe.tokenizer.encode(data.captions)  # [N, L]
+    empty = pipe.tokenizer.encode([""])  # [1, L]
+
+    ip_cfg = IPAdapterConfig(d_img=clip.cfg.embed_dim, context_dim=pipe.unet.cfg.context_dim,
+                             num_tokens=cfg.num_tokens, drop_prob=cfg.drop_prob)
+    projection = new_ip_adapter(pipe.unet, ip_cfg)  # the UNet stays frozen; W'_k, W'_v start as W_k, W_v
+    trainable, unet_params = parameter_counts(pipe, projection)
+    print(f"IP-Adapter: {trainable:,} trainable parameters against the frozen UNet's {unet_params:,} "
+          f"({100 * trainable / unet_params:.1f}%; the paper: 22M of ~860M, 2.6%)")
+    opt = torch.optim.AdamW(ip_adapter_parameters(pipe.unet, projection), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    log = LossLog()
+    step = 0
+
+    def save() -> Path:
+        return save_checkpoint(out_dir / ADAPTER_FILE, "ip-adapter", {
+            **ip_adapter_state_dict(pipe.unet, projection), "config": asdict(ip_cfg), "train_config": asdict(cfg),
+            "clip_fingerprint": clip_fingerprint(clip), "step": step, "log": log.state(), "base": str(base_dir),
+        })
+
+    start_wall, start_cpu = time.time(), time.process_time()
+    projection.train()
+    bar = progress(cfg.steps, 0, "ip-adapter", show_progress)
+    with GracefulInterrupt() as interrupt:
+        while step < cfg.steps and not interrupt.requested:
+            rng = step_rng(cfg.seed, step)
+            idx = torch.from_numpy(rng.integers(len(z0_all), size=cfg.batch_size))
+            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            drop_text, drop_image = drop_conditions(cfg.batch_size, cfg.drop_prob, gen)
+            tokens = torch.where(drop_text[:, None], empty, tokens_all[idx])  # y = "" when the text is dropped
+            e_img = torch.where(drop_image[:, None], 0.0, e_all[idx])  # e = 0 when the image is dropped
+            with torch.no_grad():
+                c_t, mask = pipe.text_encoder(tokens.to(device))  # frozen tau_theta(y)
+            context = torch.cat([c_t, projection(e_img.to(device))], dim=1)  # cat[c_t, c_i]: text, then 4 image tokens
+            t = torch.randint(0, pipe.schedule.num_timesteps, (cfg.batch_size,), generator=gen).to(device)
+            eps = torch.randn(z0_all[idx].shape, generator=gen).to(device)
+            loss = diffusion_loss(lambda x_t, t_: pipe.unet(x_t, t_, context, mask), pipe.schedule,
+                                  z0_all[idx].to(device), prediction=pipe.prediction, t=t, eps=eps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            log.add(step, loss=loss.item())
+            bar.update(1)
+            bar.set_postfix(log.postfix("loss"))
+    bar.close()
+    path = save()
+    wall, cpu = time.time() - start_wall, time.process_time() - start_cpu
+    print(f"trained {step} steps in {wall / 60:.1f} min ({cpu / 60:.1f} min of CPU time); saved {path}")
+    plot_curves({"loss": log.history["loss"]}, out_dir / "ip_adapter_loss.png", title="IP-Adapter training loss")
+    if interrupt.requested:
+        tqdm.write(f"stopped at step {step}; the adapter so far is saved (this stage does not resume).")
+        return path
+    prompts = reference_images(pipe.image_size, cfg.seed)
+    prompter = ImagePrompter(clip, projection)
+    generated = pipe.generate([""] * len(prompts), steps=25, guidance=3.0, seed=0,
+                              extra_tokens=prompter.extra_tokens(prompts))
+    grid = torch.cat([(prompts + 1) / 2, generated])  # top row: the image prompts; bottom row: image-only samples
+    save_grid(grid, out_dir / "samples" / "ip_adapter.png", nrow=len(prompts), upscale=2)
+    return path

@@ -1,0 +1,306 @@
+"""Stage 3 (seed 000, lesson 13): teach a trained model a new word with LoRA, leaving its weights untouched.
+
+The base run knows six colours. Here it learns a seventh, "orange": a word its tokenizer does not have,
+for pixels its UNet never drew. Two things train, everything else stays frozen:
+
+1. One new row of the prompt encoder's token table per new word (as in textual inversion):
+       E' = [E ; e_orange]        E [V, d] frozen, e_orange [1, d] trainable
+   The tokenizer gets the word as id V. e_orange starts at the mean of the colour words' rows ("some colour").
+2. LoRA on every attention projection of the UNet (to_q, to_k, to_v, to_out of attn1 and attn2):
+       W' = W + (alpha / r) B A   (minildm/adapters/lora.py)
+
+Why both? A new word needs an id and a vector, so the embedding row is unavoidable; but a frozen UNet cannot
+draw a colour it never learned, whatever vector it is given, so its attention layers get low-rank updates.
+We do not put LoRA on the prompt encoder: the new row is the only text-side change, so every prompt without
+the new word is encoded exactly as by the base model.
+
+Data (`concept_training_set`): half of every batch shows the concept (all 15 shapes x positions, captions
+"a orange circle on the left"); the other half shows the base's own training prompts ("prior preservation",
+as in DreamBooth), so the update does not drift the old words. Captions are dropped to "" with p = 0.1 as in
+the base training, which keeps the unconditional branch that classifier-free guidance needs.
+Loss: the base's Algorithm 1, || eps - eps_theta(x_t, t, tau(y)) ||^2; only A, B and e_orange get gradients.
+
+File (`adapter_state`): the UNet's `lora_state_dict` plus the new words, their rows and a fingerprint of the
+base weights: a few hundred KB next to a checkpoint of megabytes. `apply_lora` puts it on a loaded base
+(`sample.py --lora FILE`) and refuses a file made for another model.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from minildm.adapters.lora import inject_lora, load_lora, lora_parameters, lora_state_dict, set_lora_scale
+from minildm.checkpoint import load_checkpoint, save_checkpoint
+from minildm.config import Preset
+from minildm.data import shapes
+from minildm.diffusion.ddpm import diffusion_loss
+from minildm.diffusion.guidance import drop_tokens
+from minildm.pipeline import LatentDiffusion
+from minildm.text.tokenizer import Tokenizer
+from minildm.train.common import GracefulInterrupt, LossLog, progress, step_rng
+from minildm.train.ldm import GRID_PROMPTS, encode_latent_cache
+from minildm.viz import plot_curves, save_grid
+
+
+@dataclass
+class LoRATrainConfig:
+    rank: int = 4
+    alpha: float | None = None  # None: alpha = rank, so the factor alpha / r is 1
+    targets: tuple = ("to_q", "to_k", "to_v", "to_out")  # every attention projection of the UNet
+    steps: int = 500
+    batch_size: int = 32
+    lr: float = 3e-3  # A and B
+    embedding_lr: float = 3e-3  # the new word rows
+    warmup: int = 20
+    grad_clip: float = 1.0
+    p_uncond: float = 0.1
+    concept_images: int = 1024  # rendered and encoded once: half of every batch comes from here ...
+    base_images: int = 2048  # ... and half from the base's own (SEEN) training prompts
+    seed: int = 0
+
+
+def lora_train_config(preset: Preset) -> LoRATrainConfig:
+    """The recipe for a preset: tiny and 3090 use the defaults; micro shrinks to seconds for tests and lessons."""
+    if preset.name == "micro":
+        return LoRATrainConfig(steps=30, batch_size=16, concept_images=64, base_images=64, warmup=2)
+    return LoRATrainConfig()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# New words: one trainable embedding row each, on top of the frozen table
+# ----------------------------------------------------------------------------------------------------------
+class NewWordEmbedding(nn.Module):
+    """The base nn.Embedding (frozen) with k trainable rows appended for new words.
+
+    forward: tokens [B, L] (ids 0..V+k-1) -> [B, L, d], looked up in E' = [E ; new_rows], [V + k, d].
+    """
+
+    def __init__(self, base: nn.Embedding, new_rows: torch.Tensor):
+        super().__init__()
+        self.base = base.requires_grad_(False)  # E [V, d], the base model's words
+        self.new_rows = nn.Parameter(new_rows.detach().clone().to(base.weight))  # [k, d], the new words
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """E' = [E ; new_rows], [V + k, d]."""
+        return torch.cat([self.base.weight, self.new_rows])
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.weight)
+
+
+def add_words(pipe: LatentDiffusion, words: list[str], rows: torch.Tensor) -> NewWordEmbedding:
+    """Give `pipe` new words: ids V..V+k-1 in its tokenizer, rows [k, d] in its prompt encoder's token table.
+
+    Ids of the old words do not change, so old prompts tokenize exactly as before.
+    """
+    known = [w for w in words if w in pipe.tokenizer.word_to_id]
+    if known:
+        raise ValueError(f"'{known[0]}' is already a word of this model: a concept adapter adds new words only.")
+    if rows.shape != (len(words), pipe.text_encoder.cfg.dim):
+        raise ValueError(f"new word rows have shape {list(rows.shape)} but this prompt encoder needs "
+                         f"[{len(words)}, {pipe.text_encoder.cfg.dim}]: the file was made for another model.")
+    if isinstance(pipe.text_encoder.token_emb, NewWordEmbedding):
+        raise ValueError("this model already has new words: load the base run again before adding others.")
+    pipe.tokenizer = Tokenizer(pipe.tokenizer.words + list(words), pipe.tokenizer.max_len)
+    pipe.text_encoder.token_emb = NewWordEmbedding(pipe.text_encoder.token_emb, rows)
+    return pipe.text_encoder.token_emb
+
+
+def base_fingerprint(pipe: LatentDiffusion) -> float:
+    """sum |theta| over the base weights of prompt encoder and UNet (float64): tells base models apart."""
+    return sum(p.detach().double().abs().sum().item()
+               for module in (pipe.text_encoder, pipe.unet) for name, p in module.named_parameters()
+               if "lora_" not in name and "new_rows" not in name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The adapter file: LoRA weights + new words + what it was made for
+# ----------------------------------------------------------------------------------------------------------
+def adapter_state(pipe: LatentDiffusion, fingerprint: float, base_words: list[str]) -> dict:
+    """Everything a base run needs to use the adapter: lora_state_dict(unet) + new words and their rows."""
+    emb = pipe.text_encoder.token_emb
+    new_rows = emb.new_rows.detach().cpu().clone() if isinstance(emb, NewWordEmbedding) else torch.zeros(0, 0)
+    return {**lora_state_dict(pipe.unet), "new_words": pipe.tokenizer.words[len(base_words):],
+            "word_rows": new_rows, "base_words": list(base_words), "base_fingerprint": fingerprint}
+
+
+def apply_lora(pipe: LatentDiffusion, state: dict, scale: float = 1.0) -> LatentDiffusion:
+    """Put an adapter (`adapter_state` or a LoRA file's contents) on a freshly loaded base pipe, in place.
+
+    Refuses (ValueError, model unchanged) a file made for another vocabulary, architecture or base weights.
+    scale multiplies the LoRA update (0 = base UNet); the new words are always there.
+    """
+    new_words = list(state.get("new_words", []))
+    if "base_words" in state and list(state["base_words"]) != pipe.tokenizer.words:
+        raise ValueError("this LoRA file was made for a model with another vocabulary: use it with the base run "
+                         "it was trained on (train.py --stage lora --base RUN).")
+    if "base_fingerprint" in state:
+        here, there = base_fingerprint(pipe), float(state["base_fingerprint"])
+        if abs(here - there) > 1e-5 * abs(there):
+            raise ValueError("this LoRA file was made for other base weights (same architecture, different "
+                             "training): use it with the base run it was trained on.")
+    if new_words and tuple(state["word_rows"].shape) != (len(new_words), pipe.text_encoder.cfg.dim):
+        raise ValueError(f"the file's word rows have shape {list(state['word_rows'].shape)} but this prompt "
+                         f"encoder needs [{len(new_words)}, {pipe.text_encoder.cfg.dim}]: the file was made "
+                         "for another model.")
+    load_lora(pipe.unet, state)  # checks every layer's shape before it changes anything
+    if new_words:
+        add_words(pipe, new_words, state["word_rows"])
+    set_lora_scale(pipe.unet, scale)
+    return pipe.eval().requires_grad_(False)
+
+
+def apply_lora_file(pipe: LatentDiffusion, path: str | Path, scale: float = 1.0) -> LatentDiffusion:
+    """Read a LoRA file written by `train_lora` (kind 'lora') and `apply_lora` it to `pipe`."""
+    return apply_lora(pipe, load_checkpoint(path, "lora"), scale)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data and evaluation
+# ----------------------------------------------------------------------------------------------------------
+def concept_prompts(concept: str) -> list[str]:
+    """The 15 prompts of a concept colour: "a orange circle on the left", ... (every shape x position)."""
+    return [shapes.caption(*combo) for combo in shapes.concept_combos(concept)]
+
+
+def concept_training_set(concept: str, cfg: LoRATrainConfig, size: int) -> tuple[torch.Tensor, list[str], int]:
+    """(images [N, 3, size, size] in [-1, 1], captions, n_concept): n_concept jittered concept shapes first,
+    then the base's SEEN shapes (prior preservation), each with its caption."""
+    combos = shapes.concept_combos(concept)
+    rng = step_rng(cfg.seed, 0, stream=4)
+    picks = [combos[i] for i in rng.integers(len(combos), size=cfg.concept_images)]
+    concept_images = shapes.render_combos(picks, rng, size)
+    base = shapes.ShapesDataset(size=size, split="train", length=cfg.base_images, seed=cfg.seed + 1, cache=True)
+    images = torch.cat([concept_images, base.images])
+    return images, [shapes.caption(*c) for c in picks] + list(base.captions), len(picks)
+
+
+@torch.no_grad()
+def prompt_set_accuracy(pipe: LatentDiffusion, prompts: list[str], samples: int = 4, steps: int = 50,
+                        guidance: float = 3.0, seed: int = 0, concepts: tuple = (), chunk: int = 160) -> float:
+    """Fraction of `samples` images per prompt (DDIM, CFG) whose colour, shape and position `describe` reads right.
+
+    concepts: concept colours `describe` may answer (pass the concept for concept prompts).
+    """
+    all_prompts = [p for p in prompts for _ in range(samples)]
+    hits = 0.0
+    for i in range(0, len(all_prompts), chunk):
+        batch = all_prompts[i:i + chunk]
+        images = pipe.generate(batch, steps=steps, guidance=guidance, seed=seed + i)
+        hits += shapes.prompt_accuracy(images, batch, concepts) * len(batch)
+    return hits / len(all_prompts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+def trainable_counts(pipe: LatentDiffusion) -> tuple[int, int]:
+    """(adapter, total) parameters of prompt encoder + UNet: adapter = LoRA A, B and new word rows (the only
+    ones fine-tuning trains), total = base + adapter."""
+    named = [(name, p) for module in (pipe.text_encoder, pipe.unet) for name, p in module.named_parameters()]
+    adapter = sum(p.numel() for name, p in named if "lora_" in name or "new_rows" in name)
+    return adapter, sum(p.numel() for _, p in named)
+
+
+def finetune_concept(pipe: LatentDiffusion, concept: str, cfg: LoRATrainConfig, device: torch.device | str = "cpu",
+                     show_progress: bool = True) -> tuple[dict, LossLog]:
+    """Teach `pipe` (a loaded base, changed in place) the concept word; returns (adapter state, loss log).
+
+    Afterwards `pipe` draws the concept (LoRA at scale 1, the word in its tokenizer); the state is what
+    `apply_lora` needs to do the same to a fresh copy of the base.
+    """
+    if concept not in shapes.CONCEPT_COLORS:
+        raise ValueError(f"unknown concept '{concept}': choose one of {list(shapes.CONCEPT_COLORS)}.")
+    pipe.to(device)
+    base_words, fingerprint = list(pipe.tokenizer.words), base_fingerprint(pipe)
+    images, captions, n_concept = concept_training_set(concept, cfg, pipe.image_size)
+    z0_all = encode_latent_cache(pipe.autoencoder, images, device=device)  # [N, c, h, w], scaled
+
+    torch.manual_seed(cfg.seed)
+    colour_ids = [pipe.tokenizer.word_to_id[c] for c in shapes.COLORS if c in pipe.tokenizer.word_to_id]
+    table = pipe.text_encoder.token_emb.weight.detach()
+    init = table[colour_ids].mean(0, keepdim=True) if colour_ids else table.mean(0, keepdim=True)  # "some colour"
+    pipe.requires_grad_(False)
+    emb = add_words(pipe, [concept], init)  # e_concept trainable, E frozen
+    inject_lora(pipe.unet, cfg.targets, cfg.rank, cfg.alpha)  # A, B trainable, W frozen
+    tokens_all = pipe.tokenizer.encode(captions)  # [N, L]
+    empty = pipe.tokenizer.encode([""])  # [1, L]
+
+    opt = torch.optim.AdamW([{"params": lora_parameters(pipe.unet), "lr": cfg.lr},
+                             {"params": [emb.new_rows], "lr": cfg.embedding_lr}], weight_decay=0.0)
+    base_lrs = [group["lr"] for group in opt.param_groups]
+    params = [p for group in opt.param_groups for p in group["params"]]
+    log = LossLog()
+    half = cfg.batch_size // 2
+    pipe.text_encoder.train()
+    pipe.unet.train()
+    bar = progress(cfg.steps, 0, f"lora r={cfg.rank}", show_progress)
+    step = 0
+    with GracefulInterrupt() as interrupt:
+        while step < cfg.steps and not interrupt.requested:
+            rng = step_rng(cfg.seed, step)
+            idx = torch.cat([torch.from_numpy(rng.integers(n_concept, size=half)),  # half concept ...
+                             torch.from_numpy(rng.integers(n_concept, len(z0_all), size=cfg.batch_size - half))])
+            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            tokens = drop_tokens(tokens_all[idx], empty, cfg.p_uncond, gen).to(device)  # y = "" with prob. p
+            z0 = z0_all[idx].to(device)
+            t = torch.randint(0, pipe.schedule.num_timesteps, (len(idx),), generator=gen).to(device)
+            eps = torch.randn(z0.shape, generator=gen).to(device)
+            context, mask = pipe.text_encoder(tokens)  # tau(y): frozen encoder, trainable new row
+            loss = diffusion_loss(lambda x_t, t_: pipe.unet(x_t, t_, context, mask), pipe.schedule, z0, t=t, eps=eps)
+
+            warm = min(1.0, (step + 1) / cfg.warmup)  # linear warm-up, then constant
+            for group, lr in zip(opt.param_groups, base_lrs):
+                group["lr"] = lr * warm
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            step += 1
+            log.add(step, loss=loss.item())
+            bar.update(1)
+            bar.set_postfix(log.postfix("loss"))
+    bar.close()
+    if interrupt.requested:
+        tqdm.write(f"stopped at step {step}; the adapter is saved as it is.")
+    pipe.eval().requires_grad_(False)
+    return adapter_state(pipe, fingerprint, base_words), log
+
+
+def train_lora(preset: Preset, base_dir: str | Path, device: torch.device, concept: str = "orange", rank: int = 4,
+               alpha: float | None = None, steps: int | None = None, out: str | Path | None = None,
+               batch_size: int | None = None, show_progress: bool = True) -> Path:
+    """Fine-tune the base run in `base_dir` on `concept`; writes OUT/lora_<concept>_r<rank>.pt (OUT defaults to
+    base_dir), a loss plot and a sample grid; returns the path of the LoRA file."""
+    base_dir = Path(base_dir)
+    cfg = replace(lora_train_config(preset), rank=rank, alpha=alpha, steps=steps or lora_train_config(preset).steps,
+                  batch_size=batch_size or lora_train_config(preset).batch_size)
+    out_dir = Path(out) if out else base_dir
+    pipe = LatentDiffusion.load(base_dir, device)  # the EMA weights, which sample.py loads too
+    wall, cpu = time.time(), time.process_time()
+    state, log = finetune_concept(pipe, concept, cfg, device, show_progress)
+    wall, cpu = time.time() - wall, time.process_time() - cpu
+    path = save_checkpoint(out_dir / f"lora_{concept}_r{rank}.pt", "lora",
+                           {**state, "concept": concept, "steps": cfg.steps, "preset": preset.name,
+                            "train_seconds": wall, "train_cpu_seconds": cpu})
+
+    trainable, total = trainable_counts(pipe)
+    full = base_dir / "ldm.pt"
+    weights_mb = 4 * (total - trainable) / 1e6  # the base prompt encoder + UNet in float32
+    tqdm.write(f"LoRA r={rank}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%), "
+               f"{wall:.0f} s ({cpu:.0f} s CPU)")
+    tqdm.write(f"{path}: {path.stat().st_size / 1e3:.0f} KB, against {weights_mb:.1f} MB of base weights "
+               f"({full.stat().st_size / 1e6:.1f} MB for ldm.pt with EMA and optimizer state)")
+    plot_curves({"loss": log.history["loss"]}, out_dir / f"lora_{concept}_r{rank}_loss.png",
+                title=f"LoRA fine-tuning on '{concept}' (eps MSE)")
+    prompts = concept_prompts(concept)[::2] + GRID_PROMPTS[:4]  # 8 concept prompts, then 4 base prompts
+    save_grid(pipe.generate(prompts, steps=25, guidance=3.0, seed=0), out_dir / "samples" / f"lora_{concept}_r{rank}.png",
+              nrow=len(prompts), upscale=2)
+    return path

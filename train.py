@@ -2,12 +2,15 @@
 
 With no arguments: the tiny preset on procedural shapes, first the autoencoder (stage 1), then the prompt
 encoder + UNet on its latents (stage 2), into runs/tiny/. Ctrl-C saves and stops; --resume continues.
+Own data: --data FOLDER (Flickr8k's captions.txt, or images with .txt captions; docs/own_data.md).
+Several GPUs: torchrun --nproc_per_node=N train.py ... (data parallel; --batch-size is per GPU).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 STAGES = ("all", "autoencoder", "ldm", "lora", "clip", "ip-adapter")
@@ -25,9 +28,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoints")
     p.add_argument("--dry-run", action="store_true", help="print the models' sizes and exit")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="mixed precision on CUDA (auto: bf16 where supported, else fp16; fp32 on CPU and MPS)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks (slow start, faster steps)")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute UNet activations in backward: less memory, about a third more compute")
     # LoRA stage
     p.add_argument("--base", default=None, help="(lora, ip-adapter) the trained run to adapt")
-    p.add_argument("--concept", default="orange", help="(lora) the new concept to learn")
+    p.add_argument("--concept", default="corner", help="(lora) the new word to teach: corner, orange or diamond "
+                   "(the tiny autoencoder can draw only the first, see lessons/13_lora)")
     p.add_argument("--rank", type=int, default=4, help="(lora) adapter rank")
     p.add_argument("--alpha", type=float, default=None, help="(lora) adapter alpha (default: the rank)")
     args = p.parse_args(argv)
@@ -46,7 +55,8 @@ def main(argv=None) -> int:
 
     from minildm.checkpoint import CheckpointError
     from minildm.config import get_preset, describe_preset
-    from minildm.train.common import pick_device
+    from minildm.train import distributed
+    from minildm.train.common import pick_device, resolve_precision
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,24 +66,49 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.grad_checkpoint:
+        preset.unet = replace(preset.unet, use_checkpoint=True)
     if args.dry_run:
-        print(describe_preset(preset))
+        if args.batch_size and args.stage == "autoencoder":
+            preset.vq_train = replace(preset.vq_train, batch_size=args.batch_size)
+        if args.batch_size and args.stage == "ldm":
+            preset.ldm = replace(preset.ldm, batch_size=args.batch_size)
+        # the memory of a step on the GPU: with --precision auto, what an RTX 3090 runs (bf16)
+        print(describe_preset(preset, "bf16" if args.precision == "auto" else args.precision))
         return 0
-    if args.data != "shapes":
-        print("error: only --data shapes is available in this version; folders of captioned images come later.",
-              file=sys.stderr)
+    own_stages = ("all", "autoencoder", "ldm")
+    if args.data != "shapes" and args.stage not in own_stages:
+        print(f"error: --data {args.data} trains the autoencoder and ldm stages only; the {args.stage} stage "
+              "trains on shapes: drop --data.", file=sys.stderr)
         return 2
+    if distributed.launched_by_torchrun() and args.stage not in own_stages:
+        print(f"error: the {args.stage} stage runs on one process: start it without torchrun.", file=sys.stderr)
+        return 2
+    if distributed.launched_by_torchrun():
+        device = distributed.setup(device)
+    main_rank = distributed.is_main()
+    precision = resolve_precision(args.precision, device)
     run_dir = Path(args.out or f"runs/{preset.name}")
     start = time.time()
+    folder = None
     try:
+        if args.data != "shapes":
+            from minildm.data.folder import load_folder
+            folder = load_folder(args.data, preset.image_size, show_progress=main_rank)
+            if main_rank:
+                log = folder.write_skipped(run_dir / "skipped_files.txt")
+                print(folder.summary() + (f" (listed in {log})" if folder.skipped else ""))
         if args.stage in ("all", "autoencoder"):
             from minildm.train.autoencoder import train_autoencoder
             train_autoencoder(preset, run_dir, device, resume=args.resume, steps=args.steps if args.stage != "all" else None,
-                              batch_size=args.batch_size if args.stage != "all" else None)
+                              batch_size=args.batch_size if args.stage != "all" else None,
+                              images=folder.images if folder else None, precision=precision, compile=args.compile)
         if args.stage in ("all", "ldm"):
             from minildm.train.ldm import train_ldm
             train_ldm(preset, run_dir, device, resume=args.resume, steps=args.steps if args.stage != "all" else None,
-                      batch_size=args.batch_size if args.stage != "all" else None)
+                      batch_size=args.batch_size if args.stage != "all" else None,
+                      data=(folder.images, folder.captions) if folder else None, precision=precision,
+                      compile=args.compile)
         if args.stage == "lora":
             from minildm.train.lora import train_lora
             train_lora(preset, Path(args.base or run_dir), device, concept=args.concept, rank=args.rank,
@@ -82,8 +117,6 @@ def main(argv=None) -> int:
             from minildm.train.clip import train_clip_stage
             train_clip_stage(run_dir, device, steps=args.steps, batch_size=args.batch_size)
         if args.stage == "ip-adapter":  # frozen base run + CLIP (trained first if the run has none)
-            from dataclasses import replace
-
             from minildm.train.ip_adapter import IPAdapterTrainConfig, train_ip_adapter
             cfg = IPAdapterTrainConfig()
             cfg = replace(cfg, steps=args.steps or cfg.steps, batch_size=args.batch_size or cfg.batch_size)
@@ -95,9 +128,14 @@ def main(argv=None) -> int:
     except (ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.cleanup()
+    if not main_rank:
+        return 0
     print(f"done in {(time.time() - start) / 60:.1f} min; run directory: {run_dir}")
     if args.stage in ("all", "ldm"):
-        print(f'try: python sample.py "a red circle on the left" --run {run_dir}')
+        prompt = folder.captions[0][0] if folder else "a red circle on the left"
+        print(f'try: python sample.py "{prompt}" --run {run_dir}')
     return 0
 
 

@@ -33,7 +33,7 @@ class AutoencoderTrainConfig:
 
 @dataclass
 class LDMTrainConfig:
-    steps: int = 4000
+    steps: int = 3000
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 100
@@ -41,7 +41,7 @@ class LDMTrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     p_uncond: float = 0.1  # classifier-free guidance: train with the empty prompt this often
-    cache_size: int = 16000  # shapes rendered and encoded once into the latent cache
+    cache_size: int = 8000  # shapes rendered and encoded once into the latent cache
     paraphrase_prob: float = 0.0
     sample_every: int = 1000
     save_every: int = 500
@@ -67,22 +67,38 @@ def tiny() -> Preset:
         vq=VQConfig.tiny(),
         vq_train=AutoencoderTrainConfig(),
         text=TextEncoderConfig(vocab_size=0, max_len=12, dim=128, depth=2, heads=4, dim_head=32),
-        unet=UNetConfig(in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
-                        attention_levels=(0, 1, 2), heads=4, dim_head=32, context_dim=128, norm_groups=32),
+        unet=UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                        attention_levels=(1, 2), heads=4, dim_head=16, context_dim=128, norm_groups=16),
         ldm=LDMTrainConfig(),
     )
 
 
 def rtx3090() -> Preset:
+    """Flickr8k (8091 images, 5 captions each) at 256x256 on one 24 GB RTX 3090 in bf16 autocast.
+
+    `python train.py --preset 3090 --dry-run` prints the parameters and the measured memory per step:
+    about 17 GiB for the autoencoder at batch 12 and 9 GiB for the LDM at batch 48.
+    Wall times are estimates, not measurements: FLOPs counted with torch.utils.flop_counter, run at an
+    assumed 25 TFLOP/s sustained (about a third of the 3090's 71 TFLOP/s dense bf16 tensor-core peak).
+      autoencoder  ~2.1 TFLOP per image per step (encoder 0.21 + decoder 0.46 forward, twice that backward,
+                   + the perceptual net): ~1 s per step at batch 12; 40k steps = 60 epochs (seed 000's
+                   count) ~ 11-12 h; the GAN joins at step 30k (VQGANLossConfig.f8_8192).
+      ldm          ~83 GFLOP per latent per step (27.6 forward): ~0.2 s per step at batch 48; 100k steps
+                   ~ 600 epochs ~ 5-6 h (seed 000 stopped at 100 epochs, ~17k steps).
+    The UNet is seed 000's; the LDM step uses a third of the card, so --batch-size up to ~150 also fits.
+    Its attention kernel is sdpa (flash / memory-efficient attention on CUDA): the naive kernel keeps every
+    1024x1024 attention matrix of the 32x32 level for backward, 17.8 GiB of activations at batch 48
+    instead of 5.4 GiB.
+    """
     return Preset(
         name="3090",
         image_size=256,
         vq=VQConfig.f8_8192(),
-        vq_train=AutoencoderTrainConfig(steps=200_000, batch_size=12, lr=4.5e-6 * 12, disc_lr=4.5e-6 * 12, loss=VQGANLossConfig.f8_8192(),
+        vq_train=AutoencoderTrainConfig(steps=40_000, batch_size=12, lr=4.5e-6 * 12, disc_lr=4.5e-6 * 12, loss=VQGANLossConfig.f8_8192(),
                                         image_every=2000, save_every=2000, eval_images=64),
         text=TextEncoderConfig(vocab_size=0, max_len=40, dim=512, depth=6, heads=8, dim_head=64),
-        unet=UNetConfig.seed000(in_channels=4, context_dim=512),
-        ldm=LDMTrainConfig(steps=300_000, batch_size=48, lr=1e-4, warmup=1000, ema_decay=0.9999,
+        unet=replace(UNetConfig.seed000(in_channels=4, context_dim=512), kernel="sdpa"),
+        ldm=LDMTrainConfig(steps=100_000, batch_size=48, lr=1e-4, warmup=1000, ema_decay=0.9999,
                            sample_every=5000, save_every=2000),
         schedule={"num_timesteps": 1000, "kind": "scaled_linear"},
     )
@@ -115,22 +131,130 @@ def count_parameters(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def describe_preset(preset: Preset) -> str:
-    """A table of the preset's components and their parameter counts (builds the models, no training)."""
+GPU_MEMORY = 24 * 2**30  # bytes on an RTX 3090
+CUDA_OVERHEAD = 2**30  # CUDA context, cuDNN/cuBLAS workspaces: about 1 GiB
+BACKWARD_MARGIN = 1.15  # activation gradients and temporaries alive during backward, on top of saved activations
+
+
+def saved_activation_bytes(step, modules) -> int:
+    """Bytes of the tensors autograd keeps for backward while `step()` runs a forward pass (the activations),
+    counting each storage once and leaving out the weights of `modules`."""
+    import torch
+
+    weights = {t.untyped_storage().data_ptr() for m in modules for t in [*m.parameters(), *m.buffers()]}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step()  # keeps the graph, hence every saved tensor, alive until counted
+    del loss
+    return sum(saved.values())
+
+
+def build_models(preset: Preset) -> dict:
+    """Every network of the preset, freshly initialised on the CPU (the prompt encoder with a vocabulary of 1000)."""
+    from minildm.autoencoder.losses import VQGANLoss
     from minildm.autoencoder.vqvae import VQVAE
     from minildm.modules.unet import UNet
     from minildm.text.encoder import PromptEncoder
 
+    losses = VQGANLoss(preset.vq_train.loss)
+    return {"autoencoder": VQVAE(preset.vq), "discriminator": losses.discriminator, "perceptual": losses.perceptual,
+            "text_encoder": PromptEncoder(replace(preset.text, vocab_size=1000)), "unet": UNet(preset.unet)}
+
+
+def training_memory(preset: Preset, precision: str = "bf16", models: dict | None = None,
+                    resolution: int = 32) -> list[tuple[str, int, int, int]]:
+    """(stage, batch, bytes of weights + grads + optimiser state (+ EMA), bytes of activations) per stage.
+
+    Activations are measured, not modelled: one forward pass on the CPU at batch 1 and at batch 2 (under
+    CPU autocast for bf16/fp16), counting the tensors kept for backward; the difference is the cost per
+    example, the rest (autocast's low-precision weight copies) is fixed. The UNet runs at its full latent
+    size (attention cost grows with the square of the token count); the autoencoder stage, all
+    convolutions, runs at `resolution` and is scaled by the pixel count. The quantiser is left out (its
+    tensors are latent-sized). fp32 weights, fp32 grads and two Adam moments are 16 bytes per trained
+    parameter (+4 for the LDM's EMA); frozen networks on the GPU cost 4.
+    """
+    import torch
+
+    m = models or build_models(preset)
+    vq, disc, perceptual, text, unet = (m[k] for k in ("autoencoder", "discriminator", "perceptual", "text_encoder", "unet"))
+    loss_cfg = preset.vq_train.loss
+
+    def measure(step, modules) -> tuple[int, int]:  # (fixed bytes, bytes per example)
+        with torch.autocast("cpu", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
+                            enabled=precision != "fp32"):
+            one, two = (saved_activation_bytes(lambda: step(b), modules) for b in (1, 2))
+        return one - (two - one), two - one
+
+    r = min(preset.image_size, resolution)
+
+    def autoencoder_step(b):
+        x = torch.rand(b, 3, r, r) * 2 - 1
+        x_rec = vq.decoder(vq.encode(x))
+        loss = (x - x_rec).abs().mean()
+        if loss_cfg.perceptual_weight > 0:
+            loss = loss + perceptual(x, x_rec)
+        return loss + disc(x_rec).mean() if loss_cfg.disc_weight > 0 else loss
+
     f = preset.vq.downsample_factor
+
+    def ldm_step(b):
+        context, mask = text(torch.ones(b, preset.text.max_len, dtype=torch.long))  # prompts of full length
+        z = torch.randn(b, preset.unet.in_channels, preset.image_size // f, preset.image_size // f)
+        return unet(z, torch.zeros(b, dtype=torch.long), context, mask).float().pow(2).mean()
+
+    fixed_ae, per_image = measure(autoencoder_step, [vq, disc, perceptual])
+    fixed_ldm, per_latent = measure(ldm_step, [text, unet])
+    ae_states = 16 * (count_parameters(vq) + count_parameters(disc)) + 4 * count_parameters(perceptual)
+    ldm_states = 20 * (count_parameters(text) + count_parameters(unet)) + 4 * count_parameters(vq)
+    ae_batch, ldm_batch = preset.vq_train.batch_size, preset.ldm.batch_size
+    return [("autoencoder", ae_batch, ae_states, fixed_ae + ae_batch * per_image * (preset.image_size // r) ** 2),
+            ("ldm", ldm_batch, ldm_states, fixed_ldm + ldm_batch * per_latent)]
+
+
+def describe_preset(preset: Preset, precision: str = "bf16") -> str:
+    """The preset's components with their parameter counts, and the GPU memory of a training step of each
+    stage at the preset's batch sizes, measured as in `training_memory` (builds the models, no training)."""
+    f = preset.vq.downsample_factor
+    models = build_models(preset)
     rows = [
-        ("autoencoder (VQ-VAE)", count_parameters(VQVAE(preset.vq)),
+        ("autoencoder (VQ-VAE)", count_parameters(models["autoencoder"]),
          f"{preset.image_size}x{preset.image_size}x3 -> {preset.image_size // f}x{preset.image_size // f}x"
          f"{preset.vq.z_channels}, {preset.vq.num_codes} codes"),
-        ("prompt encoder", count_parameters(PromptEncoder(replace(preset.text, vocab_size=1000))),
+        ("discriminator", count_parameters(models["discriminator"]),
+         f"PatchGAN, {preset.vq_train.loss.disc_layers} layers" + (
+             f", from step {preset.vq_train.loss.disc_start:,}" if preset.vq_train.loss.disc_weight > 0 else ", unused")),
+        ("perceptual net", count_parameters(models["perceptual"]),
+         f"frozen VGG16 layout, width {preset.vq_train.loss.perceptual_width}" + (
+             "" if preset.vq_train.loss.perceptual_weight > 0 else ", unused")),
+        ("prompt encoder", count_parameters(models["text_encoder"]),
          f"d={preset.text.dim}, depth {preset.text.depth}, max_len {preset.text.max_len} (vocab 1000 assumed)"),
-        ("UNet", count_parameters(UNet(preset.unet)),
-         f"channels {preset.unet.model_channels}x{preset.unet.channel_mult}, attention at {preset.unet.attention_levels}"),
+        ("UNet", count_parameters(models["unet"]),
+         f"channels {preset.unet.model_channels}x{preset.unet.channel_mult}, attention at "
+         f"{preset.unet.attention_levels} ({preset.unet.kernel} kernel)"
+         + (", gradient checkpointing" if preset.unet.use_checkpoint else "")),
     ]
     lines = [f"preset {preset.name}", f"{'component':<22}{'parameters':>14}  shape"]
     lines += [f"{name:<22}{n:>14,}  {info}" for name, n, info in rows]
+
+    gib = 2**30
+    lines += ["", f"GPU memory of one training step, {precision} "
+                  f"{'autocast' if precision != 'fp32' else ''} (fits: total <= {GPU_MEMORY / gib:.0f} GiB, an RTX 3090)",
+              f"{'stage':<14}{'batch':>6}{'weights+grads+Adam':>20}{'activations':>13}{'total':>10}  fits"]
+    for stage, batch, states, activations in training_memory(preset, precision, models):
+        total = states + BACKWARD_MARGIN * activations + CUDA_OVERHEAD
+        lines.append(f"{stage:<14}{batch:>6}{states / gib:>16.2f} GiB{activations / gib:>9.2f} GiB"
+                     f"{total / gib:>6.1f} GiB  {'yes' if total <= GPU_MEMORY else 'NO'}")
+    lines += ["activations: the tensors kept for backward, measured by one forward pass on the CPU at batch 1 and 2",
+              "(the autoencoder at 32x32, scaled by pixels). LDM states include the EMA and the frozen autoencoder.",
+              f"total = states + {BACKWARD_MARGIN} x activations + {CUDA_OVERHEAD / gib:.0f} GiB CUDA context."]
+    if preset.unet.use_checkpoint:
+        lines.append("gradient checkpointing: the LDM activations are a lower bound (the block inputs that checkpoint "
+                     "keeps and the recomputation of one block during backward are not counted).")
     return "\n".join(lines)

@@ -49,7 +49,8 @@ def test_max_not_sum():
     vis = torch.ones(1, 2, dtype=torch.bool)
     w = gaussian_keypoint_weights(kp, vis, 12, 12, 2.0)
     assert w.max().item() == pytest.approx(1.0, abs=1e-6)
-    # halfway between the two, the max of the two bumps is exp(-0.25^2/8), the sum would be twice that
+    # on each keypoint the max is exactly 1; a sum would give (1 + e^{-1/8}) / (2 e^{-1/32}) ~ 0.97 there
+    assert w[0, 5, 5].item() == pytest.approx(1.0, abs=1e-6) and w[0, 5, 6].item() == pytest.approx(1.0, abs=1e-6)
     single = keypoint_gaussians(kp, vis, 12, 12, 2.0)
     assert torch.allclose(w[0], single[0].amax(0) / single[0].amax(0).max())
 
@@ -137,6 +138,9 @@ def test_vae_any_number_of_views_and_order_invariant():
     assert mu5.shape == (2, 8) and logvar5.shape == (2, 8)
     mu1, _ = vae.encode(images[:, :1], kp[:, :1], vis[:, :1])
     assert mu1.shape == (2, 8) and not torch.allclose(mu1, mu5)
+    same = torch.tensor([0, 0, 0])  # mean pooling: three copies of one view encode like the view alone
+    mu3, _ = vae.encode(images[:, same], kp[:, same], vis[:, same])
+    assert torch.allclose(mu3, mu1, atol=1e-5)
     perm = torch.tensor([3, 0, 4, 2, 1])
     mu_p, logvar_p = vae.encode(images[:, perm], kp[:, perm], vis[:, perm])
     assert torch.allclose(mu_p, mu5, atol=1e-5) and torch.allclose(logvar_p, logvar5, atol=1e-5)

@@ -9,8 +9,8 @@ from lessons.grading import ROOT, grade, is_stub, load_module
 from minildm.adapters.lora import LoRALinear
 
 LESSON = ROOT / "lessons" / "13_lora"
-CHECKS = load_module(LESSON / "grade.py").CHECKS
-REFERENCE = {"LoRALinear": LoRALinear, "merge": LoRALinear.merge}
+GRADER = load_module(LESSON / "grade.py")
+CHECKS, REFERENCE = GRADER.CHECKS, GRADER.REFERENCE
 
 
 def failed(namespace) -> set:

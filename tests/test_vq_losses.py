@@ -50,7 +50,8 @@ def test_perceptual_loss_zero_for_identical_positive_otherwise():
 
 
 def test_perceptual_loss_is_frozen_seeded_and_passes_gradients_to_images():
-    perc_a, perc_b, perc_c = PerceptualLoss(width=0.125, seed=0), PerceptualLoss(width=0.125, seed=0), PerceptualLoss(width=0.125, seed=1)
+    perc_a, perc_b = PerceptualLoss(width=0.125, seed=0), PerceptualLoss(width=0.125, seed=0)
+    perc_c = PerceptualLoss(width=0.125, seed=1)
     assert sum(p.numel() for p in perc_a.parameters() if p.requires_grad) == 0
     for (name, a), (_, b) in zip(perc_a.state_dict().items(), perc_b.state_dict().items()):
         assert torch.equal(a, b), name  # same seed -> same network, whatever the global RNG did
@@ -69,7 +70,8 @@ def test_perceptual_loss_loads_a_torchvision_format_vgg16_state_dict(tmp_path):
     torch.save(state, path)
     loaded = PerceptualLoss(vgg16_path=str(path))
     assert torch.equal(loaded.features[28].weight, source.features[28].weight)
-    assert [i for i, m in enumerate(loaded.features) if isinstance(m, torch.nn.Conv2d)] == [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+    conv_indices = [i for i, m in enumerate(loaded.features) if isinstance(m, torch.nn.Conv2d)]
+    assert conv_indices == [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]  # torchvision's vgg16().features
     torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError):
         PerceptualLoss(vgg16_path=str(tmp_path / "bad.pth"))
@@ -144,3 +146,9 @@ def test_discriminator_training_separates_real_from_fake():
         opt.step()
     assert loss.item() < 0.5 * first
     assert logs["logits_real"] > logs["logits_fake"]
+
+
+def test_tiny_preset_keeps_the_gan_off_and_f8_preset_turns_it_on():
+    assert not VQGANLoss(VQGANLossConfig.tiny()).disc_active(10**6)
+    big = VQGANLossConfig.f8_8192()
+    assert big.disc_weight > 0 and big.perceptual_width == 1.0

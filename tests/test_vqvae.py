@@ -3,6 +3,7 @@ codebook statistics, dead-code restarts, EMA updates, shapes for f = 2, 4, 8, an
 import numpy as np
 import pytest
 import torch
+from einops import rearrange
 
 from minildm.autoencoder.vqvae import VQConfig, VQVAE, VectorQuantizer, codebook_stats, nearest_code_indices
 from minildm.data.shapes import sample_batch
@@ -26,10 +27,10 @@ def test_quantizer_returns_nearest_codebook_vector():
         vq.codebook.normal_()
     z = torch.randn(2, 4, 3, 5)
     z_q, _, info = vq(z)
-    z_flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    z_flat = rearrange(z, "b d h w -> (b h w) d")
     expected = brute_force_nearest(z_flat, vq.codebook.detach())
     assert torch.equal(info["indices"].flatten(), expected)
-    assert torch.allclose(z_q.permute(0, 2, 3, 1).reshape(-1, 4), vq.codebook.detach()[expected])
+    assert torch.allclose(rearrange(z_q, "b d h w -> (b h w) d"), vq.codebook.detach()[expected])
     assert torch.allclose(vq.lookup(info["indices"]), z_q)
 
 
@@ -75,7 +76,7 @@ def test_codebook_and_commitment_terms_sit_on_the_right_sides():
     # commitment term only: d/dz_e beta mean((z_e - z_q)^2) = 2 beta (z_e - z_q) / n
     assert torch.allclose(z_e.grad, 2 * beta * (z_e.detach() - z_q) / n, atol=1e-7)
     # codebook term only: d/de_k mean((e_k - z)^2) = sum over vectors assigned to k of 2 (e_k - z) / n
-    z_flat = z_e.detach().permute(0, 2, 3, 1).reshape(-1, 3)
+    z_flat = rearrange(z_e.detach(), "b d h w -> (b h w) d")
     idx = info["indices"].flatten()
     expected = torch.zeros_like(e).index_add_(0, idx, 2 * (e[idx] - z_flat) / n)
     assert torch.allclose(vq.codebook.grad, expected, atol=1e-7)
@@ -102,7 +103,7 @@ def test_perplexity_and_usage():
     vq = VectorQuantizer(num_codes=k, dim=4).eval()
     with torch.no_grad():
         vq.codebook.normal_()
-    z = vq.codebook.detach().t().reshape(1, 4, 4, 4)  # each code once, as a 4x4 latent image
+    z = rearrange(vq.codebook.detach(), "(h w) d -> 1 d h w", h=4)  # each code once, as a 4x4 latent image
     _, _, info = vq(z)
     assert info["perplexity"].item() == pytest.approx(k, rel=1e-5) and info["usage"].item() == 1.0
     _, _, info = vq(z[:, :, :1, :1].expand(1, 4, 4, 4))  # one code everywhere
@@ -116,7 +117,7 @@ def test_dead_codes_are_restarted_onto_encoder_outputs_in_training_only():
         vq.codebook.zero_()
         vq.codebook[1:] = 100.0  # codes 1..7 are far from all data: never used
     z = torch.randn(1, 2, 4, 4) * 0.1
-    z_flat = z.permute(0, 2, 3, 1).reshape(-1, 2)
+    z_flat = rearrange(z, "b d h w -> (b h w) d")
     vq.eval()
     for _ in range(3):
         vq(z)
@@ -139,7 +140,8 @@ def test_ema_update_moves_codes_towards_assigned_means():
     with torch.no_grad():
         vq.codebook.copy_(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
         vq.ema_embed_sum.copy_(vq.codebook)
-    z = torch.tensor([[2.0, 1.0], [3.0, 1.0], [-2.0, -1.0]]).t().reshape(1, 2, 1, 3)  # two points for code 1, one for code 0
+    points = torch.tensor([[2.0, 1.0], [3.0, 1.0], [-2.0, -1.0]])  # two points for code 1, one for code 0
+    z = rearrange(points, "(h w) d -> 1 d h w", h=1)
     vq(z)
     # hand-computed EMA: N = d*1 + (1-d)*n, m = d*e + (1-d)*sum z, e = m / N (eps = 0: no smoothing shift)
     n1, n0 = decay + (1 - decay) * 2, decay + (1 - decay) * 1
@@ -213,7 +215,7 @@ def test_decode_passes_gradient_to_latents():
 def test_a_few_training_steps_lower_the_reconstruction_loss():
     torch.manual_seed(9)
     model = VQVAE(small_cfg(use_ema=True, kmeans_iters=5, dead_code_threshold=5))
-    x, _ = sample_batch(16, np.random.default_rng(0), size=16)
+    x, _ = sample_batch(8, np.random.default_rng(0), size=16)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
 
     def rec_loss():
@@ -221,10 +223,10 @@ def test_a_few_training_steps_lower_the_reconstruction_loss():
             return (model(x)[0] - x).abs().mean().item()
 
     before = rec_loss()
-    for _ in range(30):
+    for _ in range(25):
         x_rec, vq_loss, _ = model(x)
         loss = (x_rec - x).abs().mean() + vq_loss
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert rec_loss() < 0.5 * before
+    assert rec_loss() < 0.35 * before  # about 0.15 in practice

@@ -3,6 +3,8 @@
 Each check builds small layers with known A and B where the common mistakes change the numbers: B not
 zero at init, the factor r / alpha instead of alpha / r, a forgotten runtime scale, a base layer that
 still trains, a merge that forgets the factor or forgets to mark the layer merged.
+REFERENCE holds the library's solutions (minildm/adapters/lora.py) under the exercises' names
+(tests/test_lessons_lora.py checks that they pass, the stubs fail and typical wrong versions fail).
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from torch import nn  # noqa: E402
 
 from lessons.grading import Check, main  # noqa: E402
 from minildm.adapters.lora import LoRALinear as ReferenceLoRALinear  # noqa: E402
+
+REFERENCE = {"LoRALinear": ReferenceLoRALinear, "merge": ReferenceLoRALinear.merge}
 
 D_IN, D_OUT, RANK, ALPHA = 6, 5, 2, 8.0  # alpha / r = 4: a swapped factor gives 1/4, a forgotten one 1
 

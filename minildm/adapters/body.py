@@ -1,10 +1,17 @@
-"""BoLID body conditioning (seed 002): Gaussian keypoint weighting, the body VAE, a keypoint regressor.
+"""BoLID body conditioning (seed 002): Gaussian keypoint weighting, the body VAE, a keypoint regressor,
+the three-stream body-condition module and the full objective (eq. 14).
 
 BoLID personalises a text-to-image model to a person's *body*. Each reference view is weighted by
 Gaussians around its 17 COCO keypoints so the body counts and the background fades (eqs. 11-13); a VAE
-reads the whole *set* of weighted views of one person and returns a latent c_body (756-d in the paper)
-that the adapter's extra attention stream will read. A small keypoint regressor gives keypoints for
-generated images: L_id in eq. 14 compares them with the reference's, and evaluation uses it too.
+reads the whole *set* of weighted views of one person and returns a latent c_body (756-d in the paper).
+The body-condition module turns c_body into body tokens (made like IP-Adapter's image tokens) and gives
+every cross-attention layer of the frozen UNet a third stream (sec. 4.3):
+
+    Z' = A(Q, K_t, V_t) + lambda_ref A(Q, K_ref, V_ref) + lambda_b A(Q, K_b, V_b)
+
+built on IP-Adapter's DecoupledCrossAttention (adapters/ip_adapter.py) with the streams "ip" (the
+reference image) and "body". A small keypoint regressor gives keypoints for generated images: L_id in
+eq. 14 compares them with the reference's, and evaluation uses it too.
 
 Coordinates: keypoints are pixel (x, y) with pixel centres at integer positions (x = column, y = row),
 as ``minildm.data.bodies`` renders them; "unit" coordinates map x = 0 .. W-1 to -1 .. 1 (same for y).
@@ -18,6 +25,8 @@ from einops import rearrange, reduce, repeat
 from torch import nn
 from tqdm import tqdm
 
+from minildm.adapters.ip_adapter import (IP, DecoupledCrossAttention, ImageProjection, install_ip_adapter,
+                                        ip_adapter_parameters, set_ip_scale)
 from minildm.data.bodies import BodiesDataset
 
 LOGVAR_RANGE = (-30.0, 20.0)  # the usual clamp of log sigma^2 (keeps exp() finite)
@@ -100,10 +109,13 @@ def keypoints_to_pixels(unit: torch.Tensor, height: int, width: int) -> torch.Te
 # Body VAE: a set of weighted views of one person -> mu, logvar -> c_body
 # ---------------------------------------------------------------------------------------------------
 
-def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """z = mu + sigma * eps with sigma = exp(logvar / 2), eps ~ N(0, I). mu, logvar [..., D] -> z [..., D]."""
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+    """z = mu + sigma * eps with sigma = exp(logvar / 2), eps ~ N(0, I). mu, logvar [..., D] -> z [..., D].
+
+    eps (shaped like mu) is drawn here when None; pass it to control the draw.
+    """
     logvar = logvar.clamp(*LOGVAR_RANGE)
-    eps = torch.randn_like(mu)
+    eps = torch.randn_like(mu) if eps is None else eps
     return mu + torch.exp(0.5 * logvar) * eps  # z = mu + exp(logvar / 2) * eps
 
 
@@ -261,6 +273,48 @@ class BodyVAE(nn.Module):
         return total, {"loss": total.item(), "recon": recon_loss.item(), "kl": kl.item()}
 
 
+VIEW_KEYS = ("image", "keypoints", "visible", "pose_keypoints")
+
+
+def render_identities(data: BodiesDataset) -> dict:
+    """Every view of a BodiesDataset rendered once, grouped by identity: {"image" [I, V, 3, H, W],
+    "keypoints" [I, V, K, 2], "visible" [I, V, K], "pose_keypoints" [I, V, K, 2]} (I identities, V views each)."""
+    items = [data[k] for k in range(len(data))]
+    return {key: rearrange(torch.stack([it[key] for it in items]), "(i v) ... -> i v ...", v=data.views_per_identity)
+            for key in VIEW_KEYS}
+
+
+def train_body_vae(cfg: BodyVAEConfig, views: dict, steps: int = 600, batch_size: int = 16, views_per_set: int = 2,
+                   lr: float = 3e-3, seed: int = 0, device: str = "cpu", progress: bool = True) -> tuple[BodyVAE, list]:
+    """Train a BodyVAE on sets of views; returns (model in eval mode, per-step logs dicts).
+
+    views: ``render_identities`` output (I identities x V rendered views). Each step takes batch_size
+    random identities and views_per_set distinct random views of each (a set), and minimises the
+    negative ELBO of ``BodyVAE.loss``. Sets of 2 views already teach the encoder to pool; any number
+    works at encoding time.
+    """
+    num_identities, num_views = views["image"].shape[:2]
+    if not 1 <= views_per_set <= num_views:
+        raise ValueError(f"views_per_set must be between 1 and the {num_views} rendered views, got {views_per_set}.")
+    torch.manual_seed(seed)
+    views = {key: views[key].to(device) for key in VIEW_KEYS}
+    vae = BodyVAE(cfg).to(device)
+    opt = torch.optim.Adam(vae.parameters(), lr=lr)
+    rng = np.random.default_rng(seed)
+    history = []
+    bar = tqdm(range(steps), desc="body VAE", disable=not progress)
+    for _ in bar:
+        ids = torch.from_numpy(rng.integers(num_identities, size=batch_size))[:, None]                   # [B, 1]
+        picks = torch.from_numpy(np.stack([rng.permutation(num_views)[:views_per_set] for _ in range(batch_size)]))
+        loss, logs = vae.loss(*(views[key][ids, picks] for key in VIEW_KEYS))                          # [B, V', ...]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(logs)
+        bar.set_postfix(recon=f"{logs['recon']:.1f}", kl=f"{logs['kl']:.2f}")
+    return vae.eval(), history
+
+
 # ---------------------------------------------------------------------------------------------------
 # Keypoint regressor (for L_id of eq. 14 and for evaluation)
 # ---------------------------------------------------------------------------------------------------
@@ -340,3 +394,189 @@ def train_keypoint_regressor(steps: int = 400, batch_size: int = 32, num_identit
         losses.append(logs["loss"])
         bar.set_postfix(loss=f"{logs['loss']:.4f}")
     return model.eval(), losses
+
+
+# ---------------------------------------------------------------------------------------------------
+# Body-Condition Module (sec. 4.3): body tokens and the three-stream cross-attention
+# ---------------------------------------------------------------------------------------------------
+
+BODY = "body"  # the name of the body stream (IP-Adapter's reference-image stream is IP = "ip")
+
+
+class BodyProjection(ImageProjection):
+    """c_body -> N body tokens, made like IP-Adapter's image tokens: Linear(D, N * d_ctx), split, LayerNorm.
+
+    c_body [B, D] (the body VAE's latent) -> c_b [B, N, d_ctx]. Same layers as ImageProjection (its
+    ``d_img`` is D here), so IP-Adapter's parameter, save and load helpers work for it with stream=BODY.
+    """
+
+    def forward(self, c_body: torch.Tensor) -> torch.Tensor:
+        if c_body.ndim != 2 or c_body.shape[1] != self.d_img:
+            raise ValueError(f"BodyProjection expects body latents c_body [B, {self.d_img}] (BodyVAE.encode's mu "
+                             f"or a sample), got {tuple(c_body.shape)}.")
+        return super().forward(c_body)  # LayerNorm(rearrange(W c_body, "b (n d) -> b n d"))
+
+
+@dataclass
+class BodyAdapterConfig:
+    """The body-condition module's sizes and its default lambdas (the paper gives no values)."""
+    latent_dim: int  # D = size of c_body (BodyVAEConfig.latent_dim; 756 in the paper)
+    context_dim: int  # width of the UNet's cross-attention context (unet.cfg.context_dim)
+    body_tokens: int = 4  # N body tokens per c_body
+    ref_tokens: int = 4  # tokens of the reference-image stream (IP-Adapter's N = 4)
+    lambda_ref: float = 1.0
+    lambda_b: float = 1.0
+
+
+def install_body_adapter(unet: nn.Module, ref_tokens: int = 4, body_tokens: int = 4, lambda_ref: float = 1.0,
+                         lambda_b: float = 1.0) -> list[str]:
+    """Give every cross-attention layer of the (frozen) UNet the reference and body streams:
+
+        Z' = A(Q, K_t, V_t) + lambda_ref A(Q, K_ref, V_ref) + lambda_b A(Q, K_b, V_b)
+
+    This is install_ip_adapter with one extra stream: "ip" (the reference image, ref_tokens tokens) and
+    BODY (body_tokens tokens); each gets its own W'_k, W'_v (copies of W_k, W_v) and its lambda, the same Q
+    and heads, and the sum passes the layer's to_out once. The UNet's context becomes
+    cat[c_t, c_ref, c_b] (build it with ``body_context``). Returns the names of the replaced layers.
+    """
+    names = install_ip_adapter(unet, ref_tokens, extra_streams={BODY: body_tokens})
+    set_body_scales(unet, lambda_ref, lambda_b)
+    return names
+
+
+def new_body_adapter(unet: nn.Module, cfg: BodyAdapterConfig) -> BodyProjection:
+    """Install the three-stream adapter described by ``cfg`` and return a fresh BodyProjection (on the UNet's device)."""
+    if cfg.context_dim != unet.cfg.context_dim:
+        raise ValueError(f"the adapter's context_dim is {cfg.context_dim} but the UNet's cross-attention reads "
+                         f"{unet.cfg.context_dim}: use BodyAdapterConfig(context_dim=unet.cfg.context_dim).")
+    install_body_adapter(unet, cfg.ref_tokens, cfg.body_tokens, cfg.lambda_ref, cfg.lambda_b)
+    return BodyProjection(cfg.latent_dim, cfg.context_dim, cfg.body_tokens).to(next(unet.parameters()).device)
+
+
+def set_body_scales(unet: nn.Module, lambda_ref: float, lambda_b: float) -> None:
+    """Set lambda_ref and lambda_b in every layer (both 0: the text-only UNet exactly)."""
+    set_ip_scale(unet, lambda_ref, IP)
+    set_ip_scale(unet, lambda_b, BODY)
+
+
+def body_adapter_parameters(unet: nn.Module, body_projection: BodyProjection,
+                            ref_projection: ImageProjection | None = None) -> list[nn.Parameter]:
+    """What trains: the body projection and W'_k, W'_v of the body stream (+ the reference stream's, when
+    its projection is given). The UNet itself stays frozen."""
+    params = ip_adapter_parameters(unet, body_projection, BODY)
+    return params + (ip_adapter_parameters(unet, ref_projection, IP) if ref_projection is not None else [])
+
+
+def _stream_tokens(unet: nn.Module) -> dict[str, int]:
+    """The token counts {"ip": n_ref, "body": n_b} of the UNet's installed body adapter."""
+    layer = next((m for m in unet.modules() if isinstance(m, DecoupledCrossAttention)), None)
+    if layer is None or BODY not in layer.stream_tokens:
+        raise ValueError("this UNet has no body adapter: call install_body_adapter (or new_body_adapter) first.")
+    return layer.stream_tokens
+
+
+def body_context(unet: nn.Module, text: torch.Tensor, body_tokens: torch.Tensor,
+                 ref_tokens: torch.Tensor | None = None, ref_present: torch.Tensor | None = None) -> torch.Tensor:
+    """The UNet's context cat[c_t, c_ref, c_b] for a UNet with the body adapter.
+
+    text [B, M, d] (the prompt encoder's output; its mask stays [B, M]), body_tokens [B or 1, n_b, d],
+    ref_tokens [B or 1, n_ref, d] or None, ref_present [B] bool or None -> [B, M + n_ref + n_b, d].
+    A missing reference image (ref_tokens None, or ref_present False for a sample) becomes all-zero tokens:
+    the stream's W'_k, W'_v have no bias, so K_ref = V_ref = 0 and A(Q, 0, 0) = softmax(0) 0 = 0; the
+    lambda_ref term vanishes exactly, with no mask.
+    """
+    counts = _stream_tokens(unet)
+    B, _, d = text.shape
+    if body_tokens.ndim != 3 or body_tokens.shape[1:] != (counts[BODY], d) or body_tokens.shape[0] not in (1, B):
+        raise ValueError(f"body_tokens must be [{B} or 1, {counts[BODY]}, {d}] (BodyProjection's output), "
+                         f"got {tuple(body_tokens.shape)}.")
+    if ref_tokens is None:
+        ref_tokens = text.new_zeros(B, counts[IP], d)  # no reference image: its term is zero
+    elif ref_tokens.ndim != 3 or ref_tokens.shape[1:] != (counts[IP], d) or ref_tokens.shape[0] not in (1, B):
+        raise ValueError(f"ref_tokens must be [{B} or 1, {counts[IP]}, {d}] (IP-Adapter's image tokens) or None, "
+                         f"got {tuple(ref_tokens.shape)}.")
+    ref_tokens = ref_tokens.expand(B, -1, -1)
+    if ref_present is not None:
+        if ref_present.dtype != torch.bool or ref_present.shape != (B,):
+            raise ValueError(f"ref_present must be a bool tensor [{B}] (True = this sample has a reference image).")
+        ref_tokens = ref_tokens * ref_present[:, None, None].to(ref_tokens.dtype)  # missing -> zero tokens
+    return torch.cat([text, ref_tokens.to(text), body_tokens.expand(B, -1, -1).to(text)], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Full objective, eq. 14: L = L_diff + alpha_id L_id + beta_CLIP L_CLIP
+# ---------------------------------------------------------------------------------------------------
+
+def predicted_x0_image(schedule, autoencoder, z_t: torch.Tensor, t: torch.Tensor, eps_hat: torch.Tensor) -> torch.Tensor:
+    """The image the model currently believes in: x0_hat = D(z0_hat / scale_factor), differentiable in eps_hat.
+
+    z_t, eps_hat [B, c, h, w] scaled latents, t [B] -> image [B, 3, H, W] in about [-1, 1].
+    z0_hat = (z_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t) (property 3); the VQ decoder snaps z0_hat to
+    its codebook with a straight-through gradient, so L_id and L_CLIP reach the adapter through it.
+    """
+    z0_hat = schedule.predict_x0(z_t, t, eps_hat)
+    return autoencoder.decode(z0_hat / autoencoder.scale_factor)
+
+
+def keypoint_id_loss(p_gen: torch.Tensor, p_ref: torch.Tensor, ref_visible: torch.Tensor) -> torch.Tensor:
+    """L_id = sum_k ||p_k^gen - p_k^ref||^2 over the keypoints visible in the reference.
+
+    p_gen, p_ref [B, K, 2] in the same coordinates (unit coordinates in ``bolid_loss``), ref_visible [B, K]
+    bool -> [B]. A keypoint the reference does not show counts 0 (the paper zeroes invisible components).
+    """
+    _check_keypoints(p_ref, ref_visible)
+    if p_gen.shape != p_ref.shape:
+        raise ValueError(f"p_gen and p_ref must have the same shape [B, K, 2], got {tuple(p_gen.shape)} "
+                         f"and {tuple(p_ref.shape)}.")
+    sq = ((p_gen - p_ref) ** 2).sum(dim=-1)                   # ||p_k^gen - p_k^ref||^2   [B, K]
+    return (sq * ref_visible.to(sq.dtype)).sum(dim=-1)        # sum over visible k       [B]
+
+
+def clip_text_loss(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """L_CLIP = 1 - cos(CLIP(x_gen), CLIP(tau)): image_emb, text_emb [B, D] -> [B] in [0, 2]."""
+    if image_emb.ndim != 2 or image_emb.shape != text_emb.shape:
+        raise ValueError(f"image and text embeddings must both be [B, D], got {tuple(image_emb.shape)} "
+                         f"and {tuple(text_emb.shape)}.")
+    return 1 - F.cosine_similarity(image_emb, text_emb, dim=-1)
+
+
+def bolid_loss(eps_hat: torch.Tensor, eps: torch.Tensor, x0_image: torch.Tensor | None = None,
+               alpha_id: float = 0.0, beta_clip: float = 0.0, regressor: KeypointRegressor | None = None,
+               ref_keypoints: torch.Tensor | None = None, ref_visible: torch.Tensor | None = None,
+               clip: nn.Module | None = None, text_emb: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Eq. 14: L = L_diff + alpha_id L_id + beta_CLIP L_CLIP, batch means -> (total scalar, logs of floats).
+
+    eps_hat, eps [B, c, h, w]: the UNet's noise prediction and the true noise (L_diff = ||eps - eps_hat||^2,
+    the mean over elements as in diffusion_loss).
+    x0_image [B, 3, H, W] in [-1, 1]: the predicted clean image (``predicted_x0_image``); needed only when
+    alpha_id or beta_clip is on.
+    L_id: the frozen ``regressor`` reads x0_image; ref_keypoints [B, K, 2] pixel (x, y) on an image of
+    x0_image's size and ref_visible [B, K] bool are the reference's; compared in unit coordinates.
+    L_CLIP: ``clip.encode_image(x0_image)`` against text_emb [B, D] (``clip.encode_text`` of the prompt).
+    A weight of 0 switches its term off: it is not computed and its models and inputs may be None.
+    """
+    if alpha_id < 0 or beta_clip < 0:
+        raise ValueError(f"alpha_id and beta_clip must be >= 0 (0 switches a term off), got {alpha_id}, {beta_clip}.")
+    if eps_hat.shape != eps.shape:
+        raise ValueError(f"eps_hat and eps must have the same shape, got {tuple(eps_hat.shape)} and {tuple(eps.shape)}.")
+    l_diff = (eps - eps_hat).pow(2).mean()                                        # L_diff
+    total, logs = l_diff, {"diff": l_diff.item()}
+    if (alpha_id > 0 or beta_clip > 0) and x0_image is None:
+        raise ValueError("L_id and L_CLIP read the predicted image: pass x0_image (predicted_x0_image) "
+                         "or set alpha_id = beta_clip = 0.")
+    if alpha_id > 0:
+        if regressor is None or ref_keypoints is None or ref_visible is None:
+            raise ValueError("alpha_id > 0 needs the keypoint regressor, ref_keypoints and ref_visible.")
+        p_gen, _ = regressor(x0_image)                                             # p^gen, unit coordinates
+        p_ref = keypoints_to_unit(ref_keypoints, *x0_image.shape[-2:])              # p^ref, unit coordinates
+        l_id = keypoint_id_loss(p_gen, p_ref, ref_visible).mean()                   # L_id
+        total = total + alpha_id * l_id
+        logs["id"] = l_id.item()
+    if beta_clip > 0:
+        if clip is None or text_emb is None:
+            raise ValueError("beta_clip > 0 needs the CLIP model and text_emb (clip.encode_text of the prompts).")
+        l_clip = clip_text_loss(clip.encode_image(x0_image), text_emb).mean()      # L_CLIP
+        total = total + beta_clip * l_clip
+        logs["clip"] = l_clip.item()
+    logs["loss"] = total.item()
+    return total, logs

@@ -12,11 +12,13 @@ discriminator that starts on blurry early reconstructions wins too easily and it
 
 Perceptual loss without downloads: LPIPS compares features of an ImageNet-trained VGG16. We cannot download
 weights, so by default the feature network is the VGG16 layer layout with fixed, seeded random weights.
-This is a documented compromise: Zhang et al. (2018, the LPIPS paper) found that features of untrained,
-randomly initialised networks already agree with human similarity judgements roughly as well as classic
-metrics such as SSIM (trained features do clearly better), and random convolutional features are known to
-be enough for texture synthesis (Ustyuzhaninov et al. 2017). A user who has torchvision's VGG16 weights can
-pass `vgg16_path` to get a real (LPIPS-without-learned-weights) perceptual distance.
+This is a documented compromise. Random convolutional features already measure multi-scale structure
+(edges, blobs, colour layout) rather than single pixels: untrained networks with random weights are a
+baseline in the LPIPS paper (Zhang et al. 2018), where they land around the classic low-level metrics
+while trained features do clearly better, and random conv features are known to be enough for texture
+synthesis (He et al. 2016; Ustyuzhaninov et al. 2017). So: a decent, cheap structural metric, not LPIPS.
+A user who has torchvision's VGG16 weights can pass `vgg16_path` for real VGG16 features (LPIPS without
+its learned per-channel weights).
 """
 from __future__ import annotations
 
@@ -90,7 +92,9 @@ class PerceptualLoss(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"x and y must be images [B, 3, H, W] of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}.")
+            raise ValueError(
+                f"x and y must be images [B, 3, H, W] of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}."
+            )
         h_x = ((x + 1) / 2 - self.mean) / self.std  # [-1, 1] -> ImageNet-normalised input
         h_y = ((y + 1) / 2 - self.mean) / self.std
         dist = x.new_zeros(())
@@ -122,7 +126,11 @@ class PatchDiscriminator(nn.Module):
         for n in range(1, num_layers + 1):
             out_ch = channels * min(2**n, 8)
             stride = 2 if n < num_layers else 1
-            layers += [nn.Conv2d(ch, out_ch, 4, stride=stride, padding=1, bias=False), nn.GroupNorm(1, out_ch), nn.LeakyReLU(0.2)]
+            layers += [
+                nn.Conv2d(ch, out_ch, 4, stride=stride, padding=1, bias=False),
+                nn.GroupNorm(1, out_ch),
+                nn.LeakyReLU(0.2),
+            ]
             ch = out_ch
         layers.append(nn.Conv2d(ch, 1, 4, stride=1, padding=1))
         self.net = nn.Sequential(*layers)
@@ -144,7 +152,9 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.mean()
 
 
-def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
+def adaptive_weight(
+    rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
+) -> torch.Tensor:
     """lambda = ||grad_{W_last} L_rec|| / (||grad_{W_last} L_GAN|| + 1e-4), clamped to [0, max_weight], detached.
 
     Balances the GAN gradient against the reconstruction gradient at the decoder's last layer W_last, so
@@ -170,16 +180,23 @@ class VQGANLossConfig:
 
     @classmethod
     def tiny(cls) -> "VQGANLossConfig":
-        """Tiny preset (32x32 shapes on a CPU): L1 + VQ loss only. Flat-coloured shapes need neither texture
-        nor sharpening, the PSNR target is pixel-exact, and on a CPU every extra network costs steps; the
-        GAN never switches on within the 800-step recipe (see VQConfig.tiny)."""
-        return cls(perceptual_weight=0.0, perceptual_width=0.125, disc_start=10**9, disc_channels=16, disc_layers=2)
+        """Tiny preset (32x32 shapes on a CPU): L1 + VQ loss only, GAN off (disc_weight = 0). Flat-coloured
+        shapes need neither texture nor sharpening, the PSNR target is pixel-exact, and on a CPU every extra
+        network costs steps. To try the GAN, set disc_weight (e.g. 0.5) and a disc_start inside the run."""
+        return cls(perceptual_weight=0.0, perceptual_width=0.125, disc_weight=0.0, disc_channels=16, disc_layers=2)
 
     @classmethod
     def f8_8192(cls) -> "VQGANLossConfig":
         """3090 preset (256x256): L1 + perceptual (full-width VGG16 layout; pass vgg16_path for real VGG16
         features) + GAN from step 30k, about half of the seed project's 60 Flickr8k epochs. Untuned."""
-        return cls(perceptual_weight=1.0, perceptual_width=1.0, disc_weight=0.75, disc_start=30_000, disc_channels=64, disc_layers=3)
+        return cls(
+            perceptual_weight=1.0,
+            perceptual_width=1.0,
+            disc_weight=0.75,
+            disc_start=30_000,
+            disc_channels=64,
+            disc_layers=3,
+        )
 
 
 class VQGANLoss(nn.Module):
@@ -201,7 +218,9 @@ class VQGANLoss(nn.Module):
     def disc_active(self, step: int) -> bool:
         return step >= self.cfg.disc_start and self.cfg.disc_weight > 0
 
-    def generator_loss(self, x: torch.Tensor, x_rec: torch.Tensor, vq_loss: torch.Tensor, step: int, last_layer: torch.Tensor) -> tuple:
+    def generator_loss(
+        self, x: torch.Tensor, x_rec: torch.Tensor, vq_loss: torch.Tensor, step: int, last_layer: torch.Tensor
+    ) -> tuple:
         cfg = self.cfg
         l1 = (x - x_rec).abs().mean()  # ||x - x_rec||_1 (per element)
         perceptual = self.perceptual(x, x_rec) if cfg.perceptual_weight > 0 else x.new_zeros(())
@@ -221,5 +240,9 @@ class VQGANLoss(nn.Module):
         logits_fake = self.discriminator(x_rec.detach())
         factor = 1.0 if self.disc_active(step) else 0.0  # GAN off before disc_start
         loss = factor * hinge_d_loss(logits_real, logits_fake)
-        logs = {"d_loss": loss.item(), "logits_real": logits_real.mean().item(), "logits_fake": logits_fake.mean().item()}
+        logs = {
+            "d_loss": loss.item(),
+            "logits_real": logits_real.mean().item(),
+            "logits_fake": logits_fake.mean().item(),
+        }
         return loss, logs

@@ -361,7 +361,8 @@ def render_body(shape: BodyShape, view: View, size: int = 64, supersample: int =
     rows, cols = parts[part_index["head"]].slices(size, supersample)
     for eye in ("left_eye", "right_eye"):  # dark dots on the face make the facing direction readable
         if facing[eye]:
-            dot = _capsule_mask(grid[cols][None, :], grid[rows][:, None], pts[eye], pts[eye], 0.16 * s * shape.head_size)
+            eye_r = 0.16 * s * shape.head_size
+            dot = _capsule_mask(grid[cols][None, :], grid[rows][:, None], pts[eye], pts[eye], eye_r)
             canvas[rows, cols][dot & (label[rows, cols] == part_index["head"])] = (40, 30, 30)
 
     keypoints = np.stack([pts[name] for name in COCO_KEYPOINTS]).astype(np.float32)

@@ -53,18 +53,28 @@ RENDER_CHUNK = 64  # images rendered at once; bounds the memory of the supersamp
 
 ALL_COMBOS = tuple((c, s, p) for c in COLORS for s in SHAPES for p in POSITIONS)  # 90, colour-major order
 
-# Concept colours: words the base vocabulary does not have. No combination, split or training caption above
-# uses them; LoRA fine-tuning (minildm/train/lora.py, lesson 13) teaches a trained model one of them as a new
-# word. `render` and `caption` accept them; `describe` reads them only when asked: describe(x, concepts=("orange",)).
-CONCEPT_COLORS = {"orange": (240, 130, 20)}  # hue halfway between red and yellow, as far from both as they allow
+# Concept words: a colour, a shape and a position the base vocabulary does not have. No combination, split or
+# training caption above uses them; LoRA fine-tuning (minildm/train/lora.py, lesson 13) teaches a trained model
+# one of them as a new word. `render` and `caption` accept them; `describe` reads them only when asked:
+# describe(x, concepts=("corner",)). The tiny autoencoder, trained on the base vocabulary only, cannot
+# reproduce an orange or a diamond (lesson 13 shows it), but draws any known shape in the corner.
+CONCEPT_COLORS = {"orange": (240, 130, 20)}  # hue halfway between red and yellow
+CONCEPT_SHAPES = ("diamond",)  # |dx| + |dy| <= r: a square turned by 45 degrees, with the triangle's area 2 r^2
+CONCEPT_POSITIONS = {"corner": (0.27, 0.27)}  # the top-left corner: left's x, top's y ("in the corner")
+CONCEPTS = tuple(CONCEPT_COLORS) + CONCEPT_SHAPES + tuple(CONCEPT_POSITIONS)
 _RGB = {**COLORS, **CONCEPT_COLORS}
+_CENTERS = {**POSITIONS, **CONCEPT_POSITIONS}
 
 
 def concept_combos(concept: str) -> tuple:
-    """The 15 (concept, shape, position) combinations of a concept colour, shape-major order."""
-    if concept not in CONCEPT_COLORS:
-        raise ValueError(f"unknown concept {concept!r}: choose one of {list(CONCEPT_COLORS)}.")
-    return tuple((concept, s, p) for s in SHAPES for p in POSITIONS)
+    """Every combination of a concept word with the base vocabulary's other two attributes: a colour -> 15
+    (colour, shape, position), a shape -> 30, a position -> 18, in the order of COLORS, SHAPES, POSITIONS."""
+    if concept not in CONCEPTS:
+        raise ValueError(f"unknown concept {concept!r}: choose one of {list(CONCEPTS)}.")
+    colors = [concept] if concept in CONCEPT_COLORS else list(COLORS)
+    shapes = [concept] if concept in CONCEPT_SHAPES else list(SHAPES)
+    positions = [concept] if concept in CONCEPT_POSITIONS else list(POSITIONS)
+    return tuple((c, s, p) for c in colors for s in shapes for p in positions)
 
 
 def _held_out_combos() -> tuple:
@@ -89,16 +99,16 @@ SPLITS = {"train": SEEN, "held_out": HELD_OUT, "all": ALL_COMBOS}
 # Captions
 # ----------------------------------------------------------------------------------------------------------
 def _check_combo(color: str, shape: str, position: str) -> None:
-    if color not in _RGB or shape not in SHAPES or position not in POSITIONS:
+    if color not in _RGB or shape not in SHAPES + CONCEPT_SHAPES or position not in _CENTERS:
         raise ValueError(
             f"unknown combination ({color!r}, {shape!r}, {position!r}): choose the colour from "
-            f"{list(COLORS)} (or a concept colour {list(CONCEPT_COLORS)}), the shape from {list(SHAPES)} "
-            f"and the position from {list(POSITIONS)}."
+            f"{list(COLORS)}, the shape from {list(SHAPES)} and the position from {list(POSITIONS)} "
+            f"(or a concept word of {list(CONCEPTS)})."
         )
 
 
 def _position_phrase(position: str) -> str:
-    return "in the center" if position == "center" else f"on the {position}"
+    return f"in the {position}" if position in ("center", "corner") else f"on the {position}"
 
 
 def caption(color: str, shape: str, position: str, paraphrase: bool = False) -> str:
@@ -122,9 +132,9 @@ def _words(text: str) -> tuple:
 # Every word any caption can use (the comma of the paraphrase counts as a word), for building a tokenizer.
 VOCAB_WORDS = ("a", "on", "in", "the", "that", "is", ",") + tuple(COLORS) + SHAPES + tuple(POSITIONS)
 
-# Both caption forms of every combination (concept colours included), as word tuples -> combination.
+# Both caption forms of every combination (concept words included), as word tuples -> combination.
 _CAPTION_TABLE = {_words(caption(*combo, paraphrase=p)): combo
-                  for combo in ALL_COMBOS + sum(map(concept_combos, CONCEPT_COLORS), ()) for p in (False, True)}
+                  for combo in ALL_COMBOS + sum(map(concept_combos, CONCEPTS), ()) for p in (False, True)}
 
 
 def parse_caption(text: str) -> tuple:
@@ -157,6 +167,8 @@ def _inside(shape: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.nda
         return dx**2 + dy**2 <= r**2
     if shape == "square":  # half-side r * sqrt(pi) / 2 gives the circle's area
         return np.maximum(np.abs(dx), np.abs(dy)) <= r * (np.sqrt(np.pi) / 2)
+    if shape == "diamond":  # a concept shape (see CONCEPT_SHAPES)
+        return np.abs(dx) + np.abs(dy) <= r
     return (dy <= r) & (np.abs(dx) <= (dy + r) / 2)  # triangle: half-width 0 at the apex (dy = -r), r at the base
 
 
@@ -173,7 +185,7 @@ def _render_batch(combos: Sequence[tuple], offsets: np.ndarray, radii: np.ndarra
         return np.concatenate([_render_batch(combos[c], offsets[c], radii[c], size) for c in chunks])
     for combo in combos:
         _check_combo(*combo)
-    centers = (np.array([POSITIONS[p] for _, _, p in combos]) + offsets).astype(np.float32)  # [B, 2] = (cx, cy)
+    centers = (np.array([_CENTERS[p] for _, _, p in combos]) + offsets).astype(np.float32)  # [B, 2] = (cx, cy)
     radii = np.asarray(radii, dtype=np.float32)[:, None, None]  # [B, 1, 1]
     rgb = np.array([_RGB[c] for c, _, _ in combos], dtype=np.float32) / 255.0  # [B, 3]
 
@@ -182,7 +194,7 @@ def _render_batch(combos: Sequence[tuple], offsets: np.ndarray, radii: np.ndarra
     dx = u[None, None, :] - centers[:, 0, None, None]  # [B, 1, n]  horizontal offset from the centre
     dy = u[None, :, None] - centers[:, 1, None, None]  # [B, n, 1]  vertical offset (positive = below)
     inside = np.empty((len(combos), n, n), dtype=bool)  # [B, n, n] supersampled hit mask
-    for shape in SHAPES:
+    for shape in SHAPES + CONCEPT_SHAPES:
         group = np.array([s == shape for _, s, _ in combos], dtype=bool)  # the images showing this shape
         inside[group] = _inside(shape, dx[group], dy[group], radii[group])
 
@@ -383,25 +395,27 @@ def _palette_directions(colors: Sequence[str]) -> np.ndarray:
     return np.array([np.array(_RGB[c]) / max(_RGB[c]) for c in colors])
 
 
-def _palette(concepts: Sequence[str]) -> list:
-    """The colour names describe chooses from: COLORS, plus the asked-for concept colours."""
+def _choices(concepts: Sequence[str]) -> tuple:
+    """(colour names, position names) describe chooses from: the base vocabulary plus the asked-for concepts."""
     for concept in concepts:
-        if concept not in CONCEPT_COLORS:
-            raise ValueError(f"unknown concept {concept!r}: describe knows the concept colours {list(CONCEPT_COLORS)}.")
-    return list(COLORS) + [c for c in concepts if c not in COLORS]
+        if concept not in CONCEPTS:
+            raise ValueError(f"unknown concept {concept!r}: describe knows the concept words {list(CONCEPTS)}.")
+    return (list(COLORS) + [c for c in concepts if c in CONCEPT_COLORS],
+            list(POSITIONS) + [c for c in concepts if c in CONCEPT_POSITIONS])
 
 
 _PALETTE_DIRECTIONS = _palette_directions(list(COLORS))  # [6, 3]
 _POSITION_CENTERS = np.array(list(POSITIONS.values()))  # [5, 2]
 SQUARE_FILL = 0.875  # fill ratio between circle (pi/4 = 0.785) and square (1.0); blur raises circles to ~0.84
 TRIANGLE_DROP = 0.05  # mass centre below the box centre, as a fraction of the height: triangle 1/6, others 0
+DIAMOND_FILL = 0.76  # concept shape only: between diamond (1/2; ~0.64-0.73 after the anti-aliasing and blur) and circle
 
 
 def describe(image: Union[torch.Tensor, np.ndarray], concepts: Sequence[str] = ()) -> tuple:
     """Read (color, shape, position) back from an image; (None, None, None) if there is no shape.
 
-    image: float tensor [3, H, W] in [0, 1], or uint8 numpy array [H, W, 3]. concepts: names from
-    CONCEPT_COLORS that may also be answered (default: only the six COLORS). Built to cope with generated
+    image: float tensor [3, H, W] in [0, 1], or uint8 numpy array [H, W, 3]. concepts: words from CONCEPTS
+    that may also be answered (default: only the base vocabulary). Built to cope with generated
     images (noise, soft edges, slightly wrong colours):
     1. brightness = max over RGB, lightly blurred; the peak is its 99th percentile (ignores a few specks);
        foreground = pixels brighter than half the peak; keep the largest connected blob.
@@ -409,9 +423,10 @@ def describe(image: Union[torch.Tensor, np.ndarray], concepts: Sequence[str] = (
        colour scaled the same way.
     3. soft mask m = brightness / (core brightness), clipped to [0, 1] (anti-aliased edges count partly).
        Width = sum over columns of the column's largest m, height likewise over rows (sub-pixel extents);
-       the box centre from these profiles gives the position (nearest POSITIONS centre).
+       the box centre from these profiles gives the position (nearest POSITIONS centre, or concept position).
     4. shape: fill = sum(m) / (width * height): circle pi/4, square 1, triangle 1/2; and the drop of the mass
        centre below the box centre, / height: a triangle pointing up has 1/6 (its mass is in the base).
+       With concepts=("diamond",): a symmetric shape with fill below DIAMOND_FILL is a diamond (fill 1/2).
     """
     rgb = _as_hwc_float(image)  # [H, W, 3]
     height, width = rgb.shape[:2]
@@ -427,9 +442,9 @@ def describe(image: Union[torch.Tensor, np.ndarray], concepts: Sequence[str] = (
         core = blob
 
     mean_rgb = rgb[core].mean(axis=0)  # [3]
-    names = _palette(concepts)
-    directions = _PALETTE_DIRECTIONS if len(names) == len(COLORS) else _palette_directions(names)
-    color = _nearest(mean_rgb / max(mean_rgb.max(), 1e-6), names, directions)
+    colors, positions = _choices(concepts)
+    directions = _PALETTE_DIRECTIONS if len(colors) == len(COLORS) else _palette_directions(colors)
+    color = _nearest(mean_rgb / max(mean_rgb.max(), 1e-6), colors, directions)
 
     m = np.clip(brightness / brightness[core].mean(), 0.0, 1.0) * _dilate(blob)  # [H, W] soft mask
     col_profile, row_profile = m.max(axis=0), m.max(axis=1)  # [W], [H]
@@ -437,12 +452,15 @@ def describe(image: Union[torch.Tensor, np.ndarray], concepts: Sequence[str] = (
     xs, ys = np.arange(width) + 0.5, np.arange(height) + 0.5  # pixel centres
     box_cx, box_cy = (col_profile * xs).sum() / box_w, (row_profile * ys).sum() / box_h
     mass_cy = (m.sum(axis=1) * ys).sum() / area
-    position = _nearest(np.array([box_cx / width, box_cy / height]), list(POSITIONS), _POSITION_CENTERS)
+    centers = _POSITION_CENTERS if len(positions) == len(POSITIONS) else np.array([_CENTERS[p] for p in positions])
+    position = _nearest(np.array([box_cx / width, box_cy / height]), positions, centers)
 
     fill = area / (box_w * box_h)
     drop = (mass_cy - box_cy) / box_h
     if drop > TRIANGLE_DROP:
         shape = "triangle"
+    elif "diamond" in concepts and fill < DIAMOND_FILL:  # symmetric like circle and square, but half-filled
+        shape = "diamond"
     elif fill > SQUARE_FILL:
         shape = "square"
     else:
@@ -454,7 +472,7 @@ def attribute_accuracy(images: torch.Tensor, prompts: Sequence[str], concepts: S
     """Per-attribute agreement of describe(image) with the prompt, over a batch.
 
     images: float tensor [N, 3, H, W] in [0, 1]; prompts: N captions (either caption form);
-    concepts: concept colours describe may answer besides the six COLORS (see `describe`).
+    concepts: concept words describe may answer besides the base vocabulary (see `describe`).
     Returns {"color": float, "shape": float, "position": float, "all": float}, each a fraction in [0, 1];
     "all" counts an image right only when colour, shape and position all match.
     """
@@ -474,5 +492,5 @@ def attribute_accuracy(images: torch.Tensor, prompts: Sequence[str], concepts: S
 
 def prompt_accuracy(images: torch.Tensor, prompts: Sequence[str], concepts: Sequence[str] = ()) -> float:
     """Fraction of images [N, 3, H, W] in [0, 1] whose colour, shape and position all match their prompt
-    (concepts: concept colours describe may answer, see `describe`)."""
+    (concepts: concept words describe may answer, see `describe`)."""
     return attribute_accuracy(images, prompts, concepts)["all"]

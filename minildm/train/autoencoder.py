@@ -4,7 +4,11 @@ Each step has two halves with two optimisers:
     generator:      L = L1 + w_p * perceptual + VQ loss + lambda_adaptive * w_d * hinge_g   (GAN part after disc_start)
     discriminator:  L_D = mean(relu(1 - D(x))) + mean(relu(1 + D(x_rec)))              (only after disc_start)
 After training: the latent scale factor 1 / std(z) (so the diffusion model sees latents of unit variance),
-and a summary on held-back shapes: PSNR, codebook usage, perplexity.
+and a summary on held-back shapes (or on a fixed draw of a folder's images): PSNR, codebook usage, perplexity.
+
+Batches come from procedural shapes (the default) or from a fixed set of images, e.g. a folder loaded by
+minildm/data/folder.py. Mixed precision (CUDA only): encoder, decoder and losses under autocast, the vector
+quantiser in fp32. Under torchrun every rank trains on its slice of each batch (see train/distributed.py).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from tqdm.auto import tqdm
 
 from minildm.autoencoder.losses import VQGANLoss
@@ -20,7 +25,8 @@ from minildm.autoencoder.vqvae import VQVAE
 from minildm.checkpoint import load_checkpoint, save_checkpoint
 from minildm.config import Preset
 from minildm.data import shapes
-from minildm.train.common import GracefulInterrupt, LossLog, progress, step_rng
+from minildm.train import distributed
+from minildm.train.common import GracefulInterrupt, LossLog, autocast, grad_scaler, progress, scaled_step, step_rng
 from minildm.viz import plot_curves, save_grid
 
 
@@ -53,15 +59,51 @@ def held_back_shapes(preset: Preset, n: int) -> torch.Tensor:
     return images
 
 
+class MixedPrecisionVQVAE(nn.Module):
+    """VQVAE.forward for training: x -> (x_rec, vq_loss, info), encoder and decoder under autocast, the
+    vector quantiser in fp32 (bf16 distances pick wrong nearest codes, and the EMA sums need fp32).
+    One module, so that DistributedDataParallel can wrap the whole forward pass."""
+
+    def __init__(self, model: VQVAE, device: torch.device, precision: str):
+        super().__init__()
+        self.model, self.device, self.precision = model, device, precision
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        with autocast(self.device, self.precision):
+            z = self.model.encode(x)
+        z_q, vq_loss, info = self.model.quantize(z.float())
+        with autocast(self.device, self.precision):
+            return self.model.decoder(z_q), vq_loss, info
+
+
 def train_autoencoder(preset: Preset, run_dir: str | Path, device: torch.device, resume: bool = False,
-                      steps: int | None = None, batch_size: int | None = None, show_progress: bool = True) -> Path:
-    """Train the VQ-VAE on shapes; writes run_dir/autoencoder.pt, grids and plots; returns the checkpoint path."""
+                      steps: int | None = None, batch_size: int | None = None, show_progress: bool = True,
+                      images=None, precision: str = "fp32", compile: bool = False) -> Path:
+    """Train the VQ-VAE; writes run_dir/autoencoder.pt, grids and plots; returns the checkpoint path.
+
+    images: None trains on fresh procedural shapes every step; otherwise a fixed set [N, 3, H, W] in [-1, 1]
+    (a float tensor, or a folder's Uint8Images) from which every step draws its batch.
+    precision: fp32, bf16 or fp16 (mixed precision on CUDA only); compile: torch.compile encoder and decoder.
+    batch_size is per process: under torchrun the global batch is world_size * batch_size.
+    """
     cfg = preset.vq_train
     steps = steps or cfg.steps
     batch_size = batch_size or cfg.batch_size
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "autoencoder.pt"
     torch.manual_seed(cfg.seed)
+    world, main = distributed.world_size(), distributed.is_main()
+
+    if images is None:  # procedural shapes: every step renders fresh ones
+        def draw(n: int, rng, split: str = "train") -> torch.Tensor:
+            return shapes.sample_batch(n, rng, split=split, size=preset.image_size)[0]
+    else:  # a fixed set of images (a folder): every step draws n of them, with replacement
+        if tuple(images.shape[1:]) != (3, preset.image_size, preset.image_size):
+            raise ValueError(f"images must be [N, 3, {preset.image_size}, {preset.image_size}] for the "
+                             f"{preset.name} preset, got {tuple(images.shape)}.")
+
+        def draw(n: int, rng, split: str = "train") -> torch.Tensor:
+            return images[torch.from_numpy(rng.integers(len(images), size=n))]
 
     model = VQVAE(preset.vq).to(device)
     losses = VQGANLoss(cfg.loss).to(device)
@@ -79,17 +121,21 @@ def train_autoencoder(preset: Preset, run_dir: str | Path, device: torch.device,
         step = state["step"]
 
     def save(summary: dict | None = None) -> Path:
-        return save_checkpoint(ckpt_path, "autoencoder", {
-            "config": asdict(preset.vq), "model": model.state_dict(),
-            "discriminator": losses.discriminator.state_dict(), "optimizer": opt.state_dict(),
-            "optimizer_d": opt_d.state_dict(), "step": step, "log": log.state(),
-            "scale_factor": float(model.scale_factor), "summary": summary or {},
-        })
+        distributed.check_in_sync(model)  # every rank; raises if the replicas drifted apart
+        if main:
+            save_checkpoint(ckpt_path, "autoencoder", {
+                "config": asdict(preset.vq), "model": model.state_dict(),
+                "discriminator": losses.discriminator.state_dict(), "optimizer": opt.state_dict(),
+                "optimizer_d": opt_d.state_dict(), "step": step, "log": log.state(),
+                "scale_factor": float(model.scale_factor), "summary": summary or {},
+            })
+        return ckpt_path
 
-    fixed, _ = shapes.sample_batch(8, step_rng(cfg.seed, 0, stream=1), split="all", size=preset.image_size)
-    fixed = fixed.to(device)
+    fixed = draw(8, step_rng(cfg.seed, 0, stream=1), split="all").to(device)
 
     def reconstruction_grid() -> None:
+        if not main:
+            return
         model.eval()
         with torch.no_grad():
             rec, _, _ = model(fixed)
@@ -97,24 +143,31 @@ def train_autoencoder(preset: Preset, run_dir: str | Path, device: torch.device,
                   nrow=len(fixed), upscale=2)
         model.train()
 
+    if compile:  # the convolutional halves; the quantiser's data-dependent code stays eager
+        model.encoder.compile()
+        model.decoder.compile()
+    net = distributed.wrap(MixedPrecisionVQVAE(model, device, precision), device)
+    scaler, scaler_d = grad_scaler(device, precision), grad_scaler(device, precision)
     model.train()
-    bar = progress(steps, step, "autoencoder", show_progress)
+    bar = progress(steps, step, "autoencoder", show_progress and main)
     with GracefulInterrupt() as interrupt:
-        while step < steps and not interrupt.requested:
-            x, _ = shapes.sample_batch(batch_size, step_rng(cfg.seed, step), split="train", size=preset.image_size)
-            x = x.to(device)
+        while step < steps and not distributed.any_rank(interrupt.requested, device):
+            # the global batch of world * batch_size images; this rank keeps its slice
+            x = distributed.shard(draw(batch_size * world, step_rng(cfg.seed, step))).to(device)
             for group in opt.param_groups:  # cosine decay of the learning rate to 0 at the last step
                 group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
-            x_rec, vq_loss, info = model(x)
-            loss, logs = losses.generator_loss(x, x_rec, vq_loss, step, model.last_layer)
+            x_rec, vq_loss, info = net(x)
+            with autocast(device, precision):
+                loss, logs = losses.generator_loss(x, x_rec, vq_loss, step, model.last_layer)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaled_step(scaler, loss, opt)
+            distributed.broadcast_state(model.quantizer)  # codebook EMA and restarts saw only this rank's batch
             if losses.disc_active(step):
-                loss_d, logs_d = losses.discriminator_loss(x, x_rec.detach(), step)
+                with autocast(device, precision):
+                    loss_d, logs_d = losses.discriminator_loss(x, x_rec.detach(), step)
                 opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
-                opt_d.step()
+                scaled_step(scaler_d, loss_d, opt_d,
+                            before_step=lambda: distributed.average_gradients(losses.discriminator.parameters()))
                 logs.update(logs_d)
             step += 1
 
@@ -131,21 +184,25 @@ def train_autoencoder(preset: Preset, run_dir: str | Path, device: torch.device,
     # The scale factor 1 / std(z): the diffusion model trains on z * scale_factor, which has unit variance.
     model.eval()
     with torch.no_grad():
-        data = [shapes.sample_batch(256, step_rng(cfg.seed, i, stream=3), split="train", size=preset.image_size)[0].to(device)
-                for i in range(4)]
+        data = [draw(256, step_rng(cfg.seed, i, stream=3)).to(device) for i in range(4)]
         model.scale_factor.fill_(model.compute_scale_factor(data))
-    summary = evaluate_autoencoder(model, held_back_shapes(preset, cfg.eval_images).to(device))
+    eval_images = (held_back_shapes(preset, cfg.eval_images) if images is None
+                   else draw(cfg.eval_images, step_rng(cfg.seed, 0, stream=2)))  # a folder has no held-back split
+    summary = evaluate_autoencoder(model, eval_images.to(device))
     summary["scale_factor"] = float(model.scale_factor)
     summary["steps"] = step
     path = save(summary)
     reconstruction_grid()
+    distributed.barrier()  # the next stage reads autoencoder.pt on every rank
+    if not main:
+        return path
     h = log.history
-    plot_curves({k: h[k] for k in ("l1", "perceptual", "vq", "gan", "d_loss") if h.get(k)}, run_dir / "autoencoder_loss.png",
+    plot_curves({k: h[k] for k in ("l1", "perceptual", "vq", "gan", "d_loss") if any(v > 0 for _, v in h.get(k, []))}, run_dir / "autoencoder_loss.png",
                 title="autoencoder losses", marks={"disc_start": cfg.loss.disc_start} if cfg.loss.disc_start < steps else None)
     plot_curves({"codebook usage": h["usage"], "perplexity / num_codes": [(s, v / preset.vq.num_codes) for s, v in h["perplexity"]]},
                 run_dir / "codebook_usage.png", title="codebook usage (fraction of codes per batch)", logy=False)
     tqdm.write(
-        f"autoencoder: PSNR {summary['psnr']:.2f} dB on held-back shapes | codes in use {summary['codes_used']}"
+        f"autoencoder: PSNR {summary['psnr']:.2f} dB on {'held-back shapes' if images is None else 'training images'} | codes in use {summary['codes_used']}"
         f"/{preset.vq.num_codes} ({summary['usage']:.0%}) | perplexity {summary['perplexity']:.1f} | "
         f"latent scale factor {summary['scale_factor']:.4f}" + (" | stopped early, --resume continues" if interrupt.requested else "")
     )

@@ -1,5 +1,5 @@
-"""What every training stage shares: device choice, a progress bar with a loss EMA, weight EMA,
-Ctrl-C handling, and per-step random streams that make resumed runs see the same data."""
+"""What every training stage shares: device choice, mixed precision, a progress bar with a loss EMA,
+weight EMA, Ctrl-C handling, and per-step random streams that make resumed runs see the same data."""
 from __future__ import annotations
 
 import copy
@@ -26,6 +26,49 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but this machine has no CUDA GPU: use --device cpu.")
     return device
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """'auto' -> bf16 on a CUDA GPU that has it (Ampere and newer, e.g. the RTX 3090), fp16 on older GPUs,
+    fp32 elsewhere. Mixed precision runs only on CUDA: on the CPU and MPS every choice trains in fp32."""
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision '{name}': use one of {', '.join(PRECISIONS)}.")
+    if name != "auto":
+        return name
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision: matmuls and convolutions in bf16/fp16, reductions and norms in fp32 (torch.autocast).
+
+    The weights, gradients and optimiser state stay fp32. A no-op unless the device is CUDA."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast("cuda", dtype=dtype, enabled=device.type == "cuda" and dtype is not None)
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """fp16 gradients underflow: scale the loss by s before backward, unscale before the step, and lower s
+    whenever a gradient overflows (that step is skipped). bf16 has fp32's exponent range and needs no scaling;
+    a disabled scaler passes the loss and the step through unchanged."""
+    return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")
+
+
+def scaled_step(scaler: torch.amp.GradScaler, loss: torch.Tensor, opt: torch.optim.Optimizer,
+                clip_params=None, max_norm: float | None = None, before_step=None) -> None:
+    """backward(s * loss) -> [before_step()] -> unscale -> [clip ||g|| to max_norm] -> step (skipped on overflow)."""
+    scaler.scale(loss).backward()
+    if before_step is not None:
+        before_step()  # e.g. averaging a module's gradients over the ranks of a distributed run
+    if max_norm is not None:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(clip_params, max_norm)
+    scaler.step(opt)
+    scaler.update()
 
 
 def step_rng(seed: int, step: int, stream: int = 0) -> np.random.Generator:

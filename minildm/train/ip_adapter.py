@@ -62,6 +62,7 @@ class IPAdapterTrainConfig:
     num_tokens: int = 4  # N image tokens
     drop_prob: float = 0.05  # text only, image only, both: each with this probability
     cache_size: int = 2048  # SEEN shapes rendered once, encoded to latents and CLIP embeddings
+    preview_steps: int = 25  # DDIM steps of the preview grid samples/ip_adapter.png (0 = no preview)
     seed: int = 0
 
 
@@ -168,6 +169,7 @@ def train_ip_adapter(base_dir: str | Path, device: torch.device, out_dir: str | 
     clip, _ = load_clip(out_dir / CLIP_FILE, device)
     clip.requires_grad_(False)
 
+    start_wall, start_cpu = time.time(), time.process_time()  # the stage's time: caches + training steps
     data = shapes.ShapesDataset(size=pipe.image_size, split="train", length=cfg.cache_size, seed=cfg.seed + 1,
                                 cache=True)
     z0_all = encode_latent_cache(pipe.autoencoder, data.images, device=device)  # scaled latents z_0 [N, c, h, w]
@@ -184,14 +186,6 @@ def train_ip_adapter(base_dir: str | Path, device: torch.device, out_dir: str | 
     opt = torch.optim.AdamW(ip_adapter_parameters(pipe.unet, projection), lr=cfg.lr, weight_decay=cfg.weight_decay)
     log = LossLog()
     step = 0
-
-    def save() -> Path:
-        return save_checkpoint(out_dir / ADAPTER_FILE, "ip-adapter", {
-            **ip_adapter_state_dict(pipe.unet, projection), "config": asdict(ip_cfg), "train_config": asdict(cfg),
-            "clip_fingerprint": clip_fingerprint(clip), "step": step, "log": log.state(), "base": str(base_dir),
-        })
-
-    start_wall, start_cpu = time.time(), time.process_time()
     projection.train()
     bar = progress(cfg.steps, 0, "ip-adapter", show_progress)
     with GracefulInterrupt() as interrupt:
@@ -217,16 +211,21 @@ def train_ip_adapter(base_dir: str | Path, device: torch.device, out_dir: str | 
             bar.update(1)
             bar.set_postfix(log.postfix("loss"))
     bar.close()
-    path = save()
     wall, cpu = time.time() - start_wall, time.process_time() - start_cpu
-    print(f"trained {step} steps in {wall / 60:.1f} min ({cpu / 60:.1f} min of CPU time); saved {path}")
+    path = save_checkpoint(out_dir / ADAPTER_FILE, "ip-adapter", {
+        **ip_adapter_state_dict(pipe.unet, projection), "config": asdict(ip_cfg), "train_config": asdict(cfg),
+        "clip_fingerprint": clip_fingerprint(clip), "step": step, "log": log.state(), "base": str(base_dir),
+        "seconds": {"wall": wall, "cpu": cpu},  # training time, for the benchmark table
+    })
+    print(f"trained {step} steps in {wall:.0f} s ({cpu:.0f} s of CPU time, all threads); saved {path}")
     plot_curves({"loss": log.history["loss"]}, out_dir / "ip_adapter_loss.png", title="IP-Adapter training loss")
     if interrupt.requested:
         tqdm.write(f"stopped at step {step}; the adapter so far is saved (this stage does not resume).")
+    if interrupt.requested or not cfg.preview_steps:
         return path
     prompts = reference_images(pipe.image_size, cfg.seed)
     prompter = ImagePrompter(clip, projection)
-    generated = pipe.generate([""] * len(prompts), steps=25, guidance=3.0, seed=0,
+    generated = pipe.generate([""] * len(prompts), steps=cfg.preview_steps, guidance=3.0, seed=0,
                               extra_tokens=prompter.extra_tokens(prompts))
     grid = torch.cat([(prompts + 1) / 2, generated])  # top row: the image prompts; bottom row: image-only samples
     save_grid(grid, out_dir / "samples" / "ip_adapter.png", nrow=len(prompts), upscale=2)

@@ -8,6 +8,9 @@ Algorithm 1 of the lecture, in latent space:
 
 The EMA of the weights is what we sample from. Progress: a tqdm bar; a sample grid every
 `sample_every` steps; a loss plot; Ctrl-C saves and stops; `resume=True` continues from ldm.pt.
+Data: the shapes training set, or (images, captions) such as a folder's, with several captions per
+image allowed (each step draws one). Mixed precision on CUDA; under torchrun every rank trains on its
+slice of each batch (train/distributed.py).
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ from minildm.modules.unet import UNet
 from minildm.pipeline import LatentDiffusion, load_autoencoder
 from minildm.text.encoder import PromptEncoder, TextEncoderConfig
 from minildm.text.tokenizer import Tokenizer
-from minildm.train.common import EMA, GracefulInterrupt, LossLog, progress, step_rng
+from minildm.train import distributed
+from minildm.train.common import EMA, GracefulInterrupt, LossLog, autocast, grad_scaler, progress, scaled_step, step_rng
 from minildm.viz import plot_curves, save_grid
 
 GRID_PROMPTS = ["a red circle on the left", "a blue square on the right", "a green triangle on the top",
@@ -37,11 +41,28 @@ GRID_PROMPTS = ["a red circle on the left", "a blue square on the right", "a gre
                 "a red triangle on the right", "a blue circle in the center"]
 
 
+class Denoiser(nn.ModuleDict):
+    """tau_theta and eps_theta as one module (one optimiser, one EMA, one DDP wrapper); keys text_encoder, unet.
+
+    forward(x_t [B, c, h, w], t [B], tokens [B, L]) -> eps_theta(x_t, t, tau_theta(y)) [B, c, h, w]."""
+
+    def __init__(self, text_encoder: PromptEncoder, unet: UNet):
+        super().__init__({"text_encoder": text_encoder, "unet": unet})
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        context, mask = self["text_encoder"](tokens)  # tau_theta(y), trained jointly
+        return self["unet"](x_t, t, context, mask)
+
+
 @torch.no_grad()
-def encode_latent_cache(autoencoder, images: torch.Tensor, batch_size: int = 256, device="cpu") -> torch.Tensor:
-    """Images [N, 3, H, W] in [-1, 1] -> scaled latents scale_factor * E(x), [N, c, h, w] (encode once, reuse)."""
+def encode_latent_cache(autoencoder, images: torch.Tensor, batch_size: int = 256, device="cpu",
+                        show_progress: bool = True) -> torch.Tensor:
+    """Images [N, 3, H, W] in [-1, 1] -> scaled latents scale_factor * E(x), [N, c, h, w] (encode once, reuse).
+
+    `images` may be anything that slices into float batches, e.g. a folder's Uint8Images."""
     chunks = [autoencoder.encode(images[i:i + batch_size].to(device)).cpu()
-              for i in tqdm(range(0, len(images), batch_size), desc="encoding latent cache", leave=False)]
+              for i in tqdm(range(0, len(images), batch_size), desc="encoding latent cache", leave=False,
+                            disable=not show_progress)]
     return torch.cat(chunks) * autoencoder.scale_factor.cpu()
 
 
@@ -60,10 +81,14 @@ def build_tokenizer(captions: list[str], max_len: int) -> Tokenizer:
 
 def train_ldm(preset: Preset, run_dir: str | Path, device: torch.device, resume: bool = False,
               steps: int | None = None, batch_size: int | None = None, show_progress: bool = True,
-              data: tuple[torch.Tensor, list[str]] | None = None) -> Path:
+              data: tuple[torch.Tensor, list[str] | list[list[str]]] | None = None, precision: str = "fp32",
+              compile: bool = False) -> Path:
     """Train tau_theta + eps_theta on the run's frozen autoencoder; returns the path of ldm.pt.
 
-    data: optional (images [N, 3, H, W] in [-1, 1], captions); the default is the shapes training set.
+    data: optional (images [N, 3, H, W] in [-1, 1] or a folder's Uint8Images, captions), where captions[i]
+    is one caption or a list of captions of image i (each step draws one); the default is the shapes set.
+    precision: fp32, bf16 or fp16 (mixed precision on CUDA only); compile: torch.compile the UNet.
+    batch_size is per process: under torchrun the global batch is world_size * batch_size.
     """
     cfg = preset.ldm
     steps = steps or cfg.steps
@@ -71,18 +96,27 @@ def train_ldm(preset: Preset, run_dir: str | Path, device: torch.device, resume:
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "ldm.pt"
     torch.manual_seed(cfg.seed)
+    world, main = distributed.world_size(), distributed.is_main()
 
     autoencoder = load_autoencoder(run_dir, device)
     images, captions = data if data is not None else shapes_training_set(preset)
-    z0_all = encode_latent_cache(autoencoder, images, device=device)  # [N, c, h, w], std ~ 1
+    caption_lists = [[c] if isinstance(c, str) else list(c) for c in captions]  # image i -> its captions
+    flat_captions = [c for caps in caption_lists for c in caps]
+    num_captions = np.array([len(caps) for caps in caption_lists])
+    if len(caption_lists) != len(images) or not num_captions.all():
+        raise ValueError(f"data needs one caption (or a non-empty list of captions) per image: got {len(images)} "
+                         f"images and {len(caption_lists)} caption entries, {int((num_captions == 0).sum())} empty.")
+    first_caption = np.cumsum(num_captions) - num_captions  # image i's captions are flat rows first[i] ...
+    z0_all = encode_latent_cache(autoencoder, images, device=device, show_progress=main)  # [N, c, h, w], std ~ 1
 
     state = load_checkpoint(ckpt_path, "ldm") if resume and ckpt_path.is_file() else None
-    tokenizer = Tokenizer.from_state(state["tokenizer"]) if state else build_tokenizer(captions, preset.text.max_len)
+    tokenizer = Tokenizer.from_state(state["tokenizer"]) if state else build_tokenizer(flat_captions, preset.text.max_len)
     text_cfg = TextEncoderConfig(**{**asdict(preset.text), "vocab_size": tokenizer.vocab_size})
-    tokens_all = tokenizer.encode(captions)  # [N, L]
+    tokens_all = tokenizer.encode(flat_captions)  # [M, L], M = number of captions
     empty = tokenizer.encode([""])  # [1, L]: the unconditional prompt
+    grid_prompts = GRID_PROMPTS if data is None else [caps[0] for caps in caption_lists[:len(GRID_PROMPTS)]]
 
-    denoiser = nn.ModuleDict({"text_encoder": PromptEncoder(text_cfg), "unet": UNet(preset.unet)}).to(device)
+    denoiser = Denoiser(PromptEncoder(text_cfg), UNet(preset.unet)).to(device)
     schedule = NoiseSchedule(**preset.schedule).to(device)
     opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(denoiser, cfg.ema_decay)
@@ -96,40 +130,50 @@ def train_ldm(preset: Preset, run_dir: str | Path, device: torch.device, resume:
         step = state["step"]
 
     def save() -> Path:
-        return save_checkpoint(ckpt_path, "ldm", {
-            "model": denoiser.state_dict(), "ema": ema.model.state_dict(), "optimizer": opt.state_dict(),
-            "step": step, "log": log.state(), "tokenizer": tokenizer.state(), "text_config": asdict(text_cfg),
-            "unet_config": asdict(preset.unet), "schedule": dict(preset.schedule), "image_size": preset.image_size,
-            "prediction": "eps", "preset": preset.name,
-        })
+        distributed.check_in_sync(denoiser)  # every rank; raises if the replicas drifted apart
+        if main:
+            save_checkpoint(ckpt_path, "ldm", {
+                "model": denoiser.state_dict(), "ema": ema.model.state_dict(), "optimizer": opt.state_dict(),
+                "step": step, "log": log.state(), "tokenizer": tokenizer.state(), "text_config": asdict(text_cfg),
+                "unet_config": asdict(preset.unet), "schedule": dict(preset.schedule), "image_size": preset.image_size,
+                "prediction": "eps", "preset": preset.name,
+            })
+        return ckpt_path
 
     def sample_grid() -> None:
+        if not main:
+            return
         pipe = LatentDiffusion(autoencoder, tokenizer, ema.model["text_encoder"], ema.model["unet"], schedule,
                                preset.image_size).eval()
-        images = pipe.generate(GRID_PROMPTS, steps=25, guidance=3.0, seed=0)
-        save_grid(images, run_dir / "samples" / f"ldm_step{step:06d}.png", nrow=len(GRID_PROMPTS), upscale=2)
+        images = pipe.generate(grid_prompts, steps=25, guidance=3.0, seed=0)
+        save_grid(images, run_dir / "samples" / f"ldm_step{step:06d}.png", nrow=len(grid_prompts), upscale=2)
 
+    if compile:
+        denoiser["unet"].compile()  # after the EMA copy: the EMA (used for sampling) stays eager
+    model = distributed.wrap(denoiser, device)
+    scaler = grad_scaler(device, precision)
     lr_at = lambda s: cfg.lr * min(1.0, (s + 1) / cfg.warmup)  # linear warm-up, then constant
     denoiser.train()
-    bar = progress(steps, step, "ldm", show_progress)
+    bar = progress(steps, step, "ldm", show_progress and main)
     with GracefulInterrupt() as interrupt:
-        while step < steps and not interrupt.requested:
+        while step < steps and not distributed.any_rank(interrupt.requested, device):
+            # every rank draws the global batch of world * batch_size examples and keeps its slice
             rng = step_rng(cfg.seed, step)
-            idx = torch.from_numpy(rng.integers(len(z0_all), size=batch_size))
-            z0 = z0_all[idx].to(device)
+            idx = rng.integers(len(z0_all), size=batch_size * world)
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            tokens = drop_tokens(tokens_all[idx], empty, cfg.p_uncond, gen).to(device)  # y = "" with prob. p
-            context, mask = denoiser["text_encoder"](tokens)  # tau_theta(y), trained jointly
-            t = torch.randint(0, schedule.num_timesteps, (batch_size,), generator=gen).to(device)
-            eps = torch.randn(z0.shape, generator=gen).to(device)
-            loss = diffusion_loss(lambda x_t, t_: denoiser["unet"](x_t, t_, context, mask), schedule, z0, t=t, eps=eps)
+            pick = first_caption[idx] + rng.integers(num_captions[idx])  # one of each image's captions
+            tokens = drop_tokens(tokens_all[torch.from_numpy(pick)], empty, cfg.p_uncond, gen)  # y = "" with prob. p
+            t = torch.randint(0, schedule.num_timesteps, (len(idx),), generator=gen)
+            eps = torch.randn((len(idx), *z0_all.shape[1:]), generator=gen)
+            z0 = z0_all[torch.from_numpy(idx)]
+            z0, tokens, t, eps = (distributed.shard(v).to(device) for v in (z0, tokens, t, eps))
+            with autocast(device, precision):
+                loss = diffusion_loss(lambda x_t, t_: model(x_t, t_, tokens), schedule, z0, t=t, eps=eps)
 
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.grad_clip)
-            opt.step()
+            scaled_step(scaler, loss, opt, denoiser.parameters(), cfg.grad_clip)
             ema.update(denoiser, step)
             step += 1
 
@@ -143,6 +187,9 @@ def train_ldm(preset: Preset, run_dir: str | Path, device: torch.device, resume:
                 save()
     bar.close()
     path = save()
+    distributed.barrier()
+    if not main:
+        return path
     plot_curves({"loss": log.history["loss"]}, run_dir / "ldm_loss.png", title="LDM training loss (eps MSE)")
     if not interrupt.requested:
         sample_grid()

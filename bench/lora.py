@@ -1,0 +1,129 @@
+"""LoRA fine-tuning on a new word: time, trainable fraction, file size, concept accuracy, and what it costs the
+base prompts.
+
+    python bench/lora.py --base runs/tiny [--concept corner] [--rank 4] [--threads 2]
+                                                            # writes bench/results/lora.md
+
+1. Prompt accuracy of the base run on the 80 SEEN prompts (and the 10 HELD_OUT ones), 4 samples each, DDIM 50,
+   guidance 3 (minildm.evaluate), and on the concept prompts (the base has no such word: a reference point).
+2. `train.py --stage lora` equivalent: fine-tune the adapter (wall time and process CPU time are both
+   reported: the machine may be shared, CPU seconds / threads estimates the time on an idle machine).
+3. The adapter file applied to a fresh copy of the base at scale 1 (as `sample.py --lora FILE` does): concept
+   accuracy on every concept prompt (4 samples each, `describe` may answer the concept word) and again the
+   SEEN / HELD_OUT accuracy of the base vocabulary.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from minildm.checkpoint import load_checkpoint
+from minildm.config import get_preset
+from minildm.data import shapes
+from minildm.evaluate import generate_split, prompt_accuracy_report
+from minildm.pipeline import LatentDiffusion
+from minildm.train.lora import apply_lora_file, concept_prompts, lora_train_config, train_lora, trainable_counts
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def concept_accuracy(pipe, concept: str, n: int) -> float:
+    """All three attributes right on n samples of every concept prompt (DDIM 50, guidance 3)."""
+    images, prompts = generate_split(pipe, shapes.concept_combos(concept), n, desc=f"sampling '{concept}'")
+    return shapes.prompt_accuracy(images, prompts, (concept,))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--base", default="runs/tiny")
+    p.add_argument("--concept", default="corner")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the preset's recipe)")
+    p.add_argument("--n", type=int, default=4, help="samples per prompt")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--note", default="", help="a line added under the table (e.g. which base this is)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    base = Path(args.base)
+    state = load_checkpoint(base / "ldm.pt", "ldm")
+    preset = get_preset(state["preset"])
+    cfg = lora_train_config(preset)
+    steps = args.steps or cfg.steps
+    sampling = dict(steps=50, guidance=3.0, n=args.n)
+    load_start = os.getloadavg()[0]
+
+    pipe = LatentDiffusion.load(base)
+    before = prompt_accuracy_report(pipe, **sampling)
+    concept_before = concept_accuracy(pipe, args.concept, args.n)
+    print(f"base: seen {before['seen']['all']:.3f}, held-out {before['held_out']['all']:.3f}, "
+          f"concept {concept_before:.3f}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = train_lora(preset, base, torch.device("cpu"), concept=args.concept, rank=args.rank, steps=steps,
+                          out=tmp, show_progress=False)
+        file_state = load_checkpoint(path, "lora")
+        file_kb = path.stat().st_size / 1e3
+        tuned = apply_lora_file(LatentDiffusion.load(base), path, scale=1.0)
+    adapter, total = trainable_counts(tuned)
+    wall, cpu = file_state["train_seconds"], file_state["train_cpu_seconds"]
+    concept_after = concept_accuracy(tuned, args.concept, args.n)
+    after = prompt_accuracy_report(tuned, **sampling)
+    load_end = os.getloadavg()[0]
+
+    seen_change = after["seen"]["all"] - before["seen"]["all"]
+    ldm_mb = (base / "ldm.pt").stat().st_size / 1e6
+    rows = [
+        ("fine-tuning steps x batch", f"{steps} x {cfg.batch_size} (half concept, half base prompts), lr {cfg.lr:g}"),
+        ("fine-tuning time", f"{wall:.0f} s wall, {cpu:.0f} s CPU (~{cpu / args.threads:.0f} s on {args.threads} idle cores)"),
+        ("trainable parameters", f"{adapter:,} of {total:,} = **{100 * adapter / total:.2f}%** "
+                                 f"(LoRA A, B on {len(file_state['names'])} UNet projections + 1 word row)"),
+        ("LoRA file", f"{file_kb:.0f} KB, against {4 * (total - adapter) / 1e6:.1f} MB of base weights "
+                      f"(ldm.pt with EMA and optimizer state: {ldm_mb:.1f} MB)"),
+        ("first stage round trip of the concept", f"{file_state['first_stage_accuracy']:.3f} "
+                                                  "(describe(D(E(x))) of concept images: the ceiling)"),
+        (f"concept accuracy ({len(concept_prompts(args.concept))} prompts x {args.n})",
+         f"{concept_before:.3f} base -> **{concept_after:.3f}** with the adapter"),
+        (f"seen accuracy (80 prompts x {args.n})",
+         f"{before['seen']['all']:.3f} base -> **{after['seen']['all']:.3f}** with the adapter "
+         f"(change {seen_change:+.3f})"),
+        (f"held-out accuracy (10 prompts x {args.n})",
+         f"{before['held_out']['all']:.3f} base -> {after['held_out']['all']:.3f} with the adapter"),
+    ]
+    table = "\n".join([
+        f"LoRA on `{base}` (preset {preset.name}), concept '{args.concept}' "
+        f"(e.g. \"{concept_prompts(args.concept)[0]}\"), rank {args.rank}, alpha {file_state['alpha']:g}; "
+        f"sampling: DDIM 50 steps, guidance 3, {args.n} samples per prompt, adapter scale 1.",
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} torch threads, torch {torch.__version__}; "
+        f"load average {load_start:.1f} at the start, {load_end:.1f} at the end (shared machine).",
+        "",
+        "| measure | result |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in rows],
+        *([f"\n{args.note}"] if args.note else []),
+    ])
+    out = ROOT / "bench" / "results" / "lora.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    start = time.time()
+    main()
+    print(f"(bench took {(time.time() - start) / 60:.1f} min)")

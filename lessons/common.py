@@ -40,9 +40,9 @@ def trained_pipeline(run: str | Path = ROOT / "runs" / "tiny"):
     if not QUICK and (run / "ldm.pt").is_file():
         return LatentDiffusion.load(run)
     print(f"no trained model in {run} (python train.py makes one): training a micro model for this lesson")
-    micro = ROOT / "lessons" / ".cache" / "micro"
-    if not (micro / "ldm.pt").is_file():
+    cache = ROOT / "lessons" / ".cache" / "micro"
+    if not (cache / "ldm.pt").is_file():
         preset = micro()
-        train_autoencoder(preset, micro, torch.device("cpu"), show_progress=False)
-        train_ldm(preset, micro, torch.device("cpu"), show_progress=False)
-    return LatentDiffusion.load(micro)
+        train_autoencoder(preset, cache, torch.device("cpu"), show_progress=False)
+        train_ldm(preset, cache, torch.device("cpu"), show_progress=False)
+    return LatentDiffusion.load(cache)

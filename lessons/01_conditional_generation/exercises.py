@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from minildm.text.tokenizer import split_words  # "A red circle, on the LEFT." -> ["a", "red", "circle", "on", "the", "left"]
+from minildm.text.tokenizer import split_words  # noqa: F401  ("A red, LEFT." -> ["a", "red", "left"])
 
 SPECIALS = ("<pad>", "<unk>", "<s>")  # their ids are 0, 1, 2
 

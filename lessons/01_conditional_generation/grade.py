@@ -61,7 +61,8 @@ def _same_ids(fn, caption: str, max_len: int, words: list[str] = WORDS) -> None:
     got = fn(caption, list(words), max_len)
     assert torch.is_tensor(got), f"expected a torch.LongTensor, got {type(got).__name__}"
     assert got.dtype == torch.long, f"expected dtype torch.long, got {got.dtype}"
-    assert got.shape == expected.shape, f"{caption!r}, max_len={max_len}: expected shape {tuple(expected.shape)}, got {tuple(got.shape)}"
+    assert got.shape == expected.shape, \
+        f"{caption!r}, max_len={max_len}: expected shape {tuple(expected.shape)}, got {tuple(got.shape)}"
     assert torch.equal(got, expected), f"{caption!r}, max_len={max_len}: expected {expected.tolist()}, got {got.tolist()}"
 
 

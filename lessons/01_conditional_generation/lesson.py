@@ -139,7 +139,8 @@ def figure_class_vs_text(words: list[str], n: int) -> None:
     a.set_title(f"class-conditional: ~{n // len(shapes.SEEN)} examples per class, 0 for the 10 held-out (red)", fontsize=9)
     b.bar(range(3, len(words)), per_word[3:], color=["red" if w in held_words else "tab:green" for w in words[3:]])
     b.set_xticks(range(3, len(words)), words[3:], rotation=90, fontsize=7)
-    b.set_title("text-conditional: examples per word id (red = words of held-out\ncaptions: all well trained; 'that', 'is' only occur in paraphrases)", fontsize=9)
+    b.set_title("text-conditional: examples per word id (red = words of held-out\n"
+                "captions: all well trained; 'that', 'is' only occur in paraphrases)", fontsize=9)
     fig.tight_layout()
     save(fig, "class_vs_text.png")
     print(f"  class-conditional: held-out classes got {per_class[held].sum()} examples; "

@@ -61,7 +61,8 @@ def check_g_patch_map_gradient(fn) -> None:
     _close(loss, losses.hinge_g_loss(fake.detach()), "a patch map [3, 1, 2, 2]")
     loss.backward()
     expected = torch.full_like(fake, -1.0 / fake.numel())
-    assert torch.allclose(fake.grad, expected), f"d/d fake: expected {-1 / fake.numel():.4f} everywhere, got {fake.grad.flatten().tolist()}"
+    assert torch.allclose(fake.grad, expected), \
+        f"d/d fake: expected {-1 / fake.numel():.4f} everywhere, got {fake.grad.flatten().tolist()}"
 
 
 CHECKS = [

@@ -31,7 +31,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch.nn.utils.parametrizations import spectral_norm  # noqa: E402
 
 from lessons.common import QUICK, exercises_of, out_dir  # noqa: E402
@@ -256,7 +255,8 @@ def figure_failure_modes(results: dict, real: dict) -> None:
     for i, (name, r) in enumerate({**results, "real data": real}.items()):
         b.bar(np.arange(len(extra)) + (i - 1) * 0.27, [r[k] for k in extra], 0.27, label=name, color=f"C{i}")
     b.legend(fontsize=8)
-    b.set_xticks(range(len(extra)), ["classes covered\n(fraction of 90)", "pixel std across\nprompts (same z)", "pixel std across\nz (same prompt)"], fontsize=8)
+    b.set_xticks(range(len(extra)), ["classes covered\n(fraction of 90)", "pixel std across\nprompts (same z)",
+                                     "pixel std across\nz (same prompt)"], fontsize=8)
     b.set_title("mode collapse and ignoring the prompt", fontsize=9)
     fig.tight_layout()
     fig.savefig(OUT / "failure_modes.png", dpi=110)

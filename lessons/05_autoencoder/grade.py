@@ -74,7 +74,8 @@ def check_weight_shared_graph(fn) -> None:
     out_ref = torch.tanh(features @ w_ref.t())
     rec_ref, gan_ref = (out_ref - target).abs().mean(), -(out_ref * torch.linspace(-1, 1, 3)).mean()
     lam_ref = losses.adaptive_weight(rec_ref, gan_ref, w_ref)
-    assert torch.allclose(_as_number(lam, "lambda"), lam_ref.double(), rtol=1e-5), f"expected {lam_ref.item():.6f}, got {float(lam):.6f}"
+    assert torch.allclose(_as_number(lam, "lambda"), lam_ref.double(), rtol=1e-5), \
+        f"expected {lam_ref.item():.6f}, got {float(lam):.6f}"
 
 
 def check_weight_clamp(fn) -> None:

@@ -44,9 +44,11 @@ from minildm.viz import make_grid  # noqa: E402
 
 OUT = out_dir(__file__)
 FACTORS = (2, 4, 8)
-STEPS = 24 if QUICK else 250  # reconstruction training, per model
-GAN_STEPS = 10 if QUICK else 80  # then the f = 4 model goes on with the GAN loss (disc_start = STEPS)
-BATCH, LR, DISC_LR, DISC_WEIGHT = 16, 2e-3, 2e-4, 0.5
+STEPS = 30 if QUICK else 450  # reconstruction training, per model
+GAN_STEPS = 8 if QUICK else 60  # then the f = 4 model goes on with the GAN loss (disc_start = STEPS)
+DISC_WARMUP = 8 if QUICK else 40  # discriminator-only steps before the GAN loss reaches the autoencoder
+BATCH, LR = 8, 2e-3  # reconstruction phase
+GAN_LR, DISC_LR, DISC_WEIGHT = 2e-4, 1e-3, 0.5  # GAN phase (DISC_WEIGHT: VQGANLossConfig's default)
 
 
 REFERENCE = load_module(Path(__file__).with_name("grade.py")).REFERENCE  # the library's solutions
@@ -83,30 +85,38 @@ def train(f: int, seed: int = 0) -> tuple:
 def gan_phase(model: VQVAE, seed: int = 1) -> tuple:
     """Continue a trained copy of `model` with L1 + VQ + DISC_WEIGHT * lambda * L_GAN (and train the PatchGAN).
 
-    Returns (model, log) with log = {"L1", "lambda", "L_GAN", "L_D"}: lists of (step, value), steps counted on
-    from the end of reconstruction training."""
+    The discriminator first trains alone for DISC_WARMUP steps on the frozen model's reconstructions (a CPU
+    shortcut: an untrained D's gradients are noise, and lambda would scale that noise up to the size of the
+    reconstruction gradient). Returns (model, log) with log = {"L1", "lambda", "L_GAN", "L_D"}: lists of
+    (step, value), steps counted on from the end of reconstruction training."""
     torch.manual_seed(seed)
     model = copy.deepcopy(model).train()
     disc = losses.PatchDiscriminator(3, channels=16, num_layers=2)
-    opt = torch.optim.Adam(model.parameters(), LR, betas=(0.5, 0.9))
+    opt = torch.optim.Adam(model.parameters(), GAN_LR, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), DISC_LR, betas=(0.5, 0.9))
     rng = np.random.default_rng(seed)
     log = {"L1": [], "lambda": [], "L_GAN": [], "L_D": []}
-    for step in range(STEPS, STEPS + GAN_STEPS):
+    for step in range(STEPS, STEPS + DISC_WARMUP + GAN_STEPS):
         x, _ = shapes.sample_batch(BATCH, rng, split="train")
-        x_rec, vq_loss, _ = model(x)
-        rec_loss = (x - x_rec).abs().mean()
-        gan_loss = losses.hinge_g_loss(disc(x_rec))  # L_GAN = -E[D(x_rec)]
-        lam = adaptive_weight(rec_loss, gan_loss, model.last_layer)  # ||grad rec|| / (||grad gan|| + 1e-4)
-        opt.zero_grad(set_to_none=True)
-        (rec_loss + vq_loss + DISC_WEIGHT * lam * gan_loss).backward()
-        opt.step()
+        if step < STEPS + DISC_WARMUP:  # discriminator warm-up: the autoencoder (codebook included) does not move
+            with torch.no_grad():
+                x_rec = model.eval()(x)[0]
+            model.train()
+        else:
+            x_rec, vq_loss, _ = model(x)
+            rec_loss = (x - x_rec).abs().mean()
+            gan_loss = losses.hinge_g_loss(disc(x_rec))  # L_GAN = -E[D(x_rec)]
+            lam = adaptive_weight(rec_loss, gan_loss, model.last_layer)  # ||grad rec|| / (||grad gan|| + 1e-4)
+            opt.zero_grad(set_to_none=True)
+            (rec_loss + vq_loss + DISC_WEIGHT * lam * gan_loss).backward()
+            opt.step()
+            for key, value in (("L1", rec_loss), ("lambda", lam), ("L_GAN", gan_loss)):
+                log[key].append((step, value.item()))
         loss_d = losses.hinge_d_loss(disc(x), disc(x_rec.detach()))  # the discriminator's half of the step
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
-        for key, value in (("L1", rec_loss), ("lambda", lam), ("L_GAN", gan_loss), ("L_D", loss_d)):
-            log[key].append((step, value.item()))
+        log["L_D"].append((step, loss_d.item()))
     return model.eval(), log
 
 
@@ -146,14 +156,16 @@ def figure_adaptive_weight(l1_logs: dict, gan_log: dict) -> None:
         axes[0].plot(*zip(*log), lw=1, label=f"f = {f}")
     axes[0].plot(*zip(*gan_log["L1"]), lw=1, color="black", label="f = 4, GAN on")
     axes[0].axvline(STEPS, color="gray", ls="--", lw=1)
+    axes[0].axvline(STEPS + DISC_WARMUP, color="gray", ls=":", lw=1)
     axes[0].set_yscale("log")
-    axes[0].set_title("L1 reconstruction loss (dashed: disc_start)", fontsize=9)
+    axes[0].set_title("L1 (dashed: D starts training; dotted: GAN loss on)", fontsize=9)
     axes[1].plot(*zip(*gan_log["lambda"]), lw=1, label=f"DISC_WEIGHT = {DISC_WEIGHT} multiplies it")
     axes[1].set_yscale("log")
     axes[1].set_title("lambda = ||grad L_rec|| / (||grad L_GAN|| + 1e-4), f = 4", fontsize=9)
     axes[2].plot(*zip(*gan_log["L_GAN"]), lw=1, label="L_GAN (generator)")
     axes[2].plot(*zip(*gan_log["L_D"]), lw=1, label="L_D (discriminator)")
-    axes[2].set_title("hinge losses, f = 4", fontsize=9)
+    axes[2].axvline(STEPS + DISC_WARMUP, color="gray", ls=":", lw=1)
+    axes[2].set_title("hinge losses, f = 4 (D alone before the dotted line)", fontsize=9)
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
@@ -206,7 +218,8 @@ def main() -> None:
     gan_model, gan_log = gan_phase(models[4])
     with torch.no_grad():
         recs["4 + GAN"] = gan_model(held_out[:10])[0]
-    print(f"  f = 4 after {GAN_STEPS} more steps with the GAN loss: PSNR {evaluate_autoencoder(gan_model, held_out)['psnr']:.1f} dB | "
+    gan_psnr = evaluate_autoencoder(gan_model, held_out)["psnr"]
+    print(f"  f = 4 after {GAN_STEPS} more steps with the GAN loss: PSNR {gan_psnr:.1f} dB | "
           f"lambda from {gan_log['lambda'][0][1]:.3g} to {gan_log['lambda'][-1][1]:.3g}")
     figure_reconstructions(held_out[:10], recs)
     figure_adaptive_weight(logs, gan_log)

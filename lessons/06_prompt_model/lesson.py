@@ -56,7 +56,8 @@ padding_mask = mine_or_reference(exercises, "padding_mask", REFERENCE["padding_m
 def train_encoder(steps: int, seed: int = 0) -> tuple:
     """PromptEncoder + three linear read-outs at <s>, trained to name colour, shape and position. Returns (encoder, accuracy)."""
     torch.manual_seed(seed)
-    encoder = PromptEncoder(TextEncoderConfig(vocab_size=TOKENIZER.vocab_size, max_len=MAX_LEN, dim=64, depth=2, heads=4, dim_head=16))
+    cfg = TextEncoderConfig(vocab_size=TOKENIZER.vocab_size, max_len=MAX_LEN, dim=64, depth=2, heads=4, dim_head=16)
+    encoder = PromptEncoder(cfg)
     heads = nn.ModuleList([nn.Linear(64, len(values)) for values in ATTRIBUTES])
     opt = torch.optim.Adam([*encoder.parameters(), *heads.parameters()], lr=2e-3)
     rng = np.random.default_rng(seed)

@@ -59,25 +59,28 @@ def _save(fig, out: str | Path | None) -> None:
 def latent_stats(autoencoder, images: torch.Tensor, out: str | Path | None = None) -> dict:
     """Statistics of the diffusion model's latents z * scale_factor for images [N, 3, H, W] in [-1, 1].
 
-    Returns {"std_z" (unscaled), "scale_factor", "std", "mean" (both of z * scale_factor), "channel_std"
-    (list, per latent channel)}. The figure: a histogram of z * scale_factor against N(0, 1), and the std of
-    each channel.
+    Returns {"std_z" (unscaled), "scale_factor", "std", "mean" (both of z * scale_factor), "channel_mean",
+    "channel_std" (lists, per latent channel)}. LDM rescales with ONE number, so the overall std is ~1 while
+    single channels may sit off centre with a smaller spread. The figure: a histogram of z * scale_factor
+    against N(0, 1), and each channel's mean +- std.
     """
     device = next(autoencoder.parameters()).device
     z = torch.cat([autoencoder.encode(images[i:i + 256].to(device)).cpu() for i in range(0, len(images), 256)])
     scale = float(autoencoder.scale_factor)
     zs = z * scale  # what the UNet is trained on
     stats = {"std_z": z.std().item(), "scale_factor": scale, "std": zs.std().item(), "mean": zs.mean().item(),
-             "channel_std": zs.transpose(0, 1).flatten(1).std(dim=1).tolist()}
+             "channel_mean": rearrange(zs, "b c h w -> c (b h w)").mean(dim=1).tolist(),
+             "channel_std": rearrange(zs, "b c h w -> c (b h w)").std(dim=1).tolist()}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2), gridspec_kw={"width_ratios": [2, 1]})
     ax1.hist(zs.flatten().numpy(), bins=80, density=True, alpha=0.7, label="z * scale_factor")
     grid = np.linspace(-4, 4, 200)
     ax1.plot(grid, np.exp(-grid**2 / 2) / np.sqrt(2 * np.pi), "k--", lw=1, label="N(0, 1)")
     ax1.set(xlim=(-5, 5), title=f"latents: std {stats['std']:.3f}, mean {stats['mean']:.3f} (scale {scale:.3f})")
     ax1.legend(fontsize=8)
-    ax2.bar(range(len(stats["channel_std"])), stats["channel_std"])
-    ax2.axhline(1.0, color="k", ls="--", lw=1)
-    ax2.set(xlabel="latent channel", title="std per channel")
+    channels = range(len(stats["channel_std"]))
+    ax2.errorbar(channels, stats["channel_mean"], yerr=stats["channel_std"], fmt="o", capsize=4)
+    ax2.axhline(0.0, color="k", ls="--", lw=1)
+    ax2.set(xlabel="latent channel", xticks=list(channels), title="mean +- std per channel")
     fig.tight_layout()
     _save(fig, out)
     return stats
@@ -128,8 +131,10 @@ def x0_predictions(pipe: LatentDiffusion, images: torch.Tensor, captions: list[s
 
     For each t: x_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps, eps_theta from the conditional UNet (s = 1),
     x0_hat = (x_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t). Returns {"t": [...], "mse": [...] mean
-    ||x0_hat - z_0||^2 / dim per t (latent space), "accuracy": [...] fraction of decoded x0_hat that
-    `shapes.describe` reads as their caption}. The figure: per image a row of decode(x_t) over a row of
+    ||x0_hat - z_0||^2 / dim per t (latent space), "eps_mse": [...] mean ||eps_theta - eps||^2 / dim,
+    "accuracy": [...] fraction of decoded x0_hat that `shapes.describe` reads as their caption}.
+    Since x0_hat - z_0 = -sqrt((1 - abar_t) / abar_t) (eps_theta - eps), mse = (1 - abar_t) / abar_t * eps_mse:
+    at large t a small eps error becomes a large x0 error (1 / abar_t ~ 10^4 near t = T, linear schedule). The figure: per image a row of decode(x_t) over a row of
     decode(x0_hat), the real image on the left.
     """
     z0 = pipe.autoencoder.encode(images.to(pipe.device)) * pipe.autoencoder.scale_factor
@@ -137,12 +142,14 @@ def x0_predictions(pipe: LatentDiffusion, images: torch.Tensor, captions: list[s
     eps_fn = as_eps_fn(lambda x_t, t: pipe.unet(x_t, t, context, mask), pipe.schedule, pipe.prediction)
     generator = torch.Generator().manual_seed(seed)
     eps = torch.randn(z0.shape, generator=generator).to(pipe.device)  # the same noise at every t
-    noisy, guesses, mse, accuracy = [], [], [], []
+    noisy, guesses, mse, eps_mse, accuracy = [], [], [], [], []
     for t_int in timesteps:
         t = torch.full((len(z0),), int(t_int), dtype=torch.long, device=pipe.device)
         x_t = pipe.schedule.q_sample(z0, t, eps)  # Property 1
-        x0_hat = pipe.schedule.predict_x0(x_t, t, eps_fn(x_t, t))  # Property 3
+        eps_hat = eps_fn(x_t, t)
+        x0_hat = pipe.schedule.predict_x0(x_t, t, eps_hat)  # Property 3
         mse.append((x0_hat - z0).pow(2).mean().item())
+        eps_mse.append((eps_hat - eps).pow(2).mean().item())
         decoded = pipe.decode(x0_hat).cpu()  # [K, 3, H, W] in [0, 1]
         accuracy.append(shapes.prompt_accuracy(decoded, list(captions)))
         noisy.append(pipe.decode(x_t).cpu())
@@ -161,7 +168,7 @@ def x0_predictions(pipe: LatentDiffusion, images: torch.Tensor, captions: list[s
     ax.set_title("rows: decode(x_t), then decode(x0_hat) (Property 3)", fontsize=9)
     fig.tight_layout()
     _save(fig, out)
-    return {"t": [int(t) for t in timesteps], "mse": mse, "accuracy": accuracy}
+    return {"t": [int(t) for t in timesteps], "mse": mse, "eps_mse": eps_mse, "accuracy": accuracy}
 
 
 @torch.no_grad()
@@ -209,12 +216,14 @@ def format_diagnostics(results: dict) -> str:
     """The numbers of `run_all` as short text lines."""
     ls, lt, x0, gs = (results[k] for k in ("latent_stats", "loss_by_timestep", "x0_predictions", "guidance_sweep"))
     lines = [f"latent_stats: std(z * scale) = {ls['std']:.3f} (mean {ls['mean']:.3f}; unscaled std {ls['std_z']:.3f}, "
-             f"scale factor {ls['scale_factor']:.3f}); per channel " + ", ".join(f"{s:.2f}" for s in ls["channel_std"]),
+             f"scale factor {ls['scale_factor']:.3f});\n  per channel mean +- std     " + "  ".join(
+                 f"{m:+.2f} +- {s:.2f}" for m, s in zip(ls["channel_mean"], ls["channel_std"])),
              "loss_by_timestep: t bucket     " + "  ".join(f"{lo:>4}-{hi - 1:<4}" for lo, hi in zip(lt["edges"][:-1], lt["edges"][1:])),
              "  with the prompt            " + "  ".join(f"{v:9.4f}" for v in lt["cond"]),
              '  empty prompt ""            ' + "  ".join(f"{v:9.4f}" for v in lt["uncond"]),
              "x0_predictions: t            " + "  ".join(f"{t:6d}" for t in x0["t"]),
-             "  latent MSE of x0_hat       " + "  ".join(f"{v:6.3f}" for v in x0["mse"]),
+             "  eps MSE                    " + "  ".join(f"{v:6.3f}" for v in x0["eps_mse"]),
+             "  latent MSE of x0_hat       " + "  ".join(f"{v:6.3g}" for v in x0["mse"]),
              "  decoded x0_hat right       " + "  ".join(f"{v:6.2f}" for v in x0["accuracy"]),
              "guidance_sweep: s            " + "  ".join(f"{s:6g}" for s in gs["scales"]),
              "  prompt accuracy            " + "  ".join(f"{v:6.2f}" for v in gs["accuracy"]),

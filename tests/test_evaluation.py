@@ -167,7 +167,9 @@ class OracleUNet(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(()))
 
     def forward(self, x_t, t, context, mask):
-        return self.scale * self.schedule.predict_eps(x_t, t, self.z0).float()
+        if self.scale == 0:
+            return torch.zeros_like(x_t)
+        return self.schedule.predict_eps(x_t, t, self.z0).float()
 
 
 def micro_pipe(images: torch.Tensor, scale: float) -> LatentDiffusion:
@@ -193,6 +195,10 @@ def test_diagnostics_closed_forms(tmp_path):
     zero = diagnostics.loss_by_timestep(pipe, images, captions, buckets=4, out=tmp_path / "loss.png")
     assert zero["edges"] == [0, 250, 500, 750, 1000]
     assert np.allclose(zero["cond"], 1.0, atol=0.05) and zero["cond"] == zero["uncond"]  # predicting 0: E eps^2 = 1
+
+    x0 = diagnostics.x0_predictions(pipe, images[:3], captions[:3], timesteps=(10, 500, 990))
+    abar = pipe.schedule.alphas_cumprod[[10, 500, 990]]
+    assert np.allclose(x0["mse"], ((1 - abar) / abar).numpy() * np.array(x0["eps_mse"]), rtol=1e-4)  # x0 error = eps error scaled
 
     oracle = micro_pipe(images[:3], scale=1.0)
     x0 = diagnostics.x0_predictions(oracle, images[:3], captions[:3], timesteps=(10, 500, 990), out=tmp_path / "x0.png")

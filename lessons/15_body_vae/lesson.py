@@ -93,7 +93,7 @@ print(f"1. weighting maps, sigma in {SIGMAS} px, alpha in {ALPHAS} -> out/weight
 # Why the max: five face keypoints crowd together; summing bumps makes the face outshine the rest of the body.
 bumps = keypoint_gaussians(kp, vis, 64, 64, 4.0)  # w_i [17, 64, 64]
 W_max, W_sum = weights_fn(kp, vis, 64, 64, 4.0), bumps.sum(0) / bumps.sum(0).max()
-fig, axes = plt.subplots(1, 2, figsize=(4.4, 2.6))
+fig, axes = plt.subplots(1, 2, figsize=(4.4, 2.4))
 for ax, W, title in ((axes[0], W_max, "max (eq. 12)"), (axes[1], W_sum, "sum, then normalised")):
     ax.imshow(W.numpy(), cmap="gray", vmin=0, vmax=1)
     ax.set(xticks=[], yticks=[])
@@ -118,7 +118,9 @@ for c, view in enumerate(views):
     img, kp_v, vis_v = as_model_image(img), torch.from_numpy(kp_v), torch.from_numpy(vis_v)
     show(axes[0, c], img, f"{view.name}\nyaw {math.degrees(view.yaw):+.0f} deg")
     axes[0, c].scatter(kp_v[vis_v, 0], kp_v[vis_v, 1], s=3, c="yellow", edgecolors="black", linewidths=0.3)
-    show(axes[1, c], weight_image_fn(img, weights_fn(kp_v, vis_v, 64, 64, 3.0), 0.25), "I_w (sigma 3, alpha 0.25)")
+    show(axes[1, c], weight_image_fn(img, weights_fn(kp_v, vis_v, 64, 64, 3.0), 0.25))
+axes[0, 0].set_ylabel("view", fontsize=7)
+axes[1, 0].set_ylabel("I_w (sigma 3, alpha 0.25)", fontsize=7)
 fig.suptitle("one identity (the same body shape and clothes) in six views, and the weighted views the VAE reads",
              fontsize=8)
 fig.tight_layout()

@@ -35,11 +35,12 @@ class AutoencoderTrainConfig:
 class LDMTrainConfig:
     steps: int = 3000
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 1e-3  # peak, after a linear warm-up; cosine decay to 0 at the last step
     warmup: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    prediction: str = "eps"  # what the UNet outputs: eps (DDPM), x0, or v = sqrt(abar) eps - sqrt(1 - abar) x0
     p_uncond: float = 0.1  # classifier-free guidance: train with the empty prompt this often
     cache_size: int = 8000  # shapes rendered and encoded once into the latent cache
     paraphrase_prob: float = 0.0

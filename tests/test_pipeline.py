@@ -142,3 +142,15 @@ def test_twenty_steps_lower_the_diffusion_loss():
         loss.backward()
         opt.step()
     assert loss_now().item() < 0.7 * first
+
+
+def test_learning_rate_warms_up_then_decays_to_zero_by_cosine():
+    from minildm.train.common import learning_rate
+    peak, warmup, total = 1e-3, 10, 110
+    assert learning_rate(0, total, peak, warmup) == pytest.approx(peak / warmup)  # (s + 1) / warmup, not s / warmup
+    assert learning_rate(warmup - 1, total, peak, warmup) == pytest.approx(peak)
+    assert learning_rate(warmup, total, peak, warmup) == pytest.approx(peak)  # the cosine starts at its peak
+    assert learning_rate(warmup + 50, total, peak, warmup) == pytest.approx(peak / 2)  # half-way: cos(pi / 2) = 0
+    assert learning_rate(warmup + 25, total, peak, warmup) == pytest.approx(peak * (1 + 2**-0.5) / 2)
+    assert learning_rate(total, total, peak, warmup) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate(0, 100, peak) == pytest.approx(peak)  # no warm-up: the autoencoder's schedule

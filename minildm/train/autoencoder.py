@@ -26,7 +26,8 @@ from minildm.checkpoint import load_checkpoint, save_checkpoint
 from minildm.config import Preset
 from minildm.data import shapes
 from minildm.train import distributed
-from minildm.train.common import GracefulInterrupt, LossLog, autocast, grad_scaler, progress, scaled_step, step_rng
+from minildm.train.common import (GracefulInterrupt, LossLog, autocast, grad_scaler, learning_rate, progress, scaled_step,
+                                  step_rng)
 from minildm.viz import plot_curves, save_grid
 
 
@@ -155,7 +156,7 @@ def train_autoencoder(preset: Preset, run_dir: str | Path, device: torch.device,
             # the global batch of world * batch_size images; this rank keeps its slice
             x = distributed.shard(draw(batch_size * world, step_rng(cfg.seed, step))).to(device)
             for group in opt.param_groups:  # cosine decay of the learning rate to 0 at the last step
-                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+                group["lr"] = learning_rate(step, steps, cfg.lr)
             x_rec, vq_loss, info = net(x)
             with autocast(device, precision):
                 loss, logs = losses.generator_loss(x, x_rec, vq_loss, step, model.last_layer)

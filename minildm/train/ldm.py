@@ -33,7 +33,8 @@ from minildm.pipeline import LatentDiffusion, load_autoencoder
 from minildm.text.encoder import PromptEncoder, TextEncoderConfig
 from minildm.text.tokenizer import Tokenizer
 from minildm.train import distributed
-from minildm.train.common import EMA, GracefulInterrupt, LossLog, autocast, grad_scaler, progress, scaled_step, step_rng
+from minildm.train.common import (EMA, GracefulInterrupt, LossLog, adamw, autocast, grad_scaler, learning_rate, progress,
+                                  scaled_step, step_rng)
 from minildm.viz import plot_curves, save_grid
 
 GRID_PROMPTS = ["a red circle on the left", "a blue square on the right", "a green triangle on the top",
@@ -118,7 +119,7 @@ def train_ldm(preset: Preset, run_dir: str | Path, device: torch.device, resume:
 
     denoiser = Denoiser(PromptEncoder(text_cfg), UNet(preset.unet)).to(device)
     schedule = NoiseSchedule(**preset.schedule).to(device)
-    opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adamw(denoiser.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(denoiser, cfg.ema_decay)
     log = LossLog()
     step = 0
@@ -136,7 +137,7 @@ def train_ldm(preset: Preset, run_dir: str | Path, device: torch.device, resume:
                 "model": denoiser.state_dict(), "ema": ema.model.state_dict(), "optimizer": opt.state_dict(),
                 "step": step, "log": log.state(), "tokenizer": tokenizer.state(), "text_config": asdict(text_cfg),
                 "unet_config": asdict(preset.unet), "schedule": dict(preset.schedule), "image_size": preset.image_size,
-                "prediction": "eps", "preset": preset.name,
+                "prediction": cfg.prediction, "preset": preset.name,
             })
         return ckpt_path
 
@@ -144,7 +145,7 @@ def train_ldm(preset: Preset, run_dir: str | Path, device: torch.device, resume:
         if not main:
             return
         pipe = LatentDiffusion(autoencoder, tokenizer, ema.model["text_encoder"], ema.model["unet"], schedule,
-                               preset.image_size).eval()
+                               preset.image_size, cfg.prediction).eval()
         images = pipe.generate(grid_prompts, steps=25, guidance=3.0, seed=0)
         save_grid(images, run_dir / "samples" / f"ldm_step{step:06d}.png", nrow=len(grid_prompts), upscale=2)
 
@@ -152,7 +153,6 @@ def train_ldm(preset: Preset, run_dir: str | Path, device: torch.device, resume:
         denoiser["unet"].compile()  # after the EMA copy: the EMA (used for sampling) stays eager
     model = distributed.wrap(denoiser, device)
     scaler = grad_scaler(device, precision)
-    lr_at = lambda s: cfg.lr * min(1.0, (s + 1) / cfg.warmup)  # linear warm-up, then constant
     denoiser.train()
     bar = progress(steps, step, "ldm", show_progress and main)
     with GracefulInterrupt() as interrupt:
@@ -168,10 +168,10 @@ def train_ldm(preset: Preset, run_dir: str | Path, device: torch.device, resume:
             z0 = z0_all[torch.from_numpy(idx)]
             z0, tokens, t, eps = (distributed.shard(v).to(device) for v in (z0, tokens, t, eps))
             with autocast(device, precision):
-                loss = diffusion_loss(lambda x_t, t_: model(x_t, t_, tokens), schedule, z0, t=t, eps=eps)
+                loss = diffusion_loss(lambda x_t, t_: model(x_t, t_, tokens), schedule, z0, cfg.prediction, t=t, eps=eps)
 
             for group in opt.param_groups:
-                group["lr"] = lr_at(step)
+                group["lr"] = learning_rate(step, steps, cfg.lr, cfg.warmup)  # warm-up, then cosine to 0
             opt.zero_grad(set_to_none=True)
             scaled_step(scaler, loss, opt, denoiser.parameters(), cfg.grad_clip)
             ema.update(denoiser, step)

@@ -29,11 +29,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-prompt", default=None,
                    help="an image file (PNG, JPG, ...) as image prompt, read by the run's IP-Adapter (ip_adapter.pt)")
     p.add_argument("--ip-scale", type=float, default=1.0, help="IP-Adapter lambda: weight of the image prompt (0 = text only)")
+    p.add_argument("--body-id", type=int, default=None,
+                   help="(body runs) generate identity N of the run's people, read from a few rendered views of it")
+    p.add_argument("--body-views", default=None,
+                   help="(body runs) a folder of PNG views of one person (the run's keypoint regressor finds the keypoints)")
+    p.add_argument("--body-scale", type=float, default=1.0,
+                   help="lambda_b: weight of the body stream (0 = text only); --ip-scale is lambda_ref with --image-prompt")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="output PNG (default: RUN/samples/<prompt>.png)")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"--n must be at least 1, got {args.n}.")
+    if args.body_id is not None and args.body_views:
+        p.error("give either --body-id or --body-views, not both.")
     args.prompts = args.prompts or ([""] if args.image_prompt else ["a red circle on the left"])
     return args
 
@@ -52,7 +60,18 @@ def main(argv=None) -> int:
             from minildm.train.lora import apply_lora_file  # LoRA weights + the new words the file teaches
             apply_lora_file(pipe, args.lora, args.lora_scale)
         extra_tokens = None
-        if args.image_prompt:  # IP-Adapter: image tokens appended after the text of both guidance halves
+        if args.body_id is not None or args.body_views:  # BoLID: cat[c_ref, c_b] after the text of both CFG halves
+            from minildm.train.body import identity_views, load_body_prompter, load_view_folder
+            from minildm.train.ip_adapter import load_image_file
+            prompter = load_body_prompter(pipe, args.run, lambda_b=args.body_scale, lambda_ref=args.ip_scale)
+            if args.body_views:  # keypoints: the run's regressor
+                c_body = prompter.c_body(load_view_folder(args.body_views, pipe.image_size))
+            else:  # the renderer's keypoints
+                views = identity_views(args.body_id, size=pipe.image_size, seed=prompter.seed)
+                c_body = prompter.c_body(views["image"], views["keypoints"], views["visible"])
+            ref = load_image_file(args.image_prompt, pipe.image_size) if args.image_prompt else None
+            extra_tokens = prompter.extra_tokens(c_body, ref)
+        elif args.image_prompt:  # IP-Adapter: image tokens appended after the text of both guidance halves
             from minildm.train.ip_adapter import ADAPTER_FILE, load_image_file, load_image_prompter
             prompter = load_image_prompter(pipe, Path(args.run) / ADAPTER_FILE, args.ip_scale)
             extra_tokens = prompter.extra_tokens(load_image_file(args.image_prompt, pipe.image_size))
@@ -63,6 +82,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     slug = "_".join(args.prompts)[:60].replace(" ", "-").replace("/", "-") or "unconditional"
+    if args.body_id is not None or args.body_views:
+        who = f"id{args.body_id}" if args.body_views is None else Path(args.body_views).name
+        slug += f"_body-{who}-{args.body_scale:g}"
     if args.image_prompt:
         slug += f"_ip-{Path(args.image_prompt).stem}-{args.ip_scale:g}"
     out = Path(args.out) if args.out else Path(args.run) / "samples" / f"{slug}_seed{args.seed}.png"

@@ -13,7 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-STAGES = ("all", "autoencoder", "ldm", "lora", "clip", "ip-adapter")
+STAGES = ("all", "autoencoder", "ldm", "lora", "clip", "ip-adapter", "body")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,10 +34,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute UNet activations in backward: less memory, about a third more compute")
     # LoRA stage
-    p.add_argument("--base", default=None, help="(lora, ip-adapter) the trained run to adapt")
+    p.add_argument("--base", default=None, help="(lora, ip-adapter, body) the trained run to adapt; body: a run "
+                   "trained by --stage body (default: train the base model of people first)")
     p.add_argument("--concept", default="corner", help="(lora) the new word to teach: corner, orange or diamond "
                    "(the tiny autoencoder can draw only the first, see lessons/13_lora)")
-    p.add_argument("--rank", type=int, default=4, help="(lora) adapter rank")
+    p.add_argument("--rank", type=int, default=None, help="(lora) adapter rank (default: the preset's recipe, 8)")
     p.add_argument("--alpha", type=float, default=None, help="(lora) adapter alpha (default: the rank)")
     args = p.parse_args(argv)
     if args.stage not in STAGES:
@@ -116,6 +117,16 @@ def main(argv=None) -> int:
         if args.stage == "clip":  # the small CLIP: IP-Adapter's image encoder and the CLIP-T/CLIP-I judge
             from minildm.train.clip import train_clip_stage
             train_clip_stage(run_dir, device, steps=args.steps, batch_size=args.batch_size)
+        if args.stage == "body":  # base LDM of people, keypoint regressor + body VAE, then the body adapter
+            from minildm.train.body import body_stage_config, train_body_stage
+            cfg = body_stage_config("micro" if args.preset == "micro" else "body")
+            cfg = replace(cfg, adapter_steps=args.steps or cfg.adapter_steps,
+                          adapter_batch=args.batch_size or cfg.adapter_batch)
+            run_dir = Path(args.out or args.base or "runs/body")
+            if not train_body_stage(run_dir, device, cfg, base_dir=args.base, resume=args.resume):
+                print("stopped; continue with --resume.")
+                return 0
+            print(f'try: python sample.py "a person raising the left arm" --run {run_dir} --body-id 3')
         if args.stage == "ip-adapter":  # frozen base run + CLIP (trained first if the run has none)
             from minildm.train.ip_adapter import IPAdapterTrainConfig, train_ip_adapter
             cfg = IPAdapterTrainConfig()

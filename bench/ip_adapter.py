@@ -2,7 +2,8 @@
 
     python bench/ip_adapter.py --base runs/tiny [--steps 50] [--retrain]     # writes bench/results/ip_adapter.md
 
-Trains (or reuses) a CLIP and an adapter in bench/out/ip_adapter_<base>/ (the base run is only read), then:
+Trains (or reuses) a CLIP and an adapter in bench/out/ip_adapter_<base>/ (the base run is only read; the adapter
+is trained again when the base's ldm.pt is newer or the stage's recipe changed), then:
 - fidelity: one image prompt per shapes combination (all 90, fresh jitter), empty text, lambda = 1; a sample
   counts when `describe` reads the prompt image's colour and shape back (position reported apart);
 - image + text: the text "on the left" with an image of a red square placed elsewhere; a sample counts when it
@@ -16,25 +17,29 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from minildm.checkpoint import load_checkpoint
-from minildm.clip import clip_i, clip_t, load_clip, save_clip, train_clip
-from minildm.data import shapes
-from minildm.pipeline import LatentDiffusion
-from minildm.train.clip import evaluate_clip, train_clip_stage
-from minildm.train.common import step_rng
-from minildm.adapters.ip_adapter import set_ip_scale
-from minildm.train.clip import CLIP_STEPS
-from minildm.train.ip_adapter import (ADAPTER_FILE, CLIP_FILE, IPAdapterTrainConfig, load_image_prompter,
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `python bench/x.py` works
+
+from minildm.checkpoint import load_checkpoint  # noqa: E402
+from minildm.clip import clip_i, clip_t, load_clip, save_clip, train_clip  # noqa: E402
+from minildm.data import shapes  # noqa: E402
+from minildm.pipeline import LatentDiffusion  # noqa: E402
+from minildm.train.clip import evaluate_clip, train_clip_stage  # noqa: E402
+from minildm.train.common import step_rng  # noqa: E402
+from minildm.adapters.ip_adapter import set_ip_scale  # noqa: E402
+from minildm.train.clip import CLIP_STEPS  # noqa: E402
+from minildm.train.ip_adapter import (ADAPTER_FILE, CLIP_FILE, IPAdapterTrainConfig, load_image_prompter,  # noqa: E402
                                       parameter_counts, train_ip_adapter)
 
 ROOT = Path(__file__).resolve().parent.parent
-LAMBDAS = (0.25, 0.5, 0.75, 1.0)  # image + text sweep
+LAMBDAS = (0.5, 0.75, 1.0, 1.25, 1.5)  # image + text sweep
 
 
 def machine() -> str:
@@ -90,10 +95,13 @@ def main() -> None:
         judge, judge_tok, _ = train_clip(steps=args.clip_steps, seed=1, progress=False)
         save_clip(cache / "judge_clip.pt", judge, judge_tok)
     judge, judge_tok = load_clip(cache / "judge_clip.pt")
-    if args.retrain or not (cache / ADAPTER_FILE).is_file():
-        cfg = IPAdapterTrainConfig()
-        if args.train_steps:
-            cfg.steps = args.train_steps
+    cfg = IPAdapterTrainConfig()
+    if args.train_steps:
+        cfg.steps = args.train_steps
+    cached = cache / ADAPTER_FILE
+    stale = (not cached.is_file() or cached.stat().st_mtime < (base / "ldm.pt").stat().st_mtime
+             or load_checkpoint(cached, "ip-adapter")["train_config"] != asdict(cfg))  # another base or recipe
+    if args.retrain or stale:
         train_ip_adapter(base, cpu, out_dir=cache, cfg=cfg, show_progress=False)
     state = load_checkpoint(cache / ADAPTER_FILE, "ip-adapter")
     train_cfg, seconds = state["train_config"], state["seconds"]
@@ -155,7 +163,8 @@ def main() -> None:
         "",
         f"Training: CLIP zero-shot accuracy {clip_acc:.3f} among all 90 captions (chance 0.011). Adapter: "
         f"{train_cfg['steps']} steps x batch {train_cfg['batch_size']} (lr {train_cfg['lr']}, drop text / image / "
-        f"both p = {train_cfg['drop_prob']} each), {seconds['wall'] / 60:.1f} min wall, {seconds['cpu'] / 60:.1f} min "
+        f"both p = {train_cfg['drop_prob']} each, partial captions p = {train_cfg['partial_prob']}), "
+        f"{seconds['wall'] / 60:.1f} min wall, {seconds['cpu'] / 60:.1f} min "
         f"CPU time (all threads) = {steps_per_cpu_s * 60:.0f} steps per CPU-minute; on 2 uncontended cores about "
         f"{seconds['cpu'] / 2 / 60:.1f} min. Trainable {trainable:,} parameters against the frozen UNet's "
         f"{unet_params:,} ({100 * trainable / unet_params:.1f}%; the paper: 22M of ~860M, 2.6%).",

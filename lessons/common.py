@@ -1,4 +1,5 @@
-"""Small helpers the lesson scripts share: quick mode, where figures go, and a trained model to look at.
+"""Small helpers the lesson scripts share: quick mode, your exercise functions or the library's, where and how
+figures are saved, and a trained model to look at.
 
 Quick mode (`python lessons/NN_x/lesson.py --quick`, or MINILDM_QUICK=1) shrinks every lesson to seconds;
 CI runs all lessons that way. Figures go to lessons/NN_x/out/.
@@ -8,8 +9,9 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from lessons.grading import ROOT, load_module  # noqa: F401  (ROOT also puts the repo on sys.path)
+from lessons.grading import ROOT, load_module, mine_or_reference  # noqa: F401  (ROOT also puts the repo on sys.path)
 
 QUICK = os.environ.get("MINILDM_QUICK") == "1" or "--quick" in sys.argv
 
@@ -21,28 +23,85 @@ def out_dir(lesson_file: str) -> Path:
     return path
 
 
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure as PNG (cropped to its content) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    print(f"  wrote {path}")
+
+
+def save_rows_over_t(rows: dict[str, Any], timesteps: tuple[int, ...], path: Path) -> None:
+    """A grid figure: one row per label of images [len(timesteps), 3, H, W] in [0, 1], one column per t."""
+    import matplotlib.pyplot as plt
+    from einops import rearrange
+
+    fig, axes = plt.subplots(len(rows), len(timesteps), figsize=(1.3 * len(timesteps), 1.45 * len(rows)), squeeze=False)
+    for r, (label, images) in enumerate(rows.items()):
+        for c, t in enumerate(timesteps):
+            ax = axes[r, c]
+            ax.imshow(rearrange(images[c].clamp(0, 1), "c h w -> h w c").numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"t = {t}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def exercises_of(lesson_file: str):
     """The lesson's exercises.py module (your versions of the exercise functions)."""
     return load_module(Path(lesson_file).resolve().parent / "exercises.py")
 
 
-def trained_pipeline(run: str | Path = ROOT / "runs" / "tiny"):
-    """A trained LatentDiffusion to look at: `runs/tiny` when `python train.py` has made it; otherwise (or in
-    quick mode) a micro model trained here in seconds into lessons/.cache/micro (its samples are blurry)."""
+def exercise_functions(lesson_file: str) -> dict[str, Any]:
+    """{exercise name: function} for a lesson.py: your version from exercises.py once its TODO is filled in,
+    the library's reference (REFERENCE in the lesson's grade.py) until then. Prints which one runs."""
+    reference = load_module(Path(lesson_file).resolve().parent / "grade.py").REFERENCE
+    fns = {name: mine_or_reference(exercises_of(lesson_file), name, ref) for name, ref in reference.items()}
+    width = max(map(len, fns))
+    for name, fn in fns.items():
+        print(f"  {name:<{width}}  {'yours' if fn is not reference[name] else 'library (exercise not filled in yet)'}")
+    return fns
+
+
+def start(lesson_file: str, title: str) -> tuple[Path, dict[str, Any]]:
+    """Where a lesson's main() begins: a fixed seed, its title, then (its out/ folder, its exercise functions)."""
     import torch
 
-    from minildm.config import micro
-    from minildm.pipeline import LatentDiffusion
-    from minildm.train.autoencoder import train_autoencoder
-    from minildm.train.ldm import train_ldm
+    torch.manual_seed(0)
+    print(title + (" (quick mode)" if QUICK else ""))
+    return out_dir(lesson_file), exercise_functions(lesson_file)
 
-    run = Path(run)
-    if not QUICK and (run / "ldm.pt").is_file():
-        return LatentDiffusion.load(run)
-    print(f"no trained model in {run} (python train.py makes one): training a micro model for this lesson")
-    cache = ROOT / "lessons" / ".cache" / "micro"
-    if not (cache / "ldm.pt").is_file():
+
+TINY_RUN = ROOT / "runs" / "tiny"  # what `python train.py` makes
+MICRO_RUN = ROOT / "lessons" / ".cache" / "micro"  # trained here in seconds when there is no TINY_RUN
+
+
+def trained_run() -> Path:
+    """The run folder of a trained LatentDiffusion to look at: runs/tiny when `python train.py` has made it;
+    otherwise (or in quick mode) a micro model trained here in seconds into lessons/.cache/micro (blurry)."""
+    if not QUICK and (TINY_RUN / "ldm.pt").is_file():
+        return TINY_RUN
+    if not (MICRO_RUN / "ldm.pt").is_file():
+        import torch
+
+        from minildm.config import micro
+        from minildm.train.autoencoder import train_autoencoder
+        from minildm.train.ldm import train_ldm
+
+        print(f"no trained model in {TINY_RUN} (python train.py makes one): training a micro model into {MICRO_RUN}")
         preset = micro()
-        train_autoencoder(preset, cache, torch.device("cpu"), show_progress=False)
-        train_ldm(preset, cache, torch.device("cpu"), show_progress=False)
-    return LatentDiffusion.load(cache)
+        train_autoencoder(preset, MICRO_RUN, torch.device("cpu"), show_progress=False)
+        train_ldm(preset, MICRO_RUN, torch.device("cpu"), show_progress=False)
+    return MICRO_RUN
+
+
+def trained_pipeline():
+    """The LatentDiffusion of `trained_run()`."""
+    from minildm.pipeline import LatentDiffusion
+
+    return LatentDiffusion.load(trained_run())

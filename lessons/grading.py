@@ -3,12 +3,12 @@
 A lesson folder holds `exercises.py` (stubs you fill in between `# TODO begin` and `# TODO end`) and
 `grade.py`, which lists its checks and ends with `main(CHECKS, __file__)`. Run it with
 
-    python lessons/07_ddpm_forward/grade.py
+    python lessons/07_ddpm_forward/grade.py     # -v: what differed; --reference: grade the library's solutions
 
 Each check compares your function with the library's reference on inputs where the common mistakes show.
 A failing check prints a hint that points at the concept, never at the answer.
 
-Tests (tests/test_lessons.py) call `grade(checks, namespace)` with the reference solutions (all must
+Tests (tests/test_lessons_*.py) call `grade(checks, namespace)` with the reference solutions (all must
 pass), the untouched stubs (all must fail) and realistic wrong versions (each must fail).
 """
 from __future__ import annotations
@@ -53,7 +53,10 @@ def lookup(namespace: Any, dotted: str) -> Any:
 
 
 def is_stub(fn: Any) -> bool:
-    """True while the exercise still raises NotImplementedError (i.e. the learner has not filled it in)."""
+    """True while the exercise still raises NotImplementedError (i.e. the learner has not filled it in);
+    a class is a stub while any of its methods is."""
+    if inspect.isclass(fn):
+        return any(is_stub(method) for method in vars(fn).values() if inspect.isfunction(method))
     try:
         return "raise NotImplementedError" in inspect.getsource(fn)
     except (OSError, TypeError):
@@ -93,13 +96,17 @@ def grade(checks: list[Check], namespace: Any, verbose: bool = False) -> dict[st
 
 
 def main(checks: list[Check], grade_file: str) -> int:
-    """Grade the exercises.py next to `grade_file`, print a report, return the exit code (0 = all pass)."""
+    """Grade the exercises.py next to `grade_file` (with --reference: the library's solutions, REFERENCE in
+    grade.py, as CI does), print a report, return the exit code (0 = all pass)."""
     lesson_dir = Path(grade_file).resolve().parent
-    exercises = load_module(lesson_dir / "exercises.py")
+    if "--reference" in sys.argv:
+        what, namespace = "the library's reference solutions", load_module(grade_file).REFERENCE
+    else:
+        what, namespace = f"{lesson_dir.name}/exercises.py", load_module(lesson_dir / "exercises.py")
     verbose = "-v" in sys.argv
-    results = grade(checks, exercises, verbose=verbose)
+    results = grade(checks, namespace, verbose=verbose)
     width = max(len(k) for k in results)
-    print(f"grading {lesson_dir.name}/exercises.py")
+    print(f"grading {what}")
     for label, (ok, message) in results.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {label:<{width}}  {'' if ok else message}")
     passed = sum(ok for ok, _ in results.values())

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from minildm.data.bodies import (BACKGROUND, COCO_KEYPOINTS, COCO_SKELETON, MEAN_SHAPE, POSE_NAMES, BodiesDataset,
-                                 View, identity, plot_identity, pose_caption, pose_keypoints, random_view, render_body)
+                                 View, arm_states, identity, limb_ratios, plot_identity, pose_caption, pose_holds,
+                                 pose_keypoints, random_view, render_body, true_limb_ratios)
 
 K = {name: i for i, name in enumerate(COCO_KEYPOINTS)}
 
@@ -136,3 +137,33 @@ def test_plot_identity_writes_png(tmp_path):
     path = tmp_path / "identity.png"
     plot_identity(identity(0), 4, path, size=32)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_limb_ratios_read_the_body_back_from_its_keypoints():
+    shape = identity(7)
+    _, kp, vis = render_body(shape, View.from_pose("standing"), 64)
+    # standing, facing the viewer: limbs hang nearly in the image plane, so 2-D lengths give the true ratios
+    assert np.allclose(limb_ratios(kp, vis), true_limb_ratios(shape), atol=0.06)
+    assert true_limb_ratios(shape).tolist() == [shape.arm_length / shape.torso_length,
+                                                shape.leg_length / shape.torso_length]
+    hidden = vis.copy()
+    hidden[[K["left_wrist"], K["right_wrist"]]] = False
+    ratios = limb_ratios(kp, hidden)
+    assert math.isnan(ratios[0]) and not math.isnan(ratios[1])  # no full arm visible: that ratio is unknown
+    # scale-free: the same view at another scale reads the same ratios
+    _, kp2, vis2 = render_body(shape, View.from_pose("standing", scale=0.7), 64)
+    assert np.allclose(limb_ratios(kp2, vis2), limb_ratios(kp, vis), atol=0.05)
+
+
+@pytest.mark.parametrize("pose,arms", [("standing", ("down", "down")), ("raising the left arm", ("up", "down")),
+                                       ("raising the right arm", ("down", "up")), ("raising both arms", ("up", "up")),
+                                       ("holding both arms out", ("out", "out"))])
+def test_arm_states_and_pose_holds(pose, arms):
+    for yaw in (-0.8, 0.0, 0.8):  # only heights are used: a yaw does not change the reading
+        _, kp, vis = render_body(identity(2), View.from_pose(pose, yaw=yaw), 32)
+        got = arm_states(kp, vis)
+        assert all(g in (a, None) for g, a in zip(got, arms)) and any(g is not None for g in got)
+        assert pose_holds(pose, kp, vis)
+    _, kp, vis = render_body(identity(2), View.from_pose("raising the left arm"), 32)
+    assert not pose_holds("raising the right arm", kp, vis)
+    assert not pose_holds("standing", kp, np.zeros(17, dtype=bool))  # nothing readable: not held

@@ -7,8 +7,9 @@ import torch
 
 from minildm.adapters.body import (BodyVAE, BodyVAEConfig, KeypointRegressor, gaussian_keypoint_weights,
                                    keypoint_gaussians, keypoints_to_pixels, keypoints_to_unit, kl_divergence,
-                                   reparameterize, train_keypoint_regressor, weight_image)
+                                   render_identities, reparameterize, weight_image)
 from minildm.data.bodies import BodiesDataset
+from minildm.train.body import train_keypoint_regressor
 
 
 def weights_reference(keypoints, visible, height, width, sigma):
@@ -171,9 +172,10 @@ def test_vae_training_lowers_the_loss():
 
 
 def test_keypoint_regressor_learns():
-    model, losses = train_keypoint_regressor(steps=12, batch_size=16, num_identities=4, views_per_identity=8,
-                                             size=32, lr=3e-3, progress=False)
-    assert isinstance(model, KeypointRegressor) and not model.training
+    views = render_identities(BodiesDataset(4, 8, size=32))
+    model, log, finished = train_keypoint_regressor(views, steps=12, batch_size=16, lr=5e-3, show_progress=False)
+    losses = [v for _, v in log.history["loss"]]
+    assert isinstance(model, KeypointRegressor) and not model.training and finished
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
     images = BodiesDataset(1, 2, size=32)[0]["image"][None]
     kp, vis = model.predict(images)

@@ -68,6 +68,20 @@ def test_both_lambdas_zero_is_the_text_only_unet_exactly():
             assert not torch.allclose(unet(x, t, context, mask), text_only, atol=1e-4)
 
 
+def test_lambda_b_zero_and_no_reference_is_the_text_only_unet_exactly():
+    """Whatever lambda_ref is, no reference image (zero tokens) and lambda_b = 0 give the base UNet bit for bit."""
+    x, t, text, mask, _, body = inputs()
+    with torch.no_grad():
+        text_only = tiny_unet()(x, t, text, mask)
+        unet = installed_unet()
+        for lambda_ref in (1.0, 2.5):
+            set_body_scales(unet, lambda_ref=lambda_ref, lambda_b=0.0)
+            assert torch.equal(unet(x, t, body_context(unet, text, body, None), mask), text_only)
+            absent = torch.tensor([False, False])
+            ref = torch.randn(2, N_REF, CTX)
+            assert torch.equal(unet(x, t, body_context(unet, text, body, ref, ref_present=absent), mask), text_only)
+
+
 def test_three_streams_sum_before_to_out():
     """Copied K/V and equal tokens: Z' = (1 + lambda_ref + lambda_b) A(Q, K_t, V_t) before to_out, then ONE to_out."""
     unet = tiny_unet()

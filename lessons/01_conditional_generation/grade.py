@@ -3,7 +3,7 @@
 Your functions are compared with minildm's Tokenizer (minildm/text/tokenizer.py) on captions where the
 usual mistakes show: messy case and punctuation, repeated words, rare words, unknown words, the empty
 caption and captions longer than max_len. REFERENCE holds the library's solutions in the exercises'
-signatures (lesson.py falls back to them; tests/test_lessons_a.py checks that they pass).
+signatures (lesson.py falls back to them; tests/test_lessons_graders.py checks that they pass).
 """
 from __future__ import annotations
 

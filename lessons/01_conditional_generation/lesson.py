@@ -25,8 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lessons.common import QUICK, exercises_of, out_dir  # noqa: E402
-from lessons.grading import load_module, mine_or_reference  # noqa: E402
+from lessons.common import QUICK, exercise_functions, out_dir, save_figure  # noqa: E402
 from minildm.data import shapes  # noqa: E402
 from minildm.text.tokenizer import split_words  # noqa: E402
 
@@ -34,20 +33,8 @@ OUT = out_dir(__file__)
 MAX_LEN = 12  # the tiny preset's prompt length (start token included)
 
 
-REFERENCE = load_module(Path(__file__).with_name("grade.py")).REFERENCE  # the library's solutions
-exercises = exercises_of(__file__)
-build_vocab = mine_or_reference(exercises, "build_vocab", REFERENCE["build_vocab"])
-encode_caption = mine_or_reference(exercises, "encode_caption", REFERENCE["encode_caption"])
-
-
-def whose(fn, reference) -> str:
-    return "library reference" if fn is reference else "yours"
-
-
-def save(fig, name: str) -> None:
-    fig.savefig(OUT / name, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    print(f"  wrote {OUT / name}")
+FNS = exercise_functions(__file__)  # yours once filled in, the library's until then
+build_vocab, encode_caption = FNS["build_vocab"], FNS["encode_caption"]
 
 
 def figure_all_combinations() -> None:
@@ -67,7 +54,7 @@ def figure_all_combinations() -> None:
                 ax.set_title(f"{shape}\n{position}", fontsize=7)
         axes[r, 0].set_ylabel(color, fontsize=8)
     fig.suptitle("the 90 classes y = (colour, shape, position); red frame = held out of training (10)", fontsize=10)
-    save(fig, "all_combinations.png")
+    save_figure(fig, OUT / "all_combinations.png")
 
 
 def figure_captions(n: int) -> list[str]:
@@ -80,7 +67,7 @@ def figure_captions(n: int) -> list[str]:
         ax.set_title(text.replace(" on the", "\non the").replace(" in the", "\nin the"), fontsize=8)
         ax.axis("off")
     fig.suptitle("training pairs (x, caption)", fontsize=10)
-    save(fig, "captions.png")
+    save_figure(fig, OUT / "captions.png")
     return captions
 
 
@@ -96,7 +83,7 @@ def figure_vocabulary(words: list[str], captions: list[str]) -> None:
         for j in range(3):
             table[i + 1, j].set_facecolor("#dde8ff")
     ax.set_title(f"vocabulary: {len(words)} ids = 3 special tokens + {len(words) - 3} words", fontsize=10)
-    save(fig, "vocabulary.png")
+    save_figure(fig, OUT / "vocabulary.png")
 
 
 def figure_tokens(words: list[str], examples: list[str]) -> torch.Tensor:
@@ -113,7 +100,7 @@ def figure_tokens(words: list[str], examples: list[str]) -> torch.Tensor:
     ax.set_xticks([c + 0.5 for c in range(MAX_LEN)], range(MAX_LEN), fontsize=7)
     ax.set_xlabel("position in the token row (max_len = %d, start token included)" % MAX_LEN)
     ax.set_title("encode_caption: <s> blue, <unk> orange, <pad> grey (mask = ids != 0)", fontsize=10)
-    save(fig, "tokens.png")
+    save_figure(fig, OUT / "tokens.png")
     return ids
 
 
@@ -142,14 +129,13 @@ def figure_class_vs_text(words: list[str], n: int) -> None:
     b.set_title("text-conditional: examples per word id (red = words of held-out\n"
                 "captions: all well trained; 'that', 'is' only occur in paraphrases)", fontsize=9)
     fig.tight_layout()
-    save(fig, "class_vs_text.png")
+    save_figure(fig, OUT / "class_vs_text.png")
     print(f"  class-conditional: held-out classes got {per_class[held].sum()} examples; "
           f"text: the rarest word of a held-out caption got {min(per_word[words.index(w)] for w in held_words)}")
 
 
 def main() -> None:
-    print(f"lesson 01 (quick={QUICK}); build_vocab: {whose(build_vocab, REFERENCE['build_vocab'])}, "
-          f"encode_caption: {whose(encode_caption, REFERENCE['encode_caption'])}")
+    print(f"lesson 01 (quick={QUICK})")
     figure_all_combinations()
     train_captions = [shapes.caption(*combo, paraphrase=p) for combo in shapes.SEEN for p in (False, True)]
     words = build_vocab(train_captions)

@@ -2,7 +2,7 @@
 
 Your losses are compared with minildm/autoencoder/losses.py on scores inside and beyond the margin, on
 patch maps of different sizes, and through their gradients. REFERENCE holds the library's solutions
-(tests/test_lessons_a.py checks that they pass and that typical wrong versions fail).
+(tests/test_lessons_graders.py checks that they pass, tests/test_lessons_a.py that wrong versions fail).
 """
 from __future__ import annotations
 

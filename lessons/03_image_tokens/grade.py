@@ -4,7 +4,7 @@ Your functions are compared with minildm's VectorQuantizer (minildm/autoencoder/
 codebook whose vectors have very different lengths, latents whose channel count differs from h and w, and
 the gradients that reach the encoder output, the codebook and the decoder input. REFERENCE holds the
 library's solutions in the exercises' signatures (the library computes them inside VectorQuantizer.forward;
-lesson.py falls back to them and tests/test_lessons_a.py checks that they pass).
+lesson.py falls back to them and tests/test_lessons_graders.py checks that they pass).
 """
 from __future__ import annotations
 

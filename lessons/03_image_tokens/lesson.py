@@ -35,25 +35,20 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from einops import rearrange  # noqa: E402
 
-from lessons.common import QUICK, ROOT, exercises_of, out_dir  # noqa: E402
-from lessons.grading import load_module, mine_or_reference  # noqa: E402
+from lessons.common import QUICK, TINY_RUN, exercise_functions, out_dir, save_figure  # noqa: E402
 from minildm.autoencoder.vqvae import VQConfig, VQVAE, codebook_stats, nearest_code_indices  # noqa: E402
 from minildm.data import shapes  # noqa: E402
 from minildm.train.autoencoder import psnr  # noqa: E402
 from minildm.viz import make_grid  # noqa: E402
 
 OUT = out_dir(__file__)
-RUN = ROOT / "runs" / "tiny"
-STEPS = 80 if QUICK else 600
+STEPS = 15 if QUICK else 600
 NUM_CODES = 256  # K of the trained model (the tiny preset's)
-SWEEP = (2, 8, 32, 128) if QUICK else (2, 4, 8, 16, 32, 64, 128, 256)  # codebook sizes refitted afterwards
+SWEEP = (2, 32) if QUICK else (2, 4, 8, 16, 32, 64, 128, 256)  # codebook sizes refitted afterwards
 BATCH, LR, BETA = 16, 2e-3, 0.25
 
-REFERENCE = load_module(Path(__file__).with_name("grade.py")).REFERENCE  # the library's solutions
-exercises = exercises_of(__file__)
-quantize = mine_or_reference(exercises, "quantize", REFERENCE["quantize"])
-vq_loss = mine_or_reference(exercises, "vq_loss", REFERENCE["vq_loss"])
-straight_through = mine_or_reference(exercises, "straight_through", REFERENCE["straight_through"])
+FNS = exercise_functions(__file__)  # yours once filled in, the library's until then
+quantize, vq_loss, straight_through = FNS["quantize"], FNS["vq_loss"], FNS["straight_through"]
 
 
 def vq_config(num_codes: int) -> VQConfig:
@@ -106,12 +101,6 @@ def evaluate(model: VQVAE, images: torch.Tensor) -> dict:
             "counts": counts, "bits": h * w * math.log2(model.cfg.num_codes), "rebuilt": rebuilt}
 
 
-def save(fig, name: str) -> None:
-    fig.savefig(OUT / name, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    print(f"  wrote {OUT / name}")
-
-
 @torch.no_grad()
 def figure_tokens(model: VQVAE, images: torch.Tensor, name: str, title: str) -> None:
     """Per row: image | token ids | decode_indices(tokens) | left half of this row's tokens + right half of the next row's."""
@@ -136,7 +125,7 @@ def figure_tokens(model: VQVAE, images: torch.Tensor, name: str, title: str) -> 
                                    "left tokens of this row +\nright tokens of the next row"]):
         ax.set_title(label, fontsize=9)
     fig.suptitle(title, fontsize=10)
-    save(fig, name)
+    save_figure(fig, OUT / name)
 
 
 def figure_training(history: dict) -> None:
@@ -148,7 +137,7 @@ def figure_training(history: dict) -> None:
     axes[0].set_yscale("log"), axes[1].set_yscale("log")
     fig.suptitle(f"training the K = {NUM_CODES} VQ-VAE (codes used = distinct ids in a batch of {BATCH} images / K)", fontsize=10)
     fig.tight_layout()
-    save(fig, "training.png")
+    save_figure(fig, OUT / "training.png")
 
 
 def figure_usage(results: dict) -> None:
@@ -163,7 +152,7 @@ def figure_usage(results: dict) -> None:
     axes[0, 0].set_ylabel("latent pixels assigned")
     fig.suptitle("codebook usage on held-out images (dead codes = the empty tail)", fontsize=10)
     fig.tight_layout()
-    save(fig, "codebook_usage.png")
+    save_figure(fig, OUT / "codebook_usage.png")
 
 
 @torch.no_grad()
@@ -217,14 +206,12 @@ def figure_codebook_size(sweep: dict, trained: dict, images: torch.Tensor) -> No
                    ["original"] + [f"K = {k}" for k in rows] + ["no quantisation"], fontsize=8)
     ax2.set_xticks([])
     ax2.set_title("held-out shapes rebuilt", fontsize=9)
-    save(fig, "codebook_size.png")
+    save_figure(fig, OUT / "codebook_size.png")
 
 
 def main() -> None:
-    mine = [n for n, fn in (("quantize", quantize), ("vq_loss", vq_loss), ("straight_through", straight_through))
-            if fn is not REFERENCE[n]]
-    print(f"lesson 03 (quick={QUICK}); your functions in use: {mine or 'none yet (library references)'}")
-    images = held_out_images(256)
+    print(f"lesson 03 (quick={QUICK})")
+    images = held_out_images(64 if QUICK else 256)
     model, history, seconds = train_vq(NUM_CODES, STEPS)
     trained = evaluate(model, images)
     print(f"  trained a K = {NUM_CODES} VQ-VAE for {STEPS} steps in {seconds:.0f} s: PSNR {trained['psnr']:.1f} dB from "
@@ -238,11 +225,11 @@ def main() -> None:
           f"against 32 x 32 x 3 x 8 = {32 * 32 * 3 * 8} bits of pixels")
     usage = {f"ours: gradient-trained codebook, {STEPS} steps": trained}
     tiny = None
-    if not QUICK and (RUN / "autoencoder.pt").is_file():
+    if not QUICK and (TINY_RUN / "autoencoder.pt").is_file():
         from minildm.pipeline import load_autoencoder
 
-        tiny = load_autoencoder(RUN)
-        usage[f"{RUN.name} run: EMA codebook, k-means init, restarts"] = evaluate(tiny, images)
+        tiny = load_autoencoder(TINY_RUN)
+        usage[f"{TINY_RUN.name} run: EMA codebook, k-means init, restarts"] = evaluate(tiny, images)
     figure_usage(usage)
     train_images = shapes.sample_batch(128, np.random.default_rng(7), split="train")[0]
     sweep = codebook_sweep(model, train_images, images)
@@ -251,7 +238,7 @@ def main() -> None:
     figure_codebook_size(sweep, trained, images)
     if tiny is not None:
         figure_tokens(tiny, images[:4], "tokens_tiny_run.png",
-                      f"the trained tiny autoencoder ({RUN}): K = {tiny.cfg.num_codes}, EMA codebook with restarts")
+                      f"the trained tiny autoencoder ({TINY_RUN}): K = {tiny.cfg.num_codes}, EMA codebook with restarts")
 
 
 if __name__ == "__main__":

@@ -21,16 +21,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from lessons.common import QUICK, exercises_of, out_dir  # noqa: E402
-from lessons.grading import mine_or_reference  # noqa: E402
+from lessons.common import QUICK, exercise_functions, out_dir, save_figure  # noqa: E402
 from minildm import clip as clip_lib  # noqa: E402
 from minildm.data import shapes  # noqa: E402
 from minildm.train.clip import evaluate_clip  # noqa: E402
 from minildm.train.common import step_rng  # noqa: E402
 
 OUT = out_dir(__file__)
-clip_loss = mine_or_reference(exercises_of(__file__), "clip_loss", clip_lib.clip_loss)
-print(f"clip_loss: {'your exercises.py version' if clip_loss is not clip_lib.clip_loss else 'the library version (exercise not done yet)'}")
+clip_loss = exercise_functions(__file__)["clip_loss"]  # yours once filled in, the library's until then
 torch.manual_seed(0)
 
 # --- 1. The loss at chance level -------------------------------------------------------------------------
@@ -51,15 +49,14 @@ with torch.no_grad():
     print(f"trained: loss {clip_loss(image_emb, text_emb, s).item():.3f} on the same batch; "
           f"learned 1/temperature exp(s) = {s.exp().item():.1f} (it started at 1/0.07 = 14.3, clamped at 100)")
 steps_, losses = zip(*log.history["loss"])
-plt.figure(figsize=(5, 3))
+fig = plt.figure(figsize=(5, 3))
 plt.plot(steps_, losses, label="clip_loss")
 plt.axhline(math.log(BATCH), color="gray", ls="--", label=f"chance log {BATCH}")
 plt.xlabel("step")
 plt.ylabel("loss")
 plt.legend()
 plt.tight_layout()
-plt.savefig(OUT / "loss.png", dpi=120)
-plt.close()
+save_figure(fig, OUT / "loss.png")
 
 # --- 3. The similarity matrix: 12 images x their 12 captions ----------------------------------------------
 rng = np.random.default_rng(4)
@@ -82,8 +79,7 @@ for i in range(12):
                 color="black" if similarity[i, j] > similarity.mean() else "white")
 ax.set_title("cosine similarity: images (rows) x captions (columns)")
 fig.tight_layout()
-fig.savefig(OUT / "similarity.png", dpi=120)
-plt.close(fig)
+save_figure(fig, OUT / "similarity.png")
 hits = (similarity.argmax(axis=1) == np.arange(12)).sum()
 print(f"similarity matrix: {hits}/12 images are closest to their own caption among these 12 -> out/similarity.png")
 
@@ -102,8 +98,7 @@ for ax, i in zip(axes.flat, range(8)):
     ax.set_title("\n".join(lines), fontsize=7, family="monospace", loc="left")
 fig.suptitle("zero-shot picks: the 3 most likely of 90 captions (* = the true one)")
 fig.tight_layout()
-fig.savefig(OUT / "zero_shot.png", dpi=120)
-plt.close(fig)
+save_figure(fig, OUT / "zero_shot.png")
 accuracy = evaluate_clip(model, tokenizer, rounds=1 if QUICK else 2)
 print(f"zero-shot accuracy on fresh images, all 90 captions as classes: {accuracy:.3f} (chance {1 / 90:.3f}) "
       "-> out/zero_shot.png")

@@ -4,7 +4,7 @@ adaptive_weight is compared with minildm/autoencoder/losses.py on gradients of k
 gradient, two losses that share one graph (as in real training) and the clamp. latent_scale is compared
 with VQVAE.compute_scale_factor on latents with a large mean, channels of different spread, and the
 latents of a real (small, untrained) VQ-VAE encoder. REFERENCE holds the library's solutions in the
-exercises' signatures (lesson.py falls back to them; tests/test_lessons_a.py checks that they pass).
+exercises' signatures (lesson.py falls back to them; tests/test_lessons_graders.py checks that they pass).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ attention is compared with minildm/modules/attention.py with query, key and valu
 (N != M, d != e), scores large enough for the 1/sqrt(d) to matter, padding masks of different lengths, and
 a fully masked row. padding_mask is compared with the mask PromptEncoder returns for tokens of real
 captions, the empty caption and unknown words. REFERENCE holds the library's solutions in the exercises'
-signatures (lesson.py falls back to them; tests/test_lessons_a.py checks that they pass).
+signatures (lesson.py falls back to them; tests/test_lessons_graders.py checks that they pass).
 """
 from __future__ import annotations
 

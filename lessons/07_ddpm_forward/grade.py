@@ -2,8 +2,8 @@
 
 Every check compares your function with the library (minildm/diffusion/schedule.py) on inputs where the
 usual mistakes show: the default betas, both ends of the schedule, t = 0, per-sample timesteps.
-REFERENCE holds the library's solutions in the exercises' signatures (tests/test_lessons_b.py checks that
-they pass and that typical wrong versions fail).
+REFERENCE holds the library's solutions in the exercises' signatures (tests/test_lessons_graders.py checks
+that they pass, tests/test_lessons_b.py that typical wrong versions fail).
 """
 from __future__ import annotations
 

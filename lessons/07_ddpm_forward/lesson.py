@@ -21,21 +21,11 @@ import torch  # noqa: E402
 from einops import rearrange  # noqa: E402
 
 from lessons import common  # noqa: E402
-from lessons.grading import mine_or_reference  # noqa: E402
 from minildm.data import shapes  # noqa: E402
 
 KINDS = ("linear", "scaled_linear", "cosine")
 T = 1000
 SHOW_T = (0, 50, 100, 200, 300, 500, 700, 999)
-
-
-def load_exercises():
-    exercises = common.exercises_of(__file__)
-    reference = common.load_module(Path(__file__).with_name("grade.py")).REFERENCE
-    fns = {name: mine_or_reference(exercises, name, ref) for name, ref in reference.items()}
-    for name, fn in fns.items():
-        print(f"  {name:<15} {'yours' if fn is not reference[name] else 'library (exercise not filled in yet)'}")
-    return fns
 
 
 def plot_schedules(betas: dict, abar: dict, out: Path) -> None:
@@ -48,8 +38,7 @@ def plot_schedules(betas: dict, abar: dict, out: Path) -> None:
     ax1.legend(fontsize=8)
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "schedules.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out / "schedules.png")
 
 
 def plot_snr(abar: dict, out: Path) -> None:
@@ -63,26 +52,7 @@ def plot_snr(abar: dict, out: Path) -> None:
     ax.set(xlabel="t", ylabel="log10 SNR", title="SNR_t = abar_t / (1 - abar_t); dots: SNR = 1")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "snr.png", dpi=110)
-    plt.close(fig)
-
-
-def plot_forward(rows: list[tuple[str, torch.Tensor]], out: Path) -> None:
-    """rows: (label, images [len(SHOW_T), 3, H, W] in [0, 1])."""
-    fig, axes = plt.subplots(len(rows), len(SHOW_T), figsize=(1.3 * len(SHOW_T), 1.45 * len(rows)))
-    for r, (label, images) in enumerate(rows):
-        for c, t in enumerate(SHOW_T):
-            ax = axes[r, c]
-            ax.imshow(rearrange(images[c].clamp(0, 1), "c h w -> h w c").numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(f"t = {t}", fontsize=8)
-            if c == 0:
-                ax.set_ylabel(label, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "forward_pixel_latent.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out / "snr.png")
 
 
 def plot_variance(abar: torch.Tensor, var_mine: torch.Tensor, var_data: float, out: Path) -> None:
@@ -94,8 +64,7 @@ def plot_variance(abar: torch.Tensor, var_mine: torch.Tensor, var_data: float, o
     ax.set(xlabel="t", ylabel="variance", ylim=(0, 1.3), title="Latents z_0 (std ~ 1) pushed through q(z_t | z_0), linear")
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(out / "variance.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out / "variance.png")
 
 
 def plot_posterior(betas: torch.Tensor, coef_x0: torch.Tensor, coef_xt: torch.Tensor, variance: torch.Tensor,
@@ -110,15 +79,11 @@ def plot_posterior(betas: torch.Tensor, coef_x0: torch.Tensor, coef_xt: torch.Te
     ax2.set(xlabel="t (log scale)", xscale="log", ylim=(0, 1.05),
             title="sigma_t^2 / beta_t, sigma_t^2 = (1 - abar_{t-1}) beta_t / (1 - abar_t)")
     fig.tight_layout()
-    fig.savefig(out / "posterior.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out / "posterior.png")
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    out = common.out_dir(__file__)
-    print("lesson 07: the forward process")
-    fns = load_exercises()
+    out, fns = common.start(__file__, "lesson 07: the forward process")
 
     betas = {kind: fns["beta_schedule"](kind, T) for kind in KINDS}
     abar = {kind: fns["alphas_cumprod"](betas[kind]) for kind in KINDS}
@@ -139,13 +104,13 @@ def main() -> None:
     with torch.no_grad():
         z0 = pipe.autoencoder.encode(x0) * pipe.autoencoder.scale_factor  # scaled latents [n, c, h, w]
         eps_latent = torch.randn(z0.shape, generator=g)[:1].expand_as(z0)
-        rows = []
+        rows = {}
         for kind in ("linear", "cosine"):
             x_t = fns["q_sample"](abar[kind], x0, t, eps_pixel)
             z_t = fns["q_sample"](abar[kind], z0, t, eps_latent)
-            rows.append((f"pixel x_t\n{kind}", (x_t + 1) / 2))
-            rows.append((f"latent z_t\n{kind}, decoded", pipe.decode(z_t.float())))
-    plot_forward(rows, out)
+            rows[f"pixel x_t\n{kind}"] = (x_t + 1) / 2
+            rows[f"latent z_t\n{kind}, decoded"] = pipe.decode(z_t.float())
+    common.save_rows_over_t(rows, SHOW_T, out / "forward_pixel_latent.png")
 
     # Property 1 keeps the variance: Var[z_t] = abar Var[z_0] + (1 - abar) = 1 when Var[z_0] = 1
     n = 64 if common.QUICK else 512

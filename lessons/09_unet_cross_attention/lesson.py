@@ -23,20 +23,10 @@ import torch.nn.functional as F  # noqa: E402
 from einops import rearrange  # noqa: E402
 
 from lessons import common  # noqa: E402
-from lessons.grading import mine_or_reference  # noqa: E402
 
 PROMPTS = ["a red circle on the left", "a blue square on the right", "a green triangle on the top",
            "a yellow circle in the center"]
 STEPS = 10 if common.QUICK else 25
-
-
-def load_exercises():
-    exercises = common.exercises_of(__file__)
-    reference = common.load_module(Path(__file__).with_name("grade.py")).REFERENCE
-    fns = {name: mine_or_reference(exercises, name, ref) for name, ref in reference.items()}
-    for name, fn in fns.items():
-        print(f"  {name:<19} {'yours' if fn is not reference[name] else 'library (exercise not filled in yet)'}")
-    return fns
 
 
 def describe_unet(pipe, seen: dict) -> None:
@@ -61,8 +51,7 @@ def plot_embedding(emb: torch.Tensor, out: Path) -> None:
     ax2.set(xlabel="t", ylabel="t'", title="cosine similarity of embeddings")
     fig.colorbar(im, ax=ax2)
     fig.tight_layout()
-    fig.savefig(out / "timestep_embedding.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out / "timestep_embedding.png")
 
 
 def plot_maps(images: torch.Tensor, maps: torch.Tensor, words: list[list[str]], out: Path) -> None:
@@ -85,15 +74,11 @@ def plot_maps(images: torch.Tensor, maps: torch.Tensor, words: list[list[str]], 
     fig.suptitle("cross-attention weight of each pixel (finest attended level, last step) on each prompt token",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "cross_attention_maps.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out / "cross_attention_maps.png")
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    out = common.out_dir(__file__)
-    print("lesson 09: the UNet's timestep embedding and cross-attention")
-    fns = load_exercises()
+    out, fns = common.start(__file__, "lesson 09: the UNet's timestep embedding and cross-attention")
 
     plot_embedding(fns["timestep_embedding"](torch.arange(1000), 64), out)
     pipe = common.trained_pipeline()

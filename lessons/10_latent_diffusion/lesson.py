@@ -24,7 +24,6 @@ import torch  # noqa: E402
 from einops import rearrange  # noqa: E402
 
 from lessons import common  # noqa: E402
-from lessons.grading import mine_or_reference  # noqa: E402
 from minildm.config import micro  # noqa: E402
 from minildm.data import shapes  # noqa: E402
 from minildm.diffusion.ddim import ddim_timesteps  # noqa: E402
@@ -41,14 +40,6 @@ SAMPLE_STEPS = 10 if common.QUICK else 25
 SHOW_T = (100, 400, 800)
 PROMPTS = ["a red circle on the left", "a blue square on the right", "a green triangle on the top",
            "a purple square in the center"]
-
-
-def load_training_step():
-    exercises = common.exercises_of(__file__)
-    reference = common.load_module(Path(__file__).with_name("grade.py")).REFERENCE["training_step"]
-    fn = mine_or_reference(exercises, "training_step", reference)
-    print(f"  training_step  {'yours' if fn is not reference else 'library recipe (exercise not filled in yet)'}")
-    return fn
 
 
 def show(ax, image: torch.Tensor, title: str, cmap: str | None = None) -> None:
@@ -88,8 +79,7 @@ def explain_step(pipe: LatentDiffusion, out: Path) -> None:
         show(axes[r, 5], pipe.decode(z0_hat)[0], "D(z0_hat / s)")
     fig.suptitle(f"one LDM training step for {prompt!r}: the loss compares eps_theta with eps", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "ldm_training_step.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out / "ldm_training_step.png")
 
 
 def train_fresh(pipe: LatentDiffusion, training_step, out: Path) -> None:
@@ -146,8 +136,7 @@ def compare_step_time(pipe: LatentDiffusion, out: Path) -> None:
     ax.bar(list(times), list(times.values()), color=["tab:green", "tab:red"])
     ax.set(ylabel="CPU seconds per training step", title=f"same UNet: pixel is {pixel / latent:.0f}x slower")
     fig.tight_layout()
-    fig.savefig(out / "latent_vs_pixel_step_time.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out / "latent_vs_pixel_step_time.png")
 
 
 def plot_trajectory(pipe: LatentDiffusion, out: Path) -> None:
@@ -164,15 +153,12 @@ def plot_trajectory(pipe: LatentDiffusion, out: Path) -> None:
         axes[r, 0].set_ylabel(prompt.replace(" on the", "\non the").replace(" in the", "\nin the"), fontsize=6)
     fig.suptitle(f"D(z_t / s) along {SAMPLE_STEPS} DDIM steps (guidance 3)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "trajectory.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out / "trajectory.png")
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    out = common.out_dir(__file__)
-    print("lesson 10: latent diffusion")
-    training_step = load_training_step()
+    out, fns = common.start(__file__, "lesson 10: latent diffusion")
+    training_step = fns["training_step"]
     pipe = common.trained_pipeline()
     explain_step(pipe, out)
     train_fresh(pipe, training_step, out)

@@ -21,7 +21,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from lessons import common  # noqa: E402
-from lessons.grading import mine_or_reference  # noqa: E402
 from minildm.data import shapes  # noqa: E402
 from minildm.diffusion.ddpm import as_eps_fn  # noqa: E402
 from minildm.diffusion.guidance import cfg_model_fn  # noqa: E402
@@ -31,15 +30,6 @@ STEP_COUNTS = (5, 10, 25, 50)
 PROMPTS = [shapes.caption(*combo) for combo in shapes.SEEN[:: 10 if common.QUICK else 3]]  # 8 or 27 prompts
 GRID = 6  # prompts shown in the image grids
 GUIDANCE = 3.0
-
-
-def load_exercises():
-    exercises = common.exercises_of(__file__)
-    reference = common.load_module(Path(__file__).with_name("grade.py")).REFERENCE
-    fns = {name: mine_or_reference(exercises, name, ref) for name, ref in reference.items()}
-    for name, fn in fns.items():
-        print(f"  {name:<15} {'yours' if fn is not reference[name] else 'library (exercise not filled in yet)'}")
-    return fns
 
 
 @torch.no_grad()
@@ -80,8 +70,7 @@ def plot_accuracy(results: dict, out: Path) -> None:
         ax.set_xticks(STEP_COUNTS, [str(s) for s in STEP_COUNTS])
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "steps_vs_accuracy.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out / "steps_vs_accuracy.png")
 
 
 def plot_pitfall(fns, T: int, out: Path) -> None:
@@ -110,15 +99,11 @@ def plot_pitfall(fns, T: int, out: Path) -> None:
     ax2.set(xlabel="n (DDIM steps)", ylabel="fraction of the n steps", title=f"t - T // n for every n (T = {T})")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "prev_timestep_pitfall.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out / "prev_timestep_pitfall.png")
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    out = common.out_dir(__file__)
-    print("lesson 11: DDIM")
-    fns = load_exercises()
+    out, fns = common.start(__file__, "lesson 11: DDIM")
     pipe = common.trained_pipeline()
     T = pipe.schedule.num_timesteps
 

@@ -22,7 +22,6 @@ import torch  # noqa: E402
 from einops import rearrange  # noqa: E402
 
 from lessons import common  # noqa: E402
-from lessons.grading import mine_or_reference  # noqa: E402
 from minildm.data import shapes  # noqa: E402
 from minildm.diffusion.ddim import ddim_sample  # noqa: E402
 from minildm.diffusion.ddpm import as_eps_fn  # noqa: E402
@@ -31,15 +30,6 @@ SCALES = (0.0, 1.0, 1.5, 3.0, 5.0, 10.0)  # s = 0 is the unconditional model, fo
 STEPS = 10 if common.QUICK else 25
 PROMPTS = [shapes.caption(*combo) for combo in shapes.SEEN[:: 10 if common.QUICK else 3]]  # 8 or 27 prompts
 GRID = 8  # prompts shown in the sweep grid
-
-
-def load_exercises():
-    exercises = common.exercises_of(__file__)
-    reference = common.load_module(Path(__file__).with_name("grade.py")).REFERENCE
-    fns = {name: mine_or_reference(exercises, name, ref) for name, ref in reference.items()}
-    for name, fn in fns.items():
-        print(f"  {name:<11} {'yours' if fn is not reference[name] else 'library (exercise not filled in yet)'}")
-    return fns
 
 
 def show_dropping(pipe, drop_prompt) -> None:
@@ -97,8 +87,7 @@ def plot_sweep(grids: dict, accuracy: dict, out: Path) -> None:
                 ax.set_title(PROMPTS[c].replace("a ", "", 1).replace(" on the", "\n").replace(" in the", "\n"), fontsize=6)
     fig.suptitle(f"guidance sweep, DDIM {STEPS} steps, same z_T per column", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "guidance_sweep.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out / "guidance_sweep.png")
 
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     ax.plot(list(accuracy), list(accuracy.values()), "o-")
@@ -106,15 +95,11 @@ def plot_sweep(grids: dict, accuracy: dict, out: Path) -> None:
            title=f"describe() agrees with the prompt ({len(PROMPTS)} prompts)")
     ax.axvline(1, color="gray", ls="--", lw=0.8)
     fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_guidance.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out / "accuracy_vs_guidance.png")
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    out = common.out_dir(__file__)
-    print("lesson 12: classifier-free guidance")
-    fns = load_exercises()
+    out, fns = common.start(__file__, "lesson 12: classifier-free guidance")
     pipe = common.trained_pipeline()
     show_dropping(pipe, fns["drop_prompt"])
     print_conventions()

@@ -4,7 +4,8 @@ Each check builds small layers with known A and B where the common mistakes chan
 zero at init, the factor r / alpha instead of alpha / r, a forgotten runtime scale, a base layer that
 still trains, a merge that forgets the factor or forgets to mark the layer merged.
 REFERENCE holds the library's solutions (minildm/adapters/lora.py) under the exercises' names
-(tests/test_lessons_lora.py checks that they pass, the stubs fail and typical wrong versions fail).
+(tests/test_lessons_graders.py checks that they pass and the stubs fail, tests/test_lessons_lora.py that wrong
+versions fail).
 """
 from __future__ import annotations
 

@@ -25,7 +25,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lessons import common  # noqa: E402
-from lessons.grading import is_stub  # noqa: E402
 from minildm.adapters.lora import LoRALinear  # noqa: E402
 from minildm.checkpoint import save_checkpoint  # noqa: E402
 from minildm.config import micro  # noqa: E402
@@ -45,16 +44,6 @@ def accuracy(pipe, combos, samples: int, steps: int, concepts: tuple = ()) -> fl
     """Fraction of `samples` images per combination's prompt (DDIM, guidance 3) that describe reads right."""
     images, prompts = generate_split(pipe, combos, samples, steps=steps, progress=False)
     return shapes.prompt_accuracy(images, prompts, concepts)
-
-
-def load_exercises():
-    """Your LoRALinear class and merge function once their TODOs are filled in, else the library's."""
-    mine = common.exercises_of(__file__)
-    yours_layer = not (is_stub(mine.LoRALinear.__init__) or is_stub(mine.LoRALinear.forward))
-    yours_merge = not is_stub(mine.merge)
-    print(f"  LoRALinear  {'yours' if yours_layer else 'library (exercise not filled in yet)'}")
-    print(f"  merge       {'yours' if yours_merge else 'library (exercise not filled in yet)'}")
-    return (mine.LoRALinear if yours_layer else LoRALinear), (mine.merge if yours_merge else LoRALinear.merge)
 
 
 @torch.no_grad()
@@ -102,8 +91,7 @@ def first_stage_figure(pipe, out: Path) -> dict:
     ax.set_title("rows: concept images, then D(E(x)) through the frozen VQ-VAE\n" +
                  ", ".join(f"{c}: {s:.0%} survive" for c, s in scores.items()), fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "first_stage.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out / "first_stage.png")
     return scores
 
 
@@ -119,8 +107,7 @@ def spectrum_figure(tuned_by_rank: dict, out: Path) -> None:
            title=f"Delta W of {name}: a few directions carry the update")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "spectrum.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out / "spectrum.png")
 
 
 def sweep_figures(rows: list[dict], logs: dict, out: Path) -> None:
@@ -138,8 +125,7 @@ def sweep_figures(rows: list[dict], logs: dict, out: Path) -> None:
     axes[2].set(xticks=x, xticklabels=ranks, xlabel="rank r", ylim=(0, 1.05), title="prompt accuracy")
     axes[2].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "rank_sweep.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out / "rank_sweep.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for rank, log in logs.items():
@@ -149,15 +135,12 @@ def sweep_figures(rows: list[dict], logs: dict, out: Path) -> None:
     ax.set(xlabel="step", ylabel="eps MSE (10-step mean)", title="LoRA fine-tuning loss")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out / "loss.png")
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    out = common.out_dir(__file__)
-    print("lesson 13: LoRA")
-    lora_cls, merge = load_exercises()
+    out, fns = common.start(__file__, "lesson 13: LoRA")  # your LoRALinear class and merge, or the library's
+    lora_cls, merge = fns["LoRALinear"], fns["merge"]
     base = common.trained_pipeline()
 
     scores = first_stage_figure(base, out)
@@ -198,11 +181,10 @@ def main() -> None:
                   [p.replace("a ", "").replace(" in the ", "\n").replace(" on the ", "\n") for p in SHOW], fontsize=7)
     ax.set_title(f"three prompts with the new word '{CONCEPT}', three old prompts", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "samples.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out / "samples.png")
     sweep_figures(rows, logs, out)
     spectrum_figure(tuned_by_rank, out)
-    run = "lessons/.cache/micro" if common.QUICK else "runs/tiny"
+    run = common.trained_run().relative_to(common.ROOT)
     print(f"figures in {out}: first_stage.png samples.png rank_sweep.png loss.png spectrum.png")
     print(f'try: python sample.py "a blue triangle in the corner" --run {run} --lora {out / "lora_corner_r4.pt"}')
 

@@ -32,6 +32,9 @@ def reference(x, text, text_mask, image_tokens, w, heads, scale):
         return layer(x, torch.cat([text, image_tokens], dim=1), text_mask)
 
 
+REFERENCE = {"decoupled_cross_attention": reference}  # the library's solution
+
+
 def weights(seed=0):
     """Random projections; to_out has a non-zero bias (it shows where the sum goes through to_out)."""
     torch.manual_seed(seed)

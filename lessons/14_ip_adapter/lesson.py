@@ -21,10 +21,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lessons.common import QUICK, ROOT, exercises_of, out_dir, trained_pipeline  # noqa: E402
+from lessons.common import QUICK, ROOT, exercises_of, out_dir, save_figure, trained_run  # noqa: E402
 from lessons.grading import is_stub  # noqa: E402
 from minildm.adapters.ip_adapter import DecoupledCrossAttention, set_ip_scale  # noqa: E402
 from minildm.data import shapes  # noqa: E402
+from minildm.pipeline import LatentDiffusion  # noqa: E402
 from minildm.train.clip import train_clip_stage  # noqa: E402
 from minildm.train.ip_adapter import (ADAPTER_FILE, CLIP_FILE, IPAdapterTrainConfig, load_image_prompter,  # noqa: E402
                                       parameter_counts, train_ip_adapter)
@@ -36,9 +37,8 @@ GUIDANCE = 3.0
 SEEDS = 1 if QUICK else 4
 
 # --- 0. A base run and its adapter -------------------------------------------------------------------------
-pipe = trained_pipeline()
-tiny = ROOT / "runs" / "tiny"
-base = tiny if not QUICK and (tiny / "ldm.pt").is_file() else ROOT / "lessons" / ".cache" / "micro"
+base = trained_run()
+pipe = LatentDiffusion.load(base)
 adapter = base / ADAPTER_FILE
 if QUICK or not adapter.is_file():
     cache = ROOT / "lessons" / ".cache" / f"ip_adapter_{base.name}"
@@ -80,8 +80,7 @@ def show_rows(rows, path, title):
     ax.set_yticks([row_height * (i + 0.5) for i in range(len(rows))], [label for label, _ in rows], fontsize=8)
     ax.set_title("\n".join(textwrap.wrap(title, 40)), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def read(images):
@@ -124,7 +123,7 @@ print(f"2. image-only prompts: colour and shape of the prompt kept in {hits}/{le
 # --- 3. Image + text: a red square (in the center) with a position in words --------------------------------
 red_square = render("red", "square", "center", seed=7)
 rows = []
-for scale in (0.5, 1.0):
+for scale in (0.5, 1.25):
     for where in ("on the left", "on the right", "on the top", "on the bottom"):
         samples = generate(where, red_square, scale)
         rows.append((f'"{where}", lambda {scale}', torch.cat([(red_square + 1) / 2, samples])))

@@ -24,12 +24,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from einops import rearrange  # noqa: E402
 
-from lessons.common import QUICK, exercises_of, load_module, out_dir  # noqa: E402
+from lessons.common import QUICK, ROOT, exercises_of, load_module, out_dir  # noqa: E402
 from lessons.grading import mine_or_reference  # noqa: E402
-from minildm.adapters.body import (BodyVAEConfig, keypoint_gaussians, render_identities,  # noqa: E402
-                                   train_body_vae)
-from minildm.data.bodies import (COCO_KEYPOINTS, BodiesDataset, View, identity, pose_keypoints,  # noqa: E402
-                                 random_view, render_body)
+from minildm.adapters.body import BodyVAEConfig, keypoint_gaussians, render_identities, set_body_scales  # noqa: E402
+from minildm.data.bodies import (COCO_KEYPOINTS, BodiesDataset, View, identity, pose_caption,  # noqa: E402
+                                 pose_keypoints, random_view, render_body)
+from minildm.train.body import train_body_vae  # noqa: E402
 
 OUT = out_dir(__file__)
 SIGMAS = (1.5, 3.0, 6.0)  # pixels, on 64x64 people
@@ -135,14 +135,14 @@ train = {k: v[:, :TRAIN_VIEWS] for k, v in rendered.items()}
 held = {k: v[:, TRAIN_VIEWS:] for k, v in rendered.items()}
 print(f"3. training the body VAE: {NUM_IDS} identities x {TRAIN_VIEWS} views at {VAE_CFG.image_size} px, "
       f"sets of 2 views, {STEPS} steps, beta_kl = {VAE_CFG.beta_kl}")
-vae, history = train_body_vae(VAE_CFG, train, steps=STEPS, batch_size=16, views_per_set=2, progress=not QUICK)
+vae, history, _ = train_body_vae(VAE_CFG, train, steps=STEPS, batch_size=16, views_per_set=2, show_progress=not QUICK)
 
 fig, ax = plt.subplots(figsize=(5, 3))
-steps = np.arange(1, len(history) + 1)
-ax.plot(steps, [h["recon"] for h in history], lw=0.8, label="recon (sum of squares per view)")
+steps, recon = zip(*history.history["recon"])
+ax.plot(steps, recon, lw=0.8, label="recon (sum of squares per view)")
 ax.set(xlabel="step", ylabel="recon", yscale="log")
 ax2 = ax.twinx()
-ax2.plot(steps, [h["kl"] for h in history], lw=0.8, color="tab:red", label="KL (nats per set)")
+ax2.plot(steps, [v for _, v in history.history["kl"]], lw=0.8, color="tab:red", label="KL (nats per set)")
 ax2.set_ylabel("KL", color="tab:red")
 fig.legend(fontsize=7, loc="upper right")
 fig.tight_layout()
@@ -208,3 +208,44 @@ fig.tight_layout()
 fig.savefig(OUT / "same_pose.png", dpi=130)
 plt.close(fig)
 print("   same pose decoded from each identity's c_body -> out/same_pose.png")
+
+# --- 4. One identity in several prompted poses, with the trained body adapter ----------------------------
+RUN = ROOT / "runs" / "body"
+if not (RUN / "body_adapter.pt").is_file():
+    print(f"4. no trained body run in {RUN.relative_to(ROOT)}: `python train.py --stage body` makes one (about 20 "
+          "CPU-minutes: base model of people, regressor, body VAE, adapter); run this lesson again to see one "
+          "identity in several prompted poses (out/one_identity_poses.png).")
+else:
+    from minildm.pipeline import LatentDiffusion
+    from minildm.train.body import identity_views, load_body_prompter
+
+    pipe = LatentDiffusion.load(RUN)
+    prompter = load_body_prompter(pipe, RUN)
+    poses = ["standing", "raising the left arm", "raising the right arm", "raising both arms", "holding both arms out"]
+    people = (1000, 1001) if not QUICK else (1000,)  # identity numbers the run never trained on
+    rows = []
+    with torch.no_grad():
+        for who in people:
+            views = identity_views(who, size=pipe.image_size, seed=prompter.seed)
+            c_body = prompter.c_body(views["image"], views["keypoints"], views["visible"])
+            captions = [pose_caption(p) for p in poses]
+            steps = 10 if QUICK else 25
+            body = pipe.generate(captions, steps=steps, seed=0, extra_tokens=prompter.extra_tokens(c_body))
+            set_body_scales(pipe.unet, 0.0, 0.0)  # lambda_ref = lambda_b = 0: the text-only base model, same noise
+            text = pipe.generate(captions, steps=steps, seed=0, extra_tokens=prompter.extra_tokens(None))
+            set_body_scales(pipe.unet, 1.0, 1.0)
+            rows.append((views["image"], body, text))
+    fig, axes = plt.subplots(2 * len(rows), len(poses) + 1, figsize=(1.3 * (len(poses) + 1), 2.7 * len(rows)))
+    axes = np.atleast_2d(axes)
+    for r, (refs, body, text) in enumerate(rows):
+        show(axes[2 * r, 0], refs[0], f"identity {people[r]}\n(1 of 4 views)")
+        axes[2 * r + 1, 0].axis("off")
+        for c, pose in enumerate(poses):
+            show(axes[2 * r, c + 1], body[c] * 2 - 1, pose.replace("holding ", "").replace("raising ", "") + "\nbody stream")
+            show(axes[2 * r + 1, c + 1], text[c] * 2 - 1, "text only")
+    fig.suptitle("one person (c_body from 4 views) in prompted poses; same noise with the body stream off", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT / "one_identity_poses.png", dpi=130)
+    plt.close(fig)
+    print(f"4. identities {people} in {len(poses)} prompted poses with the body adapter of {RUN.relative_to(ROOT)} "
+          "(top) and without it (bottom) -> out/one_identity_poses.png")

@@ -14,6 +14,8 @@ import torch  # noqa: E402
 from lessons.grading import Check, main  # noqa: E402
 from minildm.metrics import feature_statistics, frechet_distance as reference  # noqa: E402
 
+REFERENCE = {"frechet_distance": reference}  # the library's solution (tests/test_lessons_graders.py checks it passes)
+
 f64 = torch.float64
 
 

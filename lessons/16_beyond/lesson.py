@@ -7,7 +7,7 @@ training run's diagnostics say, and why a decoder-only LLM is an awkward prompt 
 
 1. FID by hand with YOUR frechet_distance (exercises.py; the library's until you fill it in): the finite-N
    floor, noise, mode dropping, and a model that ignores its prompts.
-2. The evaluation table of the trained model (lessons.common.trained_pipeline()) next to a deliberately
+2. The evaluation table of the trained model (lessons.common.trained_run()) next to a deliberately
    broken sampler (no guidance, 5 DDIM steps) and real shapes.
 3. The diagnostics of minildm/diagnostics.py on the trained model.
 4. Positional bias: the same prompt encoder with a causal (decoder-only) mask.
@@ -23,27 +23,24 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lessons.common import QUICK, ROOT, exercises_of, out_dir, trained_pipeline  # noqa: E402
-from lessons.grading import mine_or_reference  # noqa: E402
+from lessons.common import QUICK, exercise_functions, out_dir, save_figure, trained_run  # noqa: E402
 from minildm import diagnostics, evaluate, metrics  # noqa: E402
 from minildm.clip import load_clip, train_clip  # noqa: E402
 from minildm.data import shapes  # noqa: E402
 from minildm.feature_net import FeatureNetConfig, embed, train_feature_net  # noqa: E402
+from minildm.pipeline import LatentDiffusion  # noqa: E402
 from minildm.viz import save_grid  # noqa: E402
 
 torch.set_num_threads(1)
 OUT = out_dir(__file__)
 START = time.time()
-frechet_distance = mine_or_reference(exercises_of(__file__), "frechet_distance", metrics.frechet_distance)
-print(f"frechet_distance: {'your exercises.py version' if frechet_distance is not metrics.frechet_distance else 'the library version (exercise not done yet)'}")
+frechet_distance = exercise_functions(__file__)["frechet_distance"]  # yours once filled in, the library's until then
 
 # --- 0. The model and the two judges ----------------------------------------------------------------------
-TINY, MICRO = ROOT / "runs" / "tiny", ROOT / "lessons" / ".cache" / "micro"
-pipe = trained_pipeline(TINY)
-RUN = TINY if not QUICK and (TINY / "ldm.pt").is_file() else MICRO
+RUN = trained_run()
+pipe = LatentDiffusion.load(RUN)
 if QUICK and not (RUN.parent / "feature_net.pt").is_file():
     print("quick mode: a short-trained feature net and CLIP (not cached; the full ones take a minute each)")
     feature_net, _ = train_feature_net(steps=100, batch_size=48, lr=5e-3, progress=False,
@@ -99,8 +96,7 @@ ax.loglog(counts, [floors[0] * counts[0] / c for c in counts], "k--", lw=1, labe
 ax.set(xlabel="images per set N", ylabel="FID-shapes", title="FID's floor: two real sets are not at 0")
 ax.legend(fontsize=8)
 fig.tight_layout()
-fig.savefig(OUT / "fid_floor.png", dpi=110)
-plt.close(fig)
+save_figure(fig, OUT / "fid_floor.png")
 print("   real vs real at N = " + ", ".join(f"{c}: {f:.2f}" for c, f in zip(counts, floors))
       + "  -> out/fid_floor.png (compare FIDs only at the same N)")
 

@@ -18,12 +18,10 @@ as ``minildm.data.bodies`` renders them; "unit" coordinates map x = 0 .. W-1 to 
 """
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
 from torch import nn
-from tqdm import tqdm
 
 from minildm.adapters.ip_adapter import (IP, DecoupledCrossAttention, ImageProjection, install_ip_adapter,
                                         ip_adapter_parameters, set_ip_scale)
@@ -217,6 +215,12 @@ class BodyVAE(nn.Module):
         self._check_views(images, keypoints, visible, view_mask)
         return self._encode_weighted(self.weigh(images, keypoints, visible), view_mask)  # I_w^j, eq. 13
 
+    def view_features(self, images: torch.Tensor, keypoints: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """One weighted view per row through the shared conv net, before pooling: images [B, 3, H, W],
+        keypoints [B, K, 2], visible [B, K] -> features [B, feature_dim]. The body adapter's reference-image
+        stream reads these (our stand-in for the CLIP image encoder of a reference photo)."""
+        return self.view_encoder(self.weigh(images, keypoints, visible))
+
     def _encode_weighted(self, weighted: torch.Tensor, view_mask: torch.Tensor | None):
         """Weighted views [B, V, 3, H, W] -> (mu, logvar) [B, D]: shared conv net, masked mean over views."""
         B, V = weighted.shape[:2]
@@ -248,22 +252,29 @@ class BodyVAE(nn.Module):
         return self.to_rgb(torch.cat([h, pose], dim=1))
 
     def loss(self, images: torch.Tensor, keypoints: torch.Tensor, visible: torch.Tensor,
-             pose_keypoints: torch.Tensor, view_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+             pose_keypoints: torch.Tensor, view_mask: torch.Tensor | None = None,
+             held_out: int = 0) -> tuple[torch.Tensor, dict]:
         """Negative ELBO: every (real) view is rebuilt from the set's z and its own identity-free pose.
 
         images [B, V, 3, H, W], keypoints [B, V, K, 2], visible [B, V, K], pose_keypoints [B, V, K, 2],
         view_mask [B, V] | None -> (total scalar, logs dict of floats).
         recon = sum over pixels of (I_w - decode(z, pose))^2, averaged over real views (a Gaussian
         decoder's negative log-likelihood up to constants); kl = KL(q(z | views) || N(0, I)), mean over rows.
+        held_out: the last held_out views of every set are rebuilt but not encoded (0 <= held_out < V).
+        z then has to predict a view it never saw, so it can only carry what all views of the person share
+        (the body and the clothes), not the details of the views it read.
         """
         self._check_views(images, keypoints, visible, view_mask)
         if pose_keypoints.shape != keypoints.shape:
             raise ValueError(f"pose_keypoints must have the shape of keypoints {tuple(keypoints.shape)}, "
                              f"got {tuple(pose_keypoints.shape)}.")
-        target = self.weigh(images, keypoints, visible)                              # I_w, eq. 13
-        mu, logvar = self._encode_weighted(target, view_mask)
-        z = reparameterize(mu, logvar)
         B, V = images.shape[:2]
+        if not 0 <= held_out < V:
+            raise ValueError(f"held_out must leave at least one of the {V} views to encode, got {held_out}.")
+        target = self.weigh(images, keypoints, visible)                              # I_w, eq. 13
+        mu, logvar = self._encode_weighted(target[:, :V - held_out],
+                                           None if view_mask is None else view_mask[:, :V - held_out])
+        z = reparameterize(mu, logvar)
         recon = self.decode(repeat(z, "b d -> (b v) d", v=V), rearrange(pose_keypoints, "b v k c -> (b v) k c"))
         err = reduce((rearrange(target, "b v c h w -> (b v) c h w") - recon) ** 2, "n c h w -> n", "sum")
         m = (torch.ones(B, V, device=images.device) if view_mask is None else view_mask.float()).flatten()
@@ -284,64 +295,68 @@ def render_identities(data: BodiesDataset) -> dict:
             for key in VIEW_KEYS}
 
 
-def train_body_vae(cfg: BodyVAEConfig, views: dict, steps: int = 600, batch_size: int = 16, views_per_set: int = 2,
-                   lr: float = 3e-3, seed: int = 0, device: str = "cpu", progress: bool = True) -> tuple[BodyVAE, list]:
-    """Train a BodyVAE on sets of views; returns (model in eval mode, per-step logs dicts).
-
-    views: ``render_identities`` output (I identities x V rendered views). Each step takes batch_size
-    random identities and views_per_set distinct random views of each (a set), and minimises the
-    negative ELBO of ``BodyVAE.loss``. Sets of 2 views already teach the encoder to pool; any number
-    works at encoding time.
-    """
-    num_identities, num_views = views["image"].shape[:2]
-    if not 1 <= views_per_set <= num_views:
-        raise ValueError(f"views_per_set must be between 1 and the {num_views} rendered views, got {views_per_set}.")
-    torch.manual_seed(seed)
-    views = {key: views[key].to(device) for key in VIEW_KEYS}
-    vae = BodyVAE(cfg).to(device)
-    opt = torch.optim.Adam(vae.parameters(), lr=lr)
-    rng = np.random.default_rng(seed)
-    history = []
-    bar = tqdm(range(steps), desc="body VAE", disable=not progress)
-    for _ in bar:
-        ids = torch.from_numpy(rng.integers(num_identities, size=batch_size))[:, None]                   # [B, 1]
-        picks = torch.from_numpy(np.stack([rng.permutation(num_views)[:views_per_set] for _ in range(batch_size)]))
-        loss, logs = vae.loss(*(views[key][ids, picks] for key in VIEW_KEYS))                          # [B, V', ...]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history.append(logs)
-        bar.set_postfix(recon=f"{logs['recon']:.1f}", kl=f"{logs['kl']:.2f}")
-    return vae.eval(), history
-
-
 # ---------------------------------------------------------------------------------------------------
 # Keypoint regressor (for L_id of eq. 14 and for evaluation)
 # ---------------------------------------------------------------------------------------------------
 
 class KeypointRegressor(nn.Module):
-    """A small CNN: body image [B, 3, H, W] in [-1, 1] -> (unit keypoints [B, K, 2], visibility logits [B, K]).
+    """Heatmaps + soft-argmax: body image [B, 3, H, W] in [-1, 1] -> (unit keypoints [B, K, 2], visibility
+    logits [B, K]).
 
-    Two coordinate channels (x, y in [-1, 1]) are appended to the image ("CoordConv"), which makes
-    regressing positions easier; then four stride-2 convs, an adaptive pool to 4x4 (any size >= 16 works)
-    and an MLP head. Differentiable in the image, so a loss on its output can train a generator.
+    A small encoder-decoder keeps full resolution where it matters: two stride-2 convs go down to H/4,
+    dilated convs there see the whole figure (which side is left depends on the face), and two upsampling
+    steps with skip connections come back to H x W. Per keypoint k it outputs a logit map S_k and a
+    visibility map V_k:
+
+        P_k = softmax_{x,y}(S_k)                          where keypoint k is
+        p_k = sum_{x,y} P_k(x, y) (x, y)                  soft-argmax: sub-pixel, differentiable in the image
+        v_k = sum_{x,y} P_k(x, y) V_k(x, y)               visibility logit read where the keypoint is
+
+    A pooled-feature MLP (the first version) had to learn coordinates as a function of 16 pooled cells and
+    stayed near the average pose; the heatmap ties each coordinate to the pixels that show the joint.
+    Differentiable in the image, so L_id of eq. 14 can train a generator through it.
     """
 
     def __init__(self, num_keypoints: int = 17, width: int = 16):
         super().__init__()
         self.num_keypoints = num_keypoints
-        self.features = nn.Sequential(_down(3 + 2, width), _down(width, 2 * width), _down(2 * width, 4 * width),
-                                      _down(4 * width, 8 * width), nn.AdaptiveAvgPool2d(4), nn.Flatten())
-        self.head = nn.Sequential(nn.Linear(8 * width * 16, 256), nn.SiLU(), nn.Linear(256, 3 * num_keypoints))
+        w = width
+        act = nn.SiLU
+        self.stem = nn.Sequential(nn.Conv2d(3 + 2, w, 3, padding=1), act(), nn.Conv2d(w, w, 3, padding=1), act())
+        self.down1 = nn.Sequential(_down(w, 2 * w), nn.Conv2d(2 * w, 2 * w, 3, padding=1), act())          # H/2
+        self.down2 = nn.Sequential(_down(2 * w, 4 * w), nn.Conv2d(4 * w, 4 * w, 3, padding=2, dilation=2), act(),
+                                   nn.Conv2d(4 * w, 4 * w, 3, padding=4, dilation=4), act())             # H/4
+        self.up1 = nn.Sequential(nn.Conv2d(4 * w + 2 * w, 2 * w, 3, padding=1), act())                     # H/2
+        self.up0 = nn.Sequential(nn.Conv2d(2 * w + w, w, 3, padding=1), act())                             # H
+        self.head = nn.Conv2d(w, 2 * num_keypoints, 1)                                                   # S_k, V_k
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B, _, H, W = images.shape
+    def _grid(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit (x, y) of every pixel centre: [2, H, W], x = -1 at column 0 and +1 at column W-1."""
+        H, W = images.shape[-2:]
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=images.device),
                                 torch.linspace(-1, 1, W, device=images.device), indexing="ij")
-        coords = repeat(torch.stack([xs, ys]).to(images.dtype), "c h w -> b c h w", b=B)
-        out = self.head(self.features(torch.cat([images, coords], dim=1)))
-        out = rearrange(out, "b (k c) -> b k c", c=3)
-        return out[..., :2], out[..., 2]
+        return torch.stack([xs, ys]).to(images.dtype)
+
+    def heatmaps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B, 3, H, W] (H, W divisible by 4) -> (log P_k [B, K, H, W], V_k [B, K, H, W])."""
+        B, _, H, W = images.shape
+        if H % 4 or W % 4:
+            raise ValueError(f"the keypoint regressor needs an image side divisible by 4, got {H}x{W}.")
+        grid = self._grid(images)
+        h0 = self.stem(torch.cat([images, repeat(grid, "c h w -> b c h w", b=B)], dim=1))
+        h1 = self.down1(h0)
+        h2 = self.down2(h1)
+        h1 = self.up1(torch.cat([F.interpolate(h2, scale_factor=2.0), h1], dim=1))
+        h0 = self.up0(torch.cat([F.interpolate(h1, scale_factor=2.0), h0], dim=1))
+        scores, vis_maps = rearrange(self.head(h0), "b (two k) h w -> two b k h w", two=2)
+        log_p = rearrange(F.log_softmax(rearrange(scores, "b k h w -> b k (h w)"), dim=-1), "b k (h w) -> b k h w", h=H)
+        return log_p, vis_maps
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_p, vis_maps = self.heatmaps(images)
+        p = log_p.exp()                                                                  # P_k  [B, K, H, W]
+        unit = torch.einsum("bkhw,chw->bkc", p, self._grid(images))                       # p_k = sum P_k (x, y)
+        return unit, (p * vis_maps).sum(dim=(-2, -1))                                    # v_k = sum P_k V_k
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,51 +364,31 @@ class KeypointRegressor(nn.Module):
         unit, logits = self(images)
         return keypoints_to_pixels(unit, *images.shape[-2:]), logits > 0
 
-    def loss(self, images: torch.Tensor, keypoints: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Squared unit-coordinate error on visible keypoints + binary cross-entropy on visibility.
+    def loss(self, images: torch.Tensor, keypoints: torch.Tensor, visible: torch.Tensor,
+             heatmap_sigma: float = 1.0) -> tuple[torch.Tensor, dict]:
+        """Heatmap cross-entropy + squared pixel error of p_k on visible keypoints + visibility cross-entropy.
 
         images [B, 3, H, W], keypoints [B, K, 2] pixels, visible [B, K] bool -> (total, logs).
+        heatmap = -sum_{x,y} G_k(x, y) log P_k(x, y) with G_k the eq.-11 Gaussian around the true keypoint
+        (heatmap_sigma pixels), normalised to sum 1: it makes P_k one sharp bump, where the coordinate term
+        alone would accept a spread-out P_k whose mean happens to be right (and that breaks on new images).
+        The squared pixel error of the soft-argmax itself removes what the heatmap term leaves: P_k's tails
+        over the whole image pull p_k toward the centre and would shorten every limb a little.
         """
-        unit, logits = self(images)
-        target = keypoints_to_unit(keypoints, *images.shape[-2:])
+        H, W = images.shape[-2:]
+        log_p, vis_maps = self.heatmaps(images)
+        p = log_p.exp()
+        unit = torch.einsum("bkhw,chw->bkc", p, self._grid(images))
+        logits = (p * vis_maps).sum(dim=(-2, -1))
         v = visible.float()
-        coords = (((unit - target) ** 2).sum(-1) * v).sum() / v.sum().clamp_min(1)
+        target = keypoint_gaussians(keypoints, visible, H, W, heatmap_sigma)                  # G_k, eq. 11
+        target = target / target.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+        heat = (-(target * log_p).sum(dim=(-2, -1)) * v).sum() / v.sum().clamp_min(1)
+        pixels = keypoints_to_pixels(unit, H, W)  # in pixels, not unit coordinates: 1 unit is (W - 1) / 2 pixels,
+        coords = (((pixels - keypoints) ** 2).sum(-1) * v).sum() / v.sum().clamp_min(1)  # so the term is not ~0
         vis = F.binary_cross_entropy_with_logits(logits, v)
-        total = coords + vis
-        return total, {"loss": total.item(), "coords": coords.item(), "visibility": vis.item()}
-
-
-def train_keypoint_regressor(steps: int = 400, batch_size: int = 32, num_identities: int = 32,
-                             views_per_identity: int = 16, size: int = 64, lr: float = 2e-3, seed: int = 0,
-                             device: str = "cpu", progress: bool = True) -> tuple[KeypointRegressor, list]:
-    """Train a KeypointRegressor on procedural bodies; returns (model in eval mode, per-step losses).
-
-    The BodiesDataset is rendered once into memory (num_identities * views_per_identity images), then
-    random batches are drawn from it. The defaults train in about a minute on a CPU.
-    """
-    torch.manual_seed(seed)
-    data = BodiesDataset(num_identities, views_per_identity, size=size, seed=seed)
-    items = [data[k] for k in range(len(data))]
-    images = torch.stack([it["image"] for it in items]).to(device)
-    keypoints = torch.stack([it["keypoints"] for it in items]).to(device)
-    visible = torch.stack([it["visible"] for it in items]).to(device)
-
-    model = KeypointRegressor().to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    rng = np.random.default_rng(seed)
-    losses = []
-    bar = tqdm(range(steps), desc="keypoint regressor", disable=not progress)
-    for _ in bar:
-        idx = torch.from_numpy(rng.integers(len(images), size=batch_size)).to(device)
-        loss, logs = model.loss(images[idx], keypoints[idx], visible[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(logs["loss"])
-        bar.set_postfix(loss=f"{logs['loss']:.4f}")
-    return model.eval(), losses
+        total = heat + coords + vis
+        return total, {"loss": total.item(), "heatmap": heat.item(), "coords": coords.item(), "visibility": vis.item()}
 
 
 # ---------------------------------------------------------------------------------------------------

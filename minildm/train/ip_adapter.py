@@ -8,10 +8,22 @@ every cross-attention layer train (adapters/ip_adapter.py has the decoupled atte
     c_i = LayerNorm(W_p e)   [B, 4, d]       e = 0 when the image is dropped
     c_t = tau_theta(y)                       y = "" when the text is dropped
     drop text only, image only, both: p = 0.05 each (classifier-free guidance over both conditions)
+    partial captions: a kept caption becomes "a red circle", "on the left" or "" with p = 0.25 each; with
+    "on the left" the image prompt is another render of the same colour and shape, at any position
     loss = || eps - eps_theta(z_t, t, cat[c_t, c_i]) ||^2,     z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps
 
 The file ip_adapter.pt holds only W_p, the LayerNorm and W'_k, W'_v (a few percent of the UNet: the paper's
 22M against SD's ~860M), plus the adapter config and a fingerprint of the CLIP it was trained with.
+
+Partial captions are our addition. With the full caption the text alone already says everything about a
+shapes image, so the image branch gets a gradient only from the 5% + 5% of samples whose text is dropped:
+the paper's 1M steps make that enough, our few hundred steps do not (400 steps left image-only prompts at
+chance). Cutting the caption to the attributes the image must then supply ("a red circle": the position is
+up to the image; "on the left": colour and shape are; "": all three) teaches the image tokens to fill in
+whatever the text leaves out, the situation of an image prompt with no text or with a short text. When the
+text names the position, the image prompt is a render of the same colour and shape at a random position, so
+the adapter learns that a position in the text overrides the one in the image ("on the left" + a red square
+on the right -> a red square on the left), while an image prompt alone still gives its own position.
 
 At sampling time (`ImagePrompter`) the image tokens are appended after the text context of both halves of
 classifier-free guidance: the conditional half gets the image prompt's tokens, the unconditional half the
@@ -46,7 +58,7 @@ from minildm.data import shapes
 from minildm.diffusion.ddpm import diffusion_loss
 from minildm.pipeline import LatentDiffusion
 from minildm.train.clip import train_clip_stage
-from minildm.train.common import GracefulInterrupt, LossLog, progress, step_rng
+from minildm.train.common import GracefulInterrupt, LossLog, learning_rate, progress, step_rng
 from minildm.train.ldm import GRID_PROMPTS, encode_latent_cache
 from minildm.viz import plot_curves, save_grid
 
@@ -55,12 +67,14 @@ ADAPTER_FILE, CLIP_FILE = "ip_adapter.pt", "clip.pt"
 
 @dataclass
 class IPAdapterTrainConfig:
-    steps: int = 400
+    steps: int = 1500
     batch_size: int = 32
-    lr: float = 1e-3  # the paper: 1e-4 for 1M steps at batch 64; a small adapter on a tiny UNet takes more
+    lr: float = 4e-3  # peak, warm-up then cosine to 0 (the paper: 1e-4 constant for 1M steps at batch 64)
+    warmup: int = 50
     weight_decay: float = 0.01  # as the paper (AdamW)
     num_tokens: int = 4  # N image tokens
     drop_prob: float = 0.05  # text only, image only, both: each with this probability
+    partial_prob: float = 0.75  # a kept caption is cut to one of `partial_captions` (not in the paper, see above)
     cache_size: int = 2048  # SEEN shapes rendered once, encoded to latents and CLIP embeddings
     preview_steps: int = 25  # DDIM steps of the preview grid samples/ip_adapter.png (0 = no preview)
     seed: int = 0
@@ -152,6 +166,12 @@ def reference_images(size: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(rearrange(images, "b h w c -> b c h w").copy()).float() / 127.5 - 1.0
 
 
+def partial_captions(combo: tuple) -> list[str]:
+    """The three cut-down captions of a (colour, shape, position): ["a red circle", "on the left", ""]."""
+    color, shape, position = combo
+    return [f"a {color} {shape}", shapes.caption(color, shape, position).split(f"{shape} ", 1)[1], ""]
+
+
 def train_ip_adapter(base_dir: str | Path, device: torch.device, out_dir: str | Path | None = None,
                      cfg: IPAdapterTrainConfig | None = None, show_progress: bool = True) -> Path:
     """Train an IP-Adapter on the frozen run `base_dir`; writes OUT/ip_adapter.pt (OUT = out_dir or base_dir).
@@ -175,7 +195,17 @@ def train_ip_adapter(base_dir: str | Path, device: torch.device, out_dir: str | 
     z0_all = encode_latent_cache(pipe.autoencoder, data.images, device=device)  # scaled latents z_0 [N, c, h, w]
     e_all = encode_clip_cache(clip, data.images)  # e [N, d_img]: the image prompt is the training image itself
     tokens_all = pipe.tokenizer.encode(data.captions)  # [N, L]
+    combos = [shapes.parse_caption(c) for c in data.captions]
+    partial_all = torch.stack([pipe.tokenizer.encode(partial_captions(combo)) for combo in combos])  # [N, 3, L]
+    same_look = {}  # (colour, shape) -> cache indices of its renders, at every position
+    for i, combo in enumerate(combos):
+        same_look.setdefault(combo[:2], []).append(i)
     empty = pipe.tokenizer.encode([""])  # [1, L]
+
+    def look_alike(i: int, rng: np.random.Generator) -> int:
+        """A random cache index with the colour and shape of cache image i (any position, i itself included)."""
+        group = same_look[combos[i][:2]]
+        return group[rng.integers(len(group))]
 
     ip_cfg = IPAdapterConfig(d_img=clip.cfg.embed_dim, context_dim=pipe.unet.cfg.context_dim,
                              num_tokens=cfg.num_tokens, drop_prob=cfg.drop_prob)
@@ -194,8 +224,15 @@ def train_ip_adapter(base_dir: str | Path, device: torch.device, out_dir: str | 
             idx = torch.from_numpy(rng.integers(len(z0_all), size=cfg.batch_size))
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             drop_text, drop_image = drop_conditions(cfg.batch_size, cfg.drop_prob, gen)
-            tokens = torch.where(drop_text[:, None], empty, tokens_all[idx])  # y = "" when the text is dropped
-            e_img = torch.where(drop_image[:, None], 0.0, e_all[idx])  # e = 0 when the image is dropped
+            cut = torch.from_numpy(rng.random(cfg.batch_size) < cfg.partial_prob)  # [B] bool
+            which = torch.from_numpy(rng.integers(3, size=cfg.batch_size))  # colour+shape, position or nothing
+            tokens = torch.where(cut[:, None], partial_all[idx, which], tokens_all[idx])  # partial captions
+            # the image prompt: the training image itself, or, when the text is cut to its position, a render
+            # of the same colour and shape at a random position (the text's position must win)
+            prompt_idx = torch.tensor([look_alike(i, rng) if c and w == 1 else i
+                                       for i, c, w in zip(idx.tolist(), cut.tolist(), which.tolist())])
+            tokens = torch.where(drop_text[:, None], empty, tokens)  # y = "" when the text is dropped
+            e_img = torch.where(drop_image[:, None], 0.0, e_all[prompt_idx])  # e = 0 when the image is dropped
             with torch.no_grad():
                 c_t, mask = pipe.text_encoder(tokens.to(device))  # frozen tau_theta(y)
             context = torch.cat([c_t, projection(e_img.to(device))], dim=1)  # cat[c_t, c_i]: text, then 4 image tokens
@@ -203,6 +240,8 @@ def train_ip_adapter(base_dir: str | Path, device: torch.device, out_dir: str | 
             eps = torch.randn(z0_all[idx].shape, generator=gen).to(device)
             loss = diffusion_loss(lambda x_t, t_: pipe.unet(x_t, t_, context, mask), pipe.schedule,
                                   z0_all[idx].to(device), prediction=pipe.prediction, t=t, eps=eps)
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(step, cfg.steps, cfg.lr, cfg.warmup)  # warm-up, then cosine to 0
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,0 +1,228 @@
+"""BoLID body identity on a trained body run: identity retrieval from c_body, and the body shape of generated people.
+
+    python bench/body.py --run runs/body [--samples 2] [--steps 25]      # writes bench/results/body.md
+
+Train the run first with `python train.py --stage body` (it writes runs/body). Everything here uses people the
+run never saw (identity numbers after its training identities) and fresh views of them (random stream 5).
+
+- retrieval: each of 20 unseen identities gets a gallery c_body (mu of 4 views) and queries (mu of 4 other
+  views as one set, and each of those views alone); a query is right when its nearest gallery c_body
+  (Euclidean) is its own identity. Repeated with all 20 people in the same clothes and skin, so only the
+  body shape can tell them apart.
+- body shape of generated people: for every identity and pose prompt in EVAL_POSES (limbs near the image
+  plane, so 2-D lengths are fair), --samples images from the text-only model (lambda_b = lambda_ref = 0:
+  exactly the base model) and from the body stream (lambda_b = 1, c_body from the gallery views, no
+  reference image). The run's keypoint regressor reads each image; limb_ratios gives arm / torso and
+  leg / torso; per identity the ratios are averaged over its images and compared with the identity's true
+  ratios (mean absolute error over both ratios, then over identities). The same regressor on real renders
+  of the identities in those poses gives the floor. Pose prompts hold when `pose_holds` reads the prompted
+  arms (up / out / down) back from the regressor's keypoints.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from einops import rearrange  # noqa: E402
+
+from minildm.adapters.body import set_body_scales  # noqa: E402
+from minildm.checkpoint import load_checkpoint  # noqa: E402
+from minildm.data.bodies import (LIMB_RATIOS, identity, limb_ratios, pose_caption, pose_holds,  # noqa: E402
+                                 random_view, render_body, true_limb_ratios)
+from minildm.pipeline import LatentDiffusion  # noqa: E402
+from minildm.train.body import ADAPTER_FILE, VAE_FILE, load_body_prompter, load_body_vae  # noqa: E402
+from minildm.viz import save_grid  # noqa: E402
+
+EVAL_POSES = ("standing", "raising the left arm", "raising the right arm", "raising both arms")
+GALLERY, QUERY = 4, 4  # views per identity
+SAME_CLOTHES = dict(shirt=(200, 50, 50), trousers=(45, 50, 80), skin=(214, 160, 120))
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{model}, {os.cpu_count()} cores visible (shared with other jobs), {torch.get_num_threads()} torch "
+            f"thread(s), load average {os.getloadavg()[0]:.1f} at the end, torch {torch.__version__}")
+
+
+def render(shape, views, size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views of one body -> (images [n, 3, H, W] in [-1, 1], keypoints [n, 17, 2], visible [n, 17])."""
+    out = [render_body(shape, v, size) for v in views]
+    images = torch.from_numpy(np.stack([o[0] for o in out])).float() / 127.5 - 1
+    return (rearrange(images, "n h w c -> n c h w"), torch.from_numpy(np.stack([o[1] for o in out])),
+            torch.from_numpy(np.stack([o[2] for o in out])))
+
+
+def retrieval(encode, shapes: list, size: int, seed: int) -> tuple[float, float]:
+    """(top-1 of sets of QUERY views, top-1 of single views) among len(shapes) identities.
+
+    encode: (images [n, 3, H, W], keypoints [n, 17, 2], visible [n, 17]) -> c_body [1, D] of those n views."""
+    gallery, query_sets, query_singles = [], [], []
+    for i, shape in enumerate(shapes):
+        rng = np.random.default_rng([seed, 5, i])
+        images, kp, vis = render(shape, [random_view(rng) for _ in range(GALLERY + QUERY)], size)
+        gallery.append(encode(images[:GALLERY], kp[:GALLERY], vis[:GALLERY]))
+        query_sets.append(encode(images[GALLERY:], kp[GALLERY:], vis[GALLERY:]))
+        query_singles += [encode(images[j:j + 1], kp[j:j + 1], vis[j:j + 1]) for j in range(GALLERY, GALLERY + QUERY)]
+    gallery, query_sets, query_singles = torch.cat(gallery), torch.cat(query_sets), torch.cat(query_singles)
+    n = len(shapes)
+    top1_sets = (torch.cdist(query_sets, gallery).argmin(1) == torch.arange(n)).float().mean().item()
+    top1_single = (torch.cdist(query_singles, gallery).argmin(1) == torch.arange(n).repeat_interleave(QUERY)).float().mean().item()
+    return top1_sets, top1_single
+
+
+def retrieval_table(encode, n_train: int, identities: int, size: int, seed: int) -> dict:
+    """{row name: (top-1 of sets, top-1 of single views)} for unseen people, the same in one outfit, and
+    training people in fresh views."""
+    shapes = [identity(n_train + k, seed) for k in range(identities)]
+    return {"unseen people": retrieval(encode, shapes, size, seed),
+            "unseen people, all in the same clothes and skin": retrieval(
+                encode, [replace(s, **SAME_CLOTHES) for s in shapes], size, seed),
+            "training people, fresh views": retrieval(encode, [identity(i, seed) for i in range(identities)],
+                                                      size, seed + 1)}
+
+
+def retrieval_lines(ret: dict, identities: int) -> list[str]:
+    return ["| identities | top-1, set of 4 views | top-1, single view |", "|---|---|---|",
+            *[f"| {name} ({identities}) | **{a:.2f}** | {b:.2f} |" for name, (a, b) in ret.items()]]
+
+
+def measure(regressor, images01: torch.Tensor, poses: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Images [N, 3, H, W] in [0, 1] -> (limb ratios [N, 2] (NaN: unmeasurable), pose held [N] bool)."""
+    kp, vis = regressor.predict(images01 * 2 - 1)
+    kp, vis = kp.cpu().numpy(), vis.cpu().numpy()
+    ratios = np.stack([limb_ratios(k, v) for k, v in zip(kp, vis)])
+    held = np.array([pose_holds(p, k, v) for p, k, v in zip(poses, kp, vis)])
+    return ratios, held
+
+
+def shape_error(ratios: np.ndarray, ids: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
+    """(per-identity error of the mean ratios, per-image error, fraction of images measurable)."""
+    per_id = [np.nanmean(np.abs(np.nanmean(ratios[ids == i], axis=0) - truth[i])) for i in range(len(truth))]
+    per_image = np.nanmean(np.abs(ratios - truth[ids]))
+    return float(np.nanmean(per_id)), float(per_image), float(np.isfinite(ratios).all(axis=1).mean())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", default="runs/body")
+    p.add_argument("--identities", type=int, default=20)
+    p.add_argument("--samples", type=int, default=2, help="generated images per identity and pose prompt")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "body.md"))
+    p.add_argument("--retrieval-only", action="store_true",
+                   help="only the retrieval table, from RUN/body_vae.pt (no adapter needed); printed, not written")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    start = time.time()
+    run = Path(args.run)
+    if args.retrieval_only:
+        vae = load_body_vae(run / VAE_FILE)
+        saved = load_checkpoint(run / VAE_FILE, "body-vae")
+        ret = retrieval_table(lambda im, kp, vis: vae.encode(im[None], kp[None], vis[None])[0],
+                              saved["num_identities"], args.identities, vae.cfg.image_size, saved["seed"])
+        print("\n".join(retrieval_lines(ret, args.identities)) + f"\n({time.time() - start:.0f} s)")
+        return 0
+    state = load_checkpoint(run / ADAPTER_FILE, "body-adapter")
+    cfg = state["train_config"]
+    pipe = LatentDiffusion.load(run)
+    prompter = load_body_prompter(pipe, run)
+    size, seed, n_train = pipe.image_size, cfg["seed"], cfg["num_identities"]
+    shapes = [identity(n_train + k, seed) for k in range(args.identities)]
+
+    # 1. identity retrieval from c_body
+    t0 = time.time()
+    ret = retrieval_table(prompter.c_body, n_train, args.identities, size, seed)
+    t_retrieval = time.time() - t0
+    print("retrieval", ret)
+
+    # 2. body shape of generated people
+    t0 = time.time()
+    truth = np.stack([true_limb_ratios(s) for s in shapes])
+    jobs = [(i, pose) for i in range(len(shapes)) for pose in EVAL_POSES for _ in range(args.samples)]
+    ids = np.array([i for i, _ in jobs])
+    poses = [pose for _, pose in jobs]
+    c_body = []
+    for i, s in enumerate(shapes):
+        rng = np.random.default_rng([seed, 5, i])
+        images, kp, vis = render(s, [random_view(rng) for _ in range(GALLERY)], size)
+        c_body.append(prompter.c_body(images, kp, vis))
+    c_body = torch.cat(c_body)[torch.from_numpy(ids)]
+    rows = {}
+    real = torch.cat([render(shapes[i], [random_view(np.random.default_rng([seed, 6, k]), pose)], size)[0]
+                      for k, (i, pose) in enumerate(jobs)])
+    rows["real renders (regressor floor)"] = measure(prompter.regressor, (real + 1) / 2, poses)
+    train_mean = np.stack([true_limb_ratios(identity(i, seed)) for i in range(n_train)]).mean(0)
+    for name, (lambda_b, use_body) in {"text only (lambda_b = 0: the base model)": (0.0, False),
+                                       "body stream (lambda_b = 1, no reference)": (1.0, True)}.items():
+        set_body_scales(pipe.unet, 0.0 if not use_body else 1.0, lambda_b)
+        images = []
+        for b in range(0, len(jobs), 64):
+            cond, uncond = prompter.extra_tokens(c_body[b:b + 64] if use_body else None)
+            images.append(pipe.generate([pose_caption(pz) for pz in poses[b:b + 64]], steps=args.steps,
+                                        guidance=args.guidance, seed=b, extra_tokens=(cond, uncond)))
+        images = torch.cat(images)
+        rows[name] = measure(prompter.regressor, images, poses)
+        save_grid(images[:len(EVAL_POSES) * args.samples * 4], ROOT / "bench" / "out" / "body" /
+                  f"{'body' if use_body else 'text'}.png", nrow=len(EVAL_POSES) * args.samples, upscale=3)
+    t_shape = time.time() - t0
+
+    errors = {name: shape_error(r, ids, truth) for name, (r, _) in rows.items()}
+    held = {name: h.mean() for name, (_, h) in rows.items()}
+    mean_body_error = float(np.mean(np.abs(truth - train_mean)))
+    text_err, body_err = (errors[k][0] for k in list(rows)[1:])
+    seconds = state.get("seconds", {})
+    lines = [
+        f"# Body identity (BoLID) on `{run}`", "",
+        f"Machine: {machine()}. Bench time: {(time.time() - start) / 60:.1f} min wall "
+        f"(retrieval {t_retrieval / 60:.1f}, generation + measuring {t_shape / 60:.1f}).", "",
+        f"Run: {cfg['num_identities']} training identities x ({cfg['views_per_identity']} training + "
+        f"{cfg['reference_views']} reference) views at {size}x{size}; base `{cfg['base']['name']}` "
+        f"(autoencoder {cfg['base']['vq_train']['steps']} steps, LDM {cfg['base']['ldm']['steps']} steps x batch "
+        f"{cfg['base']['ldm']['batch_size']}); keypoint regressor {cfg['regressor_steps']} steps; body VAE "
+        f"{cfg['vae_steps']} steps, c_body in R^{cfg['vae']['latent_dim']}, beta_kl {cfg['vae']['beta_kl']}; adapter "
+        f"{cfg['adapter_steps']} steps x batch {cfg['adapter_batch']}, L = L_diff + {cfg['alpha_id']} L_id + "
+        f"{cfg['beta_clip']} L_clip (L_clip off: no CLIP knows body captions). Training wall time: "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()) + ".", "",
+        "## Identity retrieval from c_body (nearest neighbour, chance 1/{})".format(args.identities), "",
+        f"Gallery: mu of {GALLERY} views per identity; queries: mu of {QUERY} other views (a set) or of one view.", "",
+        *retrieval_lines(ret, args.identities),
+        "", "## Body shape of generated people", "",
+        f"{args.identities} unseen identities x {len(EVAL_POSES)} pose prompts ({', '.join(EVAL_POSES)}) x "
+        f"{args.samples} samples = {len(jobs)} images per row; DDIM {args.steps} steps, guidance {args.guidance} "
+        "(unconditional half: empty text, no body). Error: |measured - true| of the limb ratios "
+        f"({', '.join(LIMB_RATIOS)}), averaged. A model that always drew the average training body would score "
+        f"{mean_body_error:.3f}.", "",
+        "| images | shape error (identity mean) | shape error (per image) | measurable | pose prompt holds |",
+        "|---|---|---|---|---|",
+        *[f"| {name} | **{errors[name][0]:.3f}** | {errors[name][1]:.3f} | {errors[name][2]:.2f} | {held[name]:.2f} |"
+          for name in rows],
+        "", f"Body stream / text only, identity-mean error: **{body_err / text_err:.2f}** (target <= 0.5).",
+        "Samples: bench/out/body/text.png, bench/out/body/body.png (first 4 identities, one row each).",
+    ]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

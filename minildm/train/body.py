@@ -1,0 +1,564 @@
+"""Stage "body": BoLID (seed 002) on procedural people, in four steps that each save a checkpoint.
+
+    (a) base       autoencoder.pt, ldm.pt   a text-to-image model of people from pose captions ("a person
+                                            raising the left arm"), trained by the ordinary autoencoder and ldm
+                                            stages on rendered bodies (skipped with --base RUN)
+    (b) regressor  keypoint_regressor.pt    a small CNN that finds the 17 keypoints (L_id, --body-views, bench)
+        body VAE   body_vae.pt              sets of keypoint-weighted views -> mu, logvar -> c_body (eqs. 11-13)
+    (c) adapter    body_adapter.pt          the body-condition module on the frozen UNet and prompt encoder:
+                                            Z' = A(Q,K_t,V_t) + lambda_ref A(Q,K_ref,V_ref) + lambda_b A(Q,K_b,V_b)
+
+The adapter's objective is eq. 14, L = L_diff + alpha_id L_id + beta_clip L_clip, with each term switched
+off by a weight of 0:
+    c_body   = reparameterize(mu, logvar) of a set of `set_size` OTHER views of the target's identity
+               (reference views, never a training target, so c_body cannot leak the target's pose)
+    c_ref    = ImageProjection(view features of another view of the same person), present with p = ref_prob;
+               a missing reference gives zero tokens (its term vanishes exactly)
+    drop text only, body only, both: p = drop_prob each (a dropped body is c_body = 0 before the projection:
+               the learned "no body" tokens, the unconditional half of classifier-free guidance)
+    L_id     = sum_k ||regressor(x0_hat)_k - p_k||^2 over the target's visible keypoints, x0_hat the decoded
+               property-3 guess of the clean image
+    L_clip   is off (beta_clip = 0): minildm's small CLIP is trained on shapes captions and knows no pose
+               words; `beta_clip > 0` with a body CLIP in `clip_path` switches it on.
+The reference image's encoder is the frozen body VAE's per-view conv net (BodyVAE.view_features), our
+stand-in for the paper's CLIP image encoder. Every step draws its batch from step_rng, so Ctrl-C saves and
+--resume continues each step where it stopped.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+
+from minildm.adapters.body import (BODY, VIEW_KEYS, BodyAdapterConfig, BodyProjection, BodyVAE, BodyVAEConfig,
+                                   KeypointRegressor, body_adapter_parameters, body_context, bolid_loss,
+                                   new_body_adapter, predicted_x0_image, render_identities, reparameterize,
+                                   set_body_scales)
+from minildm.adapters.ip_adapter import IP, ImageProjection, drop_conditions, ip_adapter_state_dict, load_ip_adapter
+from minildm.autoencoder.vqvae import VQConfig
+from minildm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from minildm.config import AutoencoderTrainConfig, LDMTrainConfig, Preset, micro
+from minildm.data.bodies import POSE_NAMES, BodiesDataset, identity, pose_caption, random_view, render_body
+from minildm.modules.unet import UNetConfig
+from minildm.pipeline import LatentDiffusion
+from minildm.text.encoder import TextEncoderConfig
+from minildm.train.common import GracefulInterrupt, LossLog, learning_rate, progress, step_rng
+from minildm.train.ip_adapter import load_image_file
+from minildm.viz import plot_curves, save_grid
+
+REGRESSOR_FILE, VAE_FILE, ADAPTER_FILE = "keypoint_regressor.pt", "body_vae.pt", "body_adapter.pt"
+REFERENCE_VIEWS = 4  # views of an identity rendered for sample.py --body-id and the previews
+
+
+def body_base_preset() -> Preset:
+    """The base text-to-image model of people: 32x32 bodies, the tiny VQ-VAE (8x8x4 latents), a small UNet.
+
+    A CPU-minutes budget, not a converged model: measured on a shared 2-core machine, 400 autoencoder steps
+    reach 23 dB PSNR on bodies with the clothes' colours washed out, and a 450-step LDM draws dark blobs in
+    roughly the prompted pose (bench/results/body.md). The tiny shapes preset needs 800 + 3000 steps at
+    batch 32 / 64; expect people to need at least that.
+    """
+    return Preset(
+        name="body", image_size=32, vq=VQConfig.tiny(),
+        vq_train=AutoencoderTrainConfig(steps=400, batch_size=16, image_every=0, save_every=100, eval_images=128),
+        text=TextEncoderConfig(vocab_size=0, max_len=8, dim=64, depth=1, heads=4, dim_head=16),
+        unet=UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_levels=(0, 1), heads=4, dim_head=16, context_dim=64, norm_groups=16),
+        ldm=LDMTrainConfig(steps=800, batch_size=32, lr=2e-3, warmup=50, sample_every=0, save_every=100),
+    )
+
+
+@dataclass
+class BodyStageConfig:
+    """Every number of the body stage. Identities 0 .. num_identities-1 train; higher indices are unseen people."""
+    name: str = "body"
+    image_size: int = 32
+    num_identities: int = 120
+    views_per_identity: int = 12  # training targets of the base LDM and the adapter
+    reference_views: int = 6  # further views per identity: c_body sets and reference images only
+    seed: int = 0
+    base: Preset = field(default_factory=body_base_preset)
+    # (b) keypoint regressor and body VAE (both on every rendered view)
+    regressor_steps: int = 2000  # 400 left it worse than guessing the average body (bench/results/body.md)
+    regressor_batch: int = 32
+    regressor_lr: float = 2e-3
+    vae: BodyVAEConfig = field(default_factory=lambda: BodyVAEConfig(
+        image_size=32, channels=(32, 64, 128), feature_dim=256, latent_dim=64, keypoint_sigma=1.5, weight_alpha=0.25,
+        beta_kl=0.01))  # beta_kl: see lessons/15_body_vae/README.md (beta = 1 collapses the posterior)
+    vae_steps: int = 1200
+    vae_batch: int = 16
+    vae_views_per_set: int = 3
+    vae_held_out: int = 1  # of each set: rebuilt, not encoded (BodyVAE.loss)
+    vae_lr: float = 3e-3
+    # (c) the body adapter
+    adapter_steps: int = 400
+    adapter_batch: int = 32
+    adapter_lr: float = 1e-3
+    set_size: int = 4  # views per c_body
+    sets_per_identity: int = 8  # c_body of this many random sets per identity, cached
+    body_tokens: int = 4
+    ref_tokens: int = 4
+    drop_prob: float = 0.05
+    ref_prob: float = 0.5
+    alpha_id: float = 0.05
+    beta_clip: float = 0.0
+    clip_path: str = ""  # a CLIP trained on body captions (needed only when beta_clip > 0)
+    preview_steps: int = 25  # DDIM steps of samples/body.png (0 = none)
+
+
+def body_stage_config(name: str = "body") -> BodyStageConfig:
+    """"body" (the default: about 25 minutes of one core when idle, an hour on a busy shared machine) or
+    "micro" (seconds: tests and smoke runs, noise)."""
+    if name in ("body", "tiny"):
+        return BodyStageConfig()
+    if name != "micro":
+        raise ValueError(f"the body stage has the presets body (default) and micro, got '{name}'.")
+    base = micro()
+    base.name = "body-micro"
+    base.text = replace(base.text, max_len=8)
+    base.vq_train = replace(base.vq_train, steps=3, batch_size=8, eval_images=8)
+    base.ldm = replace(base.ldm, steps=3, batch_size=8)
+    return BodyStageConfig(
+        name="body-micro", num_identities=3, views_per_identity=3, reference_views=3, base=base,
+        regressor_steps=3, regressor_batch=8, vae=BodyVAEConfig(image_size=32, channels=(8, 16), feature_dim=16,
+                                                                latent_dim=8, keypoint_sigma=1.5, beta_kl=0.01),
+        vae_steps=3, vae_batch=4, adapter_steps=3, adapter_batch=8, set_size=2, sets_per_identity=2, preview_steps=2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------
+def render_stage_data(cfg: BodyStageConfig) -> dict:
+    """The training identities rendered once: targets {key: [I, V, ...]}, references {key: [I, R, ...]},
+    captions [I * V] (target k = identity k // V, view k % V)."""
+    data = BodiesDataset(cfg.num_identities, cfg.views_per_identity + cfg.reference_views, cfg.image_size, cfg.seed)
+    views = render_identities(data)
+    V = cfg.views_per_identity
+    captions = [pose_caption(data.view(i, v).name) for i in range(cfg.num_identities) for v in range(V)]
+    return {"targets": {k: x[:, :V] for k, x in views.items()}, "references": {k: x[:, V:] for k, x in views.items()},
+            "captions": captions}
+
+
+def identity_views(index: int, n: int = REFERENCE_VIEWS, size: int = 32, seed: int = 0) -> dict:
+    """Identity `index` (of the stage's seed) in n fixed random views: {image [n, 3, H, W] in [-1, 1],
+    keypoints [n, 17, 2], visible [n, 17]}. Indices past the training identities are people never seen."""
+    if index < 0:
+        raise ValueError(f"--body-id must be a non-negative identity number, got {index}.")
+    rng = np.random.default_rng([seed, 3, index])
+    shape = identity(index, seed)
+    rendered = [render_body(shape, random_view(rng), size) for _ in range(n)]
+    image = torch.from_numpy(np.stack([r[0] for r in rendered])).float() / 127.5 - 1
+    return {"image": rearrange(image, "n h w c -> n c h w"),
+            "keypoints": torch.from_numpy(np.stack([r[1] for r in rendered])),
+            "visible": torch.from_numpy(np.stack([r[2] for r in rendered]))}
+
+
+def load_view_folder(folder: str | Path, size: int) -> torch.Tensor:
+    """Every PNG in a folder -> [n, 3, size, size] in [-1, 1] (central square, resized)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"--body-views {folder} is not a folder: give a folder of PNG views of one person.")
+    files = sorted(folder.glob("*.png"))
+    if not files:
+        raise ValueError(f"--body-views {folder} has no .png file: put a few PNG views of one person in it.")
+    return torch.cat([load_image_file(f, size) for f in files])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop the small models share: resumable, Ctrl-C safe
+# ----------------------------------------------------------------------------------------------------------
+def fit(params: list, steps: int, step_loss, lr: float, desc: str, state: dict, path: Path | None = None,
+        kind: str = "", resume: bool = False, show_progress: bool = True, warmup: int = 0) -> tuple[LossLog, bool]:
+    """Adam over `params` for `steps` steps of `step_loss(step) -> (loss, logs dict)`; -> (log, finished).
+
+    state: {"save": () -> dict of the models' weights, "load": (dict) -> None}. With a path, the weights,
+    optimiser, step and log are written there atomically at the end or on Ctrl-C, and resume=True continues
+    from that file. Learning rate: linear warm-up, then cosine to 0.
+    """
+    opt = torch.optim.Adam(params, lr=lr)
+    log, step = LossLog(), 0
+    if resume and path is not None and path.is_file():
+        saved = load_checkpoint(path, kind)
+        state["load"](saved)
+        opt.load_state_dict(saved["optimizer"])
+        log.load(saved["log"])
+        step = saved["step"]
+    bar = progress(steps, step, desc, show_progress)
+    with GracefulInterrupt() as interrupt:
+        while step < steps and not interrupt.requested:
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(step, steps, lr, warmup)
+            loss, logs = step_loss(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            log.add(step, **logs)
+            bar.update(1)
+            bar.set_postfix(log.postfix())
+    bar.close()
+    if path is not None:
+        save_checkpoint(path, kind, {**state["save"](), "optimizer": opt.state_dict(), "step": step, "log": log.state()})
+    return log, not interrupt.requested
+
+
+def _done(path: Path, kind: str, steps: int) -> bool:
+    """A finished checkpoint of this step already exists (what --resume skips)."""
+    return path.is_file() and load_checkpoint(path, kind).get("step", 0) >= steps
+
+
+def _flat(views: dict) -> dict:
+    return {k: rearrange(v, "i v ... -> (i v) ...") for k, v in views.items()}
+
+
+def train_keypoint_regressor(views: dict, steps: int = 400, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
+                             device="cpu", path: Path | None = None, resume: bool = False, show_progress: bool = True,
+                             autoencoder: torch.nn.Module | None = None,
+                             noise: float = 0.1) -> tuple[KeypointRegressor, LossLog, bool]:
+    """Train a KeypointRegressor on rendered views ({image, keypoints, visible} [N, ...] or [I, V, ...]).
+
+    -> (model in eval mode, log, finished). Loss: KeypointRegressor.loss (heatmap cross-entropy and
+    pixel error on visible keypoints + visibility cross-entropy).
+    The regressor mostly reads *generated* people, which come out of the autoencoder's decoder: blurrier
+    edges, shifted colours. So with an autoencoder, half of every batch is the renders after a round trip
+    through it (x -> D(E(x)), computed once), and every image gets Gaussian pixel noise of a random
+    standard deviation in [0, noise] (on the [-1, 1] scale)."""
+    views = {k: v.to(device) for k, v in (_flat(views) if views["image"].dim() == 5 else views).items()}
+    if autoencoder is not None:
+        with torch.no_grad():
+            views["decoded"] = torch.cat([autoencoder.decode(autoencoder.encode(x)).clamp(-1, 1)
+                                          for x in views["image"].split(256)])
+    torch.manual_seed(seed)
+    model = KeypointRegressor().to(device).train()
+
+    def step_loss(step):
+        rng = step_rng(seed, step)
+        idx = torch.from_numpy(rng.integers(len(views["image"]), size=batch_size)).to(device)
+        images = views["image"][idx]
+        if autoencoder is not None:  # the first half of the batch as the decoder would draw it
+            half = batch_size // 2
+            images = torch.cat([views["decoded"][idx[:half]], images[half:]])
+        std = torch.from_numpy(rng.uniform(0, noise, size=(batch_size, 1, 1, 1))).float().to(device)
+        images = images + std * torch.from_numpy(rng.standard_normal(images.shape)).float().to(device)
+        return model.loss(images, views["keypoints"][idx], views["visible"][idx])
+
+    state = {"save": lambda: {"model": model.state_dict(), "num_keypoints": model.num_keypoints},
+             "load": lambda s: model.load_state_dict(s["model"])}
+    log, finished = fit(list(model.parameters()), steps, step_loss, lr, "keypoint regressor", state, path,
+                        "keypoint-regressor", resume, show_progress, warmup=steps // 10)
+    return model.eval(), log, finished
+
+
+def train_body_vae(cfg: BodyVAEConfig, views: dict, steps: int = 500, batch_size: int = 16, views_per_set: int = 2,
+                   lr: float = 3e-3, seed: int = 0, device="cpu", path: Path | None = None, resume: bool = False,
+                   show_progress: bool = True, held_out: int = 0) -> tuple[BodyVAE, LossLog, bool]:
+    """Train a BodyVAE on sets of views; -> (model in eval mode, log with recon/kl/loss, finished).
+
+    views: render_identities output (I identities x V views). Each step takes batch_size random identities
+    and views_per_set distinct random views of each (a set) and minimises BodyVAE.loss (the negative ELBO).
+    Sets of 2 views already teach the encoder to pool; any number works when encoding. held_out of the
+    views_per_set views are only rebuilt, never encoded (BodyVAE.loss)."""
+    num_identities, num_views = views["image"].shape[:2]
+    if not 1 <= views_per_set <= num_views:
+        raise ValueError(f"views_per_set must be between 1 and the {num_views} rendered views, got {views_per_set}.")
+    views = {k: views[k].to(device) for k in VIEW_KEYS}
+    torch.manual_seed(seed)
+    vae = BodyVAE(cfg).to(device).train()
+
+    def step_loss(step):
+        rng = step_rng(seed, step)
+        ids = torch.from_numpy(rng.integers(num_identities, size=batch_size))[:, None]                   # [B, 1]
+        picks = torch.from_numpy(np.stack([rng.permutation(num_views)[:views_per_set] for _ in range(batch_size)]))
+        return vae.loss(*(views[k][ids, picks] for k in VIEW_KEYS), held_out=held_out)                 # [B, V', ...]
+
+    state = {"save": lambda: {"model": vae.state_dict(), "config": asdict(cfg), "num_identities": num_identities,
+                              "seed": seed},
+             "load": lambda s: vae.load_state_dict(s["model"])}
+    log, finished = fit(list(vae.parameters()), steps, step_loss, lr, "body VAE", state, path, "body-vae", resume,
+                        show_progress)
+    return vae.eval(), log, finished
+
+
+def load_regressor(path: Path, device="cpu") -> KeypointRegressor:
+    state = load_checkpoint(path, "keypoint-regressor")
+    model = KeypointRegressor(state["num_keypoints"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_body_vae(path: Path, device="cpu") -> BodyVAE:
+    state = load_checkpoint(path, "body-vae")
+    vae = BodyVAE(BodyVAEConfig(**{**state["config"], "channels": tuple(state["config"]["channels"])}))
+    vae.load_state_dict(state["model"])
+    return vae.to(device).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Body prompts at sampling time
+# ----------------------------------------------------------------------------------------------------------
+class BodyPrompter:
+    """The frozen body VAE and regressor + the trained projections: views of a person -> the
+    `extra_tokens` (cat[c_ref, c_b] after the text) of `LatentDiffusion.generate`."""
+
+    def __init__(self, vae: BodyVAE, regressor: KeypointRegressor, body_projection: BodyProjection,
+                 ref_projection: ImageProjection, seed: int = 0):
+        self.vae, self.regressor = vae.eval(), regressor.eval()
+        self.seed = seed  # the run's data seed: identity N of --body-id is identity(N, seed)
+        self.body_projection, self.ref_projection = body_projection.eval(), ref_projection.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.body_projection.proj.weight.device
+
+    @torch.no_grad()
+    def keypoints(self, images: torch.Tensor, keypoints=None, visible=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The given keypoints, or the regressor's when None: images [n, 3, H, W] -> ([n, 17, 2], [n, 17])."""
+        if keypoints is not None:
+            return keypoints.to(self.device), visible.to(self.device)
+        return self.regressor.predict(images.to(self.device))
+
+    @torch.no_grad()
+    def c_body(self, images: torch.Tensor, keypoints=None, visible=None) -> torch.Tensor:
+        """Views of ONE person [n, 3, H, W] in [-1, 1] (keypoints [n, 17, 2] or None: the regressor finds them)
+        -> c_body = mu [1, D] (the posterior mean: no sampling noise at inference)."""
+        size = self.vae.cfg.image_size
+        if images.dim() != 4 or images.shape[1:] != (3, size, size):
+            raise ValueError(f"body views must be [n, 3, {size}, {size}] images, got {tuple(images.shape)}.")
+        kp, vis = self.keypoints(images, keypoints, visible)
+        mu, _ = self.vae.encode(images.to(self.device)[None], kp[None], vis[None])
+        return mu
+
+    @torch.no_grad()
+    def extra_tokens(self, c_body: torch.Tensor | None, ref_image: torch.Tensor | None = None):
+        """c_body [N or 1, D] or None (no body: the learned "no body" tokens), ref_image [1, 3, H, W] or None
+        -> (cond [N or 1, n_ref + n_b, d], uncond [1, n_ref + n_b, d]); uncond = no reference, no body."""
+        D = self.body_projection.d_img
+        no_body = self.body_projection(torch.zeros(1, D, device=self.device))  # c_body = 0: learned "no body"
+        no_ref = torch.zeros(1, self.ref_projection.num_tokens, self.ref_projection.d_ctx, device=self.device)
+        body = no_body if c_body is None else self.body_projection(c_body.to(self.device))
+        if ref_image is None:
+            ref = no_ref.expand(body.shape[0], -1, -1)  # zero tokens: the lambda_ref term vanishes
+        else:
+            kp, vis = self.regressor.predict(ref_image.to(self.device))
+            ref = self.ref_projection(self.vae.view_features(ref_image.to(self.device), kp, vis))
+            ref = ref.expand(body.shape[0], -1, -1)
+            body = body.expand(ref.shape[0], -1, -1)
+        return torch.cat([ref, body], dim=1), torch.cat([no_ref, no_body], dim=1)
+
+
+def load_body_prompter(pipe: LatentDiffusion, run_dir: str | Path, lambda_b: float = 1.0,
+                       lambda_ref: float = 1.0) -> BodyPrompter:
+    """Install the run's body adapter into pipe.unet (lambda_b, lambda_ref) and load its VAE and regressor."""
+    run_dir = Path(run_dir)
+    if not (run_dir / ADAPTER_FILE).is_file():
+        raise CheckpointError(f"no body adapter in {run_dir}: train one with python train.py --stage body "
+                              "(it writes runs/body) and pass --run runs/body.")
+    state = load_checkpoint(run_dir / ADAPTER_FILE, "body-adapter")
+    device = pipe.device
+    vae, regressor = load_body_vae(run_dir / VAE_FILE, device), load_regressor(run_dir / REGRESSOR_FILE, device)
+    body_projection = new_body_adapter(pipe.unet, BodyAdapterConfig(**state["config"]))
+    ref_projection = ImageProjection(vae.cfg.feature_dim, pipe.unet.cfg.context_dim, state["config"]["ref_tokens"])
+    load_ip_adapter(pipe.unet, body_projection, state["body"])
+    load_ip_adapter(pipe.unet, ref_projection.to(device), state["ref"])
+    set_body_scales(pipe.unet, lambda_ref, lambda_b)
+    return BodyPrompter(vae, regressor, body_projection, ref_projection, state["train_config"]["seed"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (c) the adapter
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def c_body_sets(vae: BodyVAE, references: dict, set_size: int, sets: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """mu, logvar [I, sets, D] of `sets` random subsets of `set_size` reference views of every identity."""
+    I, R = references["image"].shape[:2]
+    rng = step_rng(seed, 0, stream=4)
+    mus, logvars = [], []
+    for _ in range(sets):
+        picks = torch.from_numpy(np.stack([rng.permutation(R)[:set_size] for _ in range(I)]))
+        ids = torch.arange(I)[:, None]
+        mu, logvar = vae.encode(*(references[k][ids, picks] for k in ("image", "keypoints", "visible")))
+        mus.append(mu)
+        logvars.append(logvar)
+    return torch.stack(mus, 1), torch.stack(logvars, 1)
+
+
+def _clip_text_embeddings(cfg: BodyStageConfig, captions: list[str], device):
+    """(clip, text embeddings [N, d]) for L_clip, or (None, None) when beta_clip = 0."""
+    if cfg.beta_clip == 0:
+        return None, None
+    from minildm.clip import load_clip
+
+    if not cfg.clip_path or not Path(cfg.clip_path).is_file():
+        raise ValueError("beta_clip > 0 needs a CLIP trained on body captions in clip_path; minildm has none yet "
+                         "(its CLIP knows only shapes captions): set beta_clip = 0.")
+    clip, tokenizer = load_clip(cfg.clip_path, device)
+    clip.requires_grad_(False)
+    with torch.no_grad():
+        return clip, clip.encode_text(tokenizer.encode(captions).to(device))
+
+
+def train_body_adapter(pipe: LatentDiffusion, vae: BodyVAE, regressor: KeypointRegressor, data: dict,
+                       cfg: BodyStageConfig, run_dir: Path, device, base_dir: Path, resume: bool = False,
+                       show_progress: bool = True) -> tuple[BodyPrompter, bool]:
+    """Train the body-condition module on the frozen base; writes RUN/body_adapter.pt -> (prompter, finished)."""
+    from minildm.train.ldm import encode_latent_cache
+
+    torch.manual_seed(cfg.seed)
+    targets, references = _flat(data["targets"]), data["references"]
+    z0_all = encode_latent_cache(pipe.autoencoder, targets["image"], device=device, show_progress=show_progress)
+    tokens_all = pipe.tokenizer.encode(data["captions"])
+    empty = pipe.tokenizer.encode([""])
+    mu_sets, logvar_sets = c_body_sets(vae, references, cfg.set_size, cfg.sets_per_identity, cfg.seed)
+    with torch.no_grad():  # reference features of every reference view [I, R, F] (regressor keypoints, as at sampling)
+        ref_flat = _flat(references)["image"].to(device)
+        kp, vis = regressor.predict(ref_flat)
+        ref_feats = rearrange(vae.view_features(ref_flat, kp, vis), "(i r) f -> i r f", r=cfg.reference_views)
+    clip, text_emb = _clip_text_embeddings(cfg, data["captions"], device)
+
+    adapter_cfg = BodyAdapterConfig(latent_dim=vae.cfg.latent_dim, context_dim=pipe.unet.cfg.context_dim,
+                                    body_tokens=cfg.body_tokens, ref_tokens=cfg.ref_tokens)
+    body_projection = new_body_adapter(pipe.unet, adapter_cfg)
+    ref_projection = ImageProjection(vae.cfg.feature_dim, adapter_cfg.context_dim, cfg.ref_tokens).to(device)
+    params = body_adapter_parameters(pipe.unet, body_projection, ref_projection)
+    print(f"body adapter: {sum(p.numel() for p in params):,} trainable parameters; frozen UNet, prompt encoder, "
+          f"autoencoder, body VAE and regressor; L = L_diff + {cfg.alpha_id} L_id + {cfg.beta_clip} L_clip")
+    V, B, schedule = cfg.views_per_identity, cfg.adapter_batch, pipe.schedule
+
+    def step_loss(step):
+        rng = step_rng(cfg.seed, step)
+        idx = rng.integers(len(z0_all), size=B)
+        ids = torch.from_numpy(idx // V)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        drop_text, drop_body = drop_conditions(B, cfg.drop_prob, gen)
+        tokens = torch.where(drop_text[:, None], empty, tokens_all[idx])          # y = "" when the text is dropped
+        pick = torch.from_numpy(rng.integers(cfg.sets_per_identity, size=B))
+        c_body = reparameterize(mu_sets[ids, pick], logvar_sets[ids, pick],
+                                torch.randn(B, vae.cfg.latent_dim, generator=gen))
+        c_body = torch.where(drop_body[:, None], 0.0, c_body).to(device)          # a dropped body: c_body = 0
+        e_ref = ref_feats[ids.to(device), torch.from_numpy(rng.integers(cfg.reference_views, size=B)).to(device)]
+        ref_present = (torch.rand(B, generator=gen) < cfg.ref_prob).to(device)
+        with torch.no_grad():
+            c_t, mask = pipe.text_encoder(tokens.to(device))                       # frozen tau_theta(y)
+        context = body_context(pipe.unet, c_t, body_projection(c_body), ref_projection(e_ref), ref_present)
+        t = torch.randint(0, schedule.num_timesteps, (B,), generator=gen).to(device)
+        z0 = z0_all[torch.from_numpy(idx)].to(device)
+        eps = torch.randn(z0.shape, generator=gen).to(device)
+        z_t = schedule.q_sample(z0, t, eps)                                        # property 1
+        eps_hat = pipe.unet(z_t, t, context, mask)
+        x0_image = (predicted_x0_image(schedule, pipe.autoencoder, z_t, t, eps_hat)
+                    if cfg.alpha_id > 0 or cfg.beta_clip > 0 else None)
+        return bolid_loss(eps_hat, eps, x0_image, cfg.alpha_id, cfg.beta_clip, regressor,
+                          targets["keypoints"][idx].to(device), targets["visible"][idx].to(device), clip,
+                          None if text_emb is None else text_emb[torch.from_numpy(idx).to(device)])  # eq. 14
+
+    def save():
+        return {"body": ip_adapter_state_dict(pipe.unet, body_projection, BODY),
+                "ref": ip_adapter_state_dict(pipe.unet, ref_projection, IP), "config": asdict(adapter_cfg),
+                "train_config": asdict(cfg), "base": str(base_dir)}
+
+    def load(state):
+        load_ip_adapter(pipe.unet, body_projection, state["body"])
+        load_ip_adapter(pipe.unet, ref_projection, state["ref"])
+
+    body_projection.train()
+    ref_projection.train()
+    log, finished = fit(params, cfg.adapter_steps, step_loss, cfg.adapter_lr, "body adapter",
+                        {"save": save, "load": load}, run_dir / ADAPTER_FILE, "body-adapter", resume, show_progress,
+                        warmup=min(20, cfg.adapter_steps // 10))
+    plot_curves({k: log.history[k] for k in ("diff", "id", "clip") if k in log.history}, run_dir / "body_adapter_loss.png",
+                title="body adapter: eq. 14 terms")
+    return BodyPrompter(vae, regressor, body_projection, ref_projection, cfg.seed), finished
+
+
+def preview(pipe: LatentDiffusion, prompter: BodyPrompter, cfg: BodyStageConfig, path: Path) -> None:
+    """Identities 0-3 (rows; first column: one of their reference views) in four prompted poses."""
+    poses = ["standing", "raising the left arm", "raising both arms", "holding both arms out"]
+    rows = []
+    for i in range(4):
+        views = identity_views(i, REFERENCE_VIEWS, cfg.image_size, cfg.seed)
+        cond, uncond = prompter.extra_tokens(prompter.c_body(views["image"], views["keypoints"], views["visible"]))
+        images = pipe.generate([pose_caption(p) for p in poses], steps=cfg.preview_steps, guidance=3.0, seed=i,
+                               extra_tokens=(cond, uncond))
+        rows.append(torch.cat([(views["image"][:1].to(images) + 1) / 2, images]))
+    save_grid(torch.cat(rows), path, nrow=len(poses) + 1, upscale=4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole stage
+# ----------------------------------------------------------------------------------------------------------
+def train_body_stage(run_dir: str | Path, device: torch.device, cfg: BodyStageConfig | None = None,
+                     base_dir: str | Path | None = None, resume: bool = False, show_progress: bool = True) -> bool:
+    """(a) base LDM on bodies (unless base_dir), (b) keypoint regressor and body VAE, (c) the adapter, into run_dir.
+
+    With resume, a step whose checkpoint is finished is skipped and an unfinished one continues.
+    Returns True when every step finished (False after Ctrl-C: run again with --resume)."""
+    cfg = cfg or BodyStageConfig()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    data = render_stage_data(cfg)
+    print(f"bodies: {cfg.num_identities} identities x ({cfg.views_per_identity} training + {cfg.reference_views} "
+          f"reference) views at {cfg.image_size}x{cfg.image_size}, poses: {', '.join(POSE_NAMES)}")
+    timings = {}
+
+    train_base = base_dir is None
+    base_dir = run_dir if train_base else Path(base_dir)
+    if train_base:  # (a) the base model of people
+        from minildm.train.autoencoder import train_autoencoder
+        from minildm.train.ldm import train_ldm
+
+        images = _flat(data["targets"])["image"]
+        t0 = time.time()
+        if not (resume and _done(run_dir / "autoencoder.pt", "autoencoder", cfg.base.vq_train.steps)):
+            train_autoencoder(cfg.base, run_dir, device, resume=resume, images=images, show_progress=show_progress)
+        if not _done(run_dir / "autoencoder.pt", "autoencoder", cfg.base.vq_train.steps):
+            return False
+        if not (resume and _done(run_dir / "ldm.pt", "ldm", cfg.base.ldm.steps)):
+            train_ldm(cfg.base, run_dir, device, resume=resume, data=(images, data["captions"]),
+                      show_progress=show_progress)
+        if not _done(run_dir / "ldm.pt", "ldm", cfg.base.ldm.steps):
+            return False
+        timings["base"] = time.time() - t0
+    pipe = LatentDiffusion.load(base_dir, device)
+    missing = sorted({w for c in data["captions"] for w in c.split()} - set(pipe.tokenizer.words))
+    if missing:
+        raise ValueError(f"the base run {base_dir} does not know the pose words {missing}: give --base a run trained "
+                         "on bodies (or leave --base out to train one).")
+
+    everything = {k: torch.cat([data["targets"][k], data["references"][k]], dim=1) for k in VIEW_KEYS}
+    t0 = time.time()
+    path = run_dir / REGRESSOR_FILE
+    if not (resume and _done(path, "keypoint-regressor", cfg.regressor_steps)):
+        _, _, finished = train_keypoint_regressor(everything, cfg.regressor_steps, cfg.regressor_batch, cfg.regressor_lr,
+                                                  cfg.seed, device, path, resume, show_progress, pipe.autoencoder)
+        if not finished:
+            return False
+    regressor = load_regressor(path, device)
+    path = run_dir / VAE_FILE
+    if not (resume and _done(path, "body-vae", cfg.vae_steps)):
+        _, log, finished = train_body_vae(cfg.vae, everything, cfg.vae_steps, cfg.vae_batch, cfg.vae_views_per_set,
+                                          cfg.vae_lr, cfg.seed, device, path, resume, show_progress, cfg.vae_held_out)
+        plot_curves({"recon": log.history["recon"], "kl": log.history["kl"]}, run_dir / "body_vae_loss.png",
+                    title="body VAE: reconstruction and KL")
+        if not finished:
+            return False
+    vae = load_body_vae(path, device)
+    timings["regressor+vae"] = time.time() - t0
+
+    t0 = time.time()
+    prompter, finished = train_body_adapter(pipe, vae, regressor, data, cfg, run_dir, device, base_dir, resume,
+                                            show_progress)
+    timings["adapter"] = time.time() - t0
+    if not finished:
+        return False
+    if cfg.preview_steps:
+        preview(pipe, prompter, cfg, run_dir / "samples" / "body.png")
+    state = load_checkpoint(run_dir / ADAPTER_FILE, "body-adapter")
+    save_checkpoint(run_dir / ADAPTER_FILE, "body-adapter", {**state, "seconds": {**timings,
+                                                                                  "total": time.time() - start}})
+    print("body stage: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()))
+    return True

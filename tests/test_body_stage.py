@@ -1,0 +1,92 @@
+"""The body stage end to end on the micro config: train.py --stage body, its checkpoints, resume, the text-only
+reduction through the whole pipeline, and sample.py --body-id / --body-views / --image-prompt with bad input."""
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import train
+from minildm.adapters.body import set_body_scales
+from minildm.adapters.ip_adapter import DecoupledCrossAttention
+from minildm.checkpoint import load_checkpoint
+from minildm.pipeline import LatentDiffusion
+from minildm.train.body import (ADAPTER_FILE, REGRESSOR_FILE, VAE_FILE, body_stage_config, identity_views,
+                                load_body_prompter, train_body_stage)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("body")
+    assert train.main(["--stage", "body", "--preset", "micro", "--out", str(out)]) == 0
+    return out
+
+
+def test_stage_writes_every_checkpoint(run):
+    cfg = body_stage_config("micro")
+    for name, kind, steps in (("autoencoder.pt", "autoencoder", cfg.base.vq_train.steps),
+                              ("ldm.pt", "ldm", cfg.base.ldm.steps), (REGRESSOR_FILE, "keypoint-regressor", cfg.regressor_steps),
+                              (VAE_FILE, "body-vae", cfg.vae_steps), (ADAPTER_FILE, "body-adapter", cfg.adapter_steps)):
+        assert load_checkpoint(run / name, kind)["step"] == steps, name
+    state = load_checkpoint(run / ADAPTER_FILE, "body-adapter")
+    assert all(k.endswith("to_k_body") or k.endswith("to_v_body") for k in state["body"]["weights"])
+    assert state["train_config"]["alpha_id"] > 0 and state["train_config"]["beta_clip"] == 0
+    assert (run / "samples" / "body.png").is_file()
+
+
+def test_resume_skips_finished_steps(run):
+    before = {f: (run / f).stat().st_mtime_ns for f in ("autoencoder.pt", "ldm.pt", REGRESSOR_FILE, VAE_FILE)}
+    cfg = body_stage_config("micro")
+    cfg.preview_steps = 0
+    assert train_body_stage(run, torch.device("cpu"), cfg, resume=True, show_progress=False)
+    assert {f: (run / f).stat().st_mtime_ns for f in before} == before  # finished steps are not trained again
+
+
+def test_zero_scales_and_no_reference_are_the_base_model_exactly(run):
+    base = LatentDiffusion.load(run)
+    expected = base.generate(["a person raising both arms"], steps=2, seed=3)
+    pipe = LatentDiffusion.load(run)
+    prompter = load_body_prompter(pipe, run, lambda_b=0.0, lambda_ref=1.0)
+    assert any(isinstance(m, DecoupledCrossAttention) for m in pipe.unet.modules())
+    views = identity_views(1, size=pipe.image_size, seed=prompter.seed)
+    c_body = prompter.c_body(views["image"], views["keypoints"], views["visible"])
+    got = pipe.generate(["a person raising both arms"], steps=2, seed=3, extra_tokens=prompter.extra_tokens(c_body))
+    assert torch.equal(got, expected)
+    set_body_scales(pipe.unet, 0.0, 1.0)  # the body stream on changes the picture
+    moved = pipe.generate(["a person raising both arms"], steps=2, seed=3, extra_tokens=prompter.extra_tokens(c_body))
+    assert not torch.equal(moved, expected)
+
+
+def test_sample_cli_body_id_views_and_image_prompt(run, tmp_path):
+    out = tmp_path / "id.png"
+    assert sample.main(["a person standing", "--run", str(run), "--body-id", "5", "--n", "2", "--steps", "2",
+                        "--out", str(out)]) == 0
+    assert Image.open(out).size[0] > 0
+    views = tmp_path / "views"
+    views.mkdir()
+    images = identity_views(2, size=32)["image"]
+    for k, image in enumerate(images[:2]):
+        Image.fromarray(((image.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(views / f"{k}.png")
+    out2 = tmp_path / "views.png"
+    assert sample.main(["a person standing", "--run", str(run), "--body-views", str(views), "--image-prompt",
+                        str(views / "0.png"), "--ip-scale", "0.5", "--body-scale", "1.5", "--n", "1", "--steps", "2",
+                        "--out", str(out2)]) == 0
+    assert out2.is_file()
+
+
+def test_sample_cli_bad_input_is_one_sentence(run, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for argv, message in ((["--body-views", str(empty)], "has no .png file"),
+                          (["--body-views", str(tmp_path / "missing")], "is not a folder"),
+                          (["--body-id", "-1"], "non-negative identity")):
+        assert sample.main(["x", "--run", str(run), "--steps", "2", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    tiny = tmp_path / "text_only_run"  # a run without a body adapter
+    tiny.mkdir()
+    for f in ("autoencoder.pt", "ldm.pt"):
+        (tiny / f).write_bytes((run / f).read_bytes())
+    assert sample.main(["x", "--run", str(tiny), "--body-id", "1", "--steps", "2"]) == 2
+    assert "no body adapter" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sample.parse_args(["x", "--body-id", "1", "--body-views", str(empty)])

@@ -70,7 +70,9 @@ def tiny() -> Preset:
         text=TextEncoderConfig(vocab_size=0, max_len=12, dim=128, depth=2, heads=4, dim_head=32),
         unet=UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                         attention_levels=(1, 2), heads=4, dim_head=16, context_dim=128, norm_groups=16),
-        ldm=LDMTrainConfig(),
+        # v-prediction: at 2000 steps it reaches prompt accuracy 1.00 with deterministic DDIM (eta = 0), where
+        # eps-prediction reached 0.62 (its DDIM latents came out ~2.4x too wide; eta = 1 hid it: 0.92).
+        ldm=LDMTrainConfig(steps=2000, prediction="v"),
     )
 
 

@@ -27,7 +27,7 @@ from lessons import common  # noqa: E402
 from minildm.config import micro  # noqa: E402
 from minildm.data import shapes  # noqa: E402
 from minildm.diffusion.ddim import ddim_timesteps  # noqa: E402
-from minildm.diffusion.ddpm import diffusion_loss  # noqa: E402
+from minildm.diffusion.ddpm import as_eps_fn, diffusion_loss  # noqa: E402
 from minildm.modules.unet import UNet  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402
 from minildm.text.encoder import PromptEncoder, TextEncoderConfig  # noqa: E402
@@ -68,7 +68,8 @@ def explain_step(pipe: LatentDiffusion, out: Path) -> None:
     for r, t_value in enumerate(SHOW_T):
         t = torch.tensor([t_value])
         z_t = pipe.schedule.q_sample(z0, t, eps)
-        eps_hat = pipe.unet(z_t, t, context, mask)
+        # the tiny preset's UNet predicts v (config.tiny); as_eps_fn turns any target into eps_theta
+        eps_hat = as_eps_fn(lambda x, t_: pipe.unet(x, t_, context, mask), pipe.schedule, pipe.prediction)(z_t, t)
         z0_hat = pipe.schedule.predict_x0(z_t, t, eps_hat)
         mse = (eps_hat - eps).pow(2).mean().item()
         show(axes[r, 0], (x[0] + 1) / 2, "x (pixels)")

@@ -28,20 +28,21 @@ def main() -> None:
     args = p.parse_args()
     pipe = LatentDiffusion.load(args.run)
     rows = []
-    for sampler, steps in [("ddim", 10), ("ddim", 25), ("ddim", 50), ("ddpm", 1000)]:
+    for sampler, steps, eta in [("ddim", 10, 0.0), ("ddim", 25, 0.0), ("ddim", 50, 0.0), ("ddim", 50, 1.0),
+                                ("ddpm", 1000, 1.0)]:
         t0 = time.perf_counter()
-        r = prompt_accuracy_report(pipe, steps=steps, guidance=args.guidance, n=args.n, sampler=sampler)
+        r = prompt_accuracy_report(pipe, steps=steps, guidance=args.guidance, n=args.n, sampler=sampler, eta=eta)
         seconds = time.perf_counter() - t0
         samples = r["seen"]["samples"] + r["held_out"]["samples"]
-        rows.append(f"| {sampler.upper()} | {steps} | {seconds:.1f} s | {1000 * seconds / samples:.0f} ms | "
+        rows.append(f"| {sampler.upper()} | {steps} | {eta:g} | {seconds:.1f} s | {1000 * seconds / samples:.0f} ms | "
                     f"{r['seen']['all']:.3f} | {r['held_out']['all']:.3f} |")
         print(rows[-1], flush=True)
     table = "\n".join([
         f"Samplers on {args.run}: guidance {args.guidance}, {args.n} sample(s) per prompt (80 seen + 10 held-out "
         f"prompts), batch 160. Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}.",
         "",
-        "| sampler | steps | wall time (90 prompts) | per image | accuracy seen | accuracy held-out |",
-        "|---|---|---|---|---|---|",
+        "| sampler | steps | eta | wall time (90 prompts) | per image | accuracy seen | accuracy held-out |",
+        "|---|---|---|---|---|---|---|",
         *rows,
     ])
     out = ROOT / "bench" / "results" / "samplers.md"

@@ -19,7 +19,10 @@ from minildm.text.encoder import TextEncoderConfig
 
 @dataclass
 class AutoencoderTrainConfig:
-    steps: int = 800
+    # 1200, not 800: at 800 steps the encoder sometimes maps cyan (and purple) interiors onto blue's codes
+    # (reconstructed colour right 0.67-0.96 of the time over 3 seeds, which caps the LDM's prompt accuracy);
+    # at 1200 steps 1.00 on the seeds tried, PSNR 33-35 dB.
+    steps: int = 1200
     batch_size: int = 32
     lr: float = 2e-3  # peak; cosine decay to 0
     disc_lr: float = 2e-4

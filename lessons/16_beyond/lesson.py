@@ -7,8 +7,8 @@ training run's diagnostics say, and why a decoder-only LLM is an awkward prompt 
 
 1. FID by hand with YOUR frechet_distance (exercises.py; the library's until you fill it in): the finite-N
    floor, noise, mode dropping, and a model that ignores its prompts.
-2. The evaluation table of the trained model (lessons.common.trained_run()) next to a deliberately
-   broken sampler (no guidance, 5 DDIM steps) and real shapes.
+2. The evaluation table of the trained model (lessons.common.trained_run()) next to two deliberately
+   broken samplers (the prompt ignored: s = 0; too few steps: 2 DDIM steps) and real shapes.
 3. The diagnostics of minildm/diagnostics.py on the trained model.
 4. Positional bias: the same prompt encoder with a causal (decoder-only) mask.
 Figures go to lessons/16_beyond/out/.
@@ -102,7 +102,9 @@ print("   real vs real at N = " + ", ".join(f"{c}: {f:.2f}" for c, f in zip(coun
 
 # --- 2. The evaluation table: trained vs broken -----------------------------------------------------------
 steps = 20 if QUICK else 50
-configs = {f"s = 3, DDIM {steps}": dict(steps=steps, guidance=3.0), "broken: s = 1, DDIM 5": dict(steps=5, guidance=1.0)}
+configs = {f"s = 3, DDIM {steps}": dict(steps=steps, guidance=3.0),  # healthy
+           f"broken: s = 0, DDIM {steps}": dict(steps=steps, guidance=0.0),  # the unconditional model: no prompt
+           "broken: s = 3, DDIM 2": dict(steps=2, guidance=3.0)}  # far too few steps
 print(f"\n2. The evaluation table of {RUN.name} (1 sample per prompt, 90 images per column; "
       "python -m minildm.evaluate --n 4 for the full benchmark)")
 columns = {"real shapes": evaluate.real_reference(feature_net, clip, n=1)}

@@ -21,7 +21,7 @@ from minildm.train import clip as clip_stage
 from minildm.train import ip_adapter as ip_stage
 from minildm.train.autoencoder import train_autoencoder
 from minildm.train.ip_adapter import (ADAPTER_FILE, CLIP_FILE, IPAdapterTrainConfig, load_image_file,
-                                      load_image_prompter, parameter_counts, partial_captions, train_ip_adapter)
+                                      load_image_prompter, parameter_counts, train_ip_adapter)
 from minildm.train.ldm import train_ldm
 
 CPU = torch.device("cpu")
@@ -69,10 +69,10 @@ def test_stage_trains_the_clip_first_and_saves_only_adapter_weights(base_dir, ad
 
 
 def test_partial_captions_keep_colour_and_shape_or_position_or_nothing():
-    assert partial_captions(("red", "circle", "left")) == ["a red circle", "on the left", ""]
-    assert partial_captions(("cyan", "triangle", "center")) == ["a cyan triangle", "in the center", ""]
+    assert shapes.partial_captions("red", "circle", "left") == ["a red circle", "on the left", ""]
+    assert shapes.partial_captions("cyan", "triangle", "center") == ["a cyan triangle", "in the center", ""]
     for combo in shapes.ALL_COMBOS:  # the three cuts together hold exactly the words of the caption
-        words = " ".join(partial_captions(combo)).split()
+        words = " ".join(shapes.partial_captions(*combo)).split()
         assert sorted(words) == sorted(shapes.caption(*combo).split())
 
 

@@ -124,6 +124,15 @@ def caption(color: str, shape: str, position: str, paraphrase: bool = False) -> 
     return f"a {color} {shape} {_position_phrase(position)}"
 
 
+def partial_captions(color: str, shape: str, position: str) -> list[str]:
+    """The three cut-down captions of a combination, each leaving attributes unsaid:
+
+    partial_captions("red", "circle", "left") -> ["a red circle", "on the left", ""]
+    """
+    _check_combo(color, shape, position)
+    return [f"a {color} {shape}", _position_phrase(position), ""]
+
+
 def _words(text: str) -> tuple:
     """Lower-case words of a caption, with the comma as a word of its own: "a b, c" -> ("a", "b", ",", "c")."""
     return tuple(re.findall(r"[a-z]+|,", text.lower()))

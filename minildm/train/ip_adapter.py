@@ -74,7 +74,7 @@ class IPAdapterTrainConfig:
     weight_decay: float = 0.01  # as the paper (AdamW)
     num_tokens: int = 4  # N image tokens
     drop_prob: float = 0.05  # text only, image only, both: each with this probability
-    partial_prob: float = 0.75  # a kept caption is cut to one of `partial_captions` (not in the paper, see above)
+    partial_prob: float = 0.75  # a kept caption is cut to one of `shapes.partial_captions` (not in the paper, see above)
     cache_size: int = 2048  # SEEN shapes rendered once, encoded to latents and CLIP embeddings
     preview_steps: int = 25  # DDIM steps of the preview grid samples/ip_adapter.png (0 = no preview)
     seed: int = 0
@@ -166,12 +166,6 @@ def reference_images(size: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(rearrange(images, "b h w c -> b c h w").copy()).float() / 127.5 - 1.0
 
 
-def partial_captions(combo: tuple) -> list[str]:
-    """The three cut-down captions of a (colour, shape, position): ["a red circle", "on the left", ""]."""
-    color, shape, position = combo
-    return [f"a {color} {shape}", shapes.caption(color, shape, position).split(f"{shape} ", 1)[1], ""]
-
-
 def train_ip_adapter(base_dir: str | Path, device: torch.device, out_dir: str | Path | None = None,
                      cfg: IPAdapterTrainConfig | None = None, show_progress: bool = True) -> Path:
     """Train an IP-Adapter on the frozen run `base_dir`; writes OUT/ip_adapter.pt (OUT = out_dir or base_dir).
@@ -196,7 +190,7 @@ def train_ip_adapter(base_dir: str | Path, device: torch.device, out_dir: str | 
     e_all = encode_clip_cache(clip, data.images)  # e [N, d_img]: the image prompt is the training image itself
     tokens_all = pipe.tokenizer.encode(data.captions)  # [N, L]
     combos = [shapes.parse_caption(c) for c in data.captions]
-    partial_all = torch.stack([pipe.tokenizer.encode(partial_captions(combo)) for combo in combos])  # [N, 3, L]
+    partial_all = torch.stack([pipe.tokenizer.encode(shapes.partial_captions(*combo)) for combo in combos])  # [N, 3, L]
     same_look = {}  # (colour, shape) -> cache indices of its renders, at every position
     for i, combo in enumerate(combos):
         same_look.setdefault(combo[:2], []).append(i)

@@ -136,6 +136,7 @@ def main(argv=None) -> int:
             train_ip_adapter(base, device, out_dir=run_dir, cfg=cfg)
             if run_dir == base:  # sample.py finds ldm.pt, ip_adapter.pt and clip.pt in one run directory
                 print(f'try: python sample.py "" --image-prompt IMAGE.png --run {run_dir}')
+        distributed.barrier()  # rank 0 may still be plotting: no rank tears the group down under another
     except (ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -50,6 +50,7 @@ def worker(rank: int, port: int, run_dir: str) -> None:
         with pytest.raises(RuntimeError, match="replicas of the model differ in 1 tensors"):
             distributed.check_in_sync(drifted)
         open(os.path.join(run_dir, f"rank{rank}.done"), "w").close()
+        distributed.barrier()  # neither rank tears the group down while the other may still use it
     finally:
         distributed.cleanup()
 

@@ -47,6 +47,8 @@ def setup(device: torch.device, timeout_seconds: float = 1800) -> torch.device:
 
 
 def cleanup() -> None:
+    """Leave the process group. Call `barrier()` first on the normal path: a rank that tears the group down
+    (rank 0 also hosts its TCP store) while another still talks to it can make that one abort."""
     if is_distributed():
         dist.destroy_process_group()
 

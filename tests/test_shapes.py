@@ -261,3 +261,15 @@ def test_attribute_accuracy_scores_each_attribute():
     half_right = captions[:15] + [caption(c, s, "center" if p != "center" else "left") for c, s, p in combos[15:]]
     assert attribute_accuracy(images, half_right)["position"] == pytest.approx(0.5)
     assert prompt_accuracy(images, half_right) == pytest.approx(0.5)
+
+
+def test_partial_captions_keep_colour_and_shape_or_position_or_nothing():
+    from minildm.data.shapes import caption, partial_captions
+
+    assert partial_captions("red", "circle", "left") == ["a red circle", "on the left", ""]
+    assert partial_captions("cyan", "triangle", "center") == ["a cyan triangle", "in the center", ""]
+    for combo in ALL_COMBOS:  # the three cuts together hold exactly the words of the caption
+        words = " ".join(partial_captions(*combo)).split()
+        assert sorted(words) == sorted(caption(*combo).split())
+    with pytest.raises(ValueError):
+        partial_captions("mauve", "circle", "left")  # not a colour of the data

@@ -8,7 +8,7 @@ import torch
 from minildm.adapters.body import (BodyVAE, BodyVAEConfig, KeypointRegressor, gaussian_keypoint_weights,
                                    keypoint_gaussians, keypoints_to_pixels, keypoints_to_unit, kl_divergence,
                                    render_identities, reparameterize, weight_image)
-from minildm.data.bodies import BodiesDataset
+from minildm.data.bodies import MEAN_SHAPE, SHAPE_RANGES, BodiesDataset, identity, shape_vector
 from minildm.train.body import train_keypoint_regressor
 
 
@@ -169,6 +169,30 @@ def test_vae_training_lowers_the_loss():
         opt.step()
         losses.append(logs["loss"])
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+
+
+def test_shape_vector_spans_minus_one_to_one():
+    assert np.allclose(shape_vector(MEAN_SHAPE), 0, atol=1e-6)
+    vectors = np.stack([shape_vector(identity(i)) for i in range(50)])
+    assert vectors.shape == (50, len(SHAPE_RANGES)) and np.all(np.abs(vectors) <= 1)
+    assert np.all(vectors.min(0) < -0.5) and np.all(vectors.max(0) > 0.5)  # each measurement uses its range
+
+
+def test_vae_shape_head_is_a_loss_term_on_mu():
+    cfg = BodyVAEConfig(image_size=32, channels=(8, 16), feature_dim=16, latent_dim=8, keypoint_sigma=2.0,
+                        shape_weight=3.0)
+    vae = BodyVAE(cfg)
+    images, kp, vis, pose = view_sets(3, 2)
+    shape = torch.randn(3, cfg.num_shape)
+    torch.manual_seed(0)
+    total, logs = vae.loss(images, kp, vis, pose, shape=shape)
+    mu, _ = vae.encode(images, kp, vis)
+    expected = ((vae.to_shape(mu) - shape) ** 2).sum(-1).mean()  # ||W mu + b - shape||^2, batch mean
+    assert math.isclose(logs["shape"], expected.item(), rel_tol=1e-5)
+    assert math.isclose(logs["loss"], logs["recon"] + cfg.beta_kl * logs["kl"] + 3.0 * logs["shape"], rel_tol=1e-5)
+    with pytest.raises(ValueError, match="shape"):
+        vae.loss(images, kp, vis, pose)  # the head is on but no measurements given
+    assert tiny_vae().to_shape is None  # shape_weight = 0 (the default): no head, the plain negative ELBO
 
 
 def test_keypoint_regressor_learns():

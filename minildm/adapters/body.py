@@ -141,6 +141,8 @@ class BodyVAEConfig:
     keypoint_sigma: float = 3.0
     weight_alpha: float = 0.25
     beta_kl: float = 1.0
+    shape_weight: float = 0.0  # > 0: a linear shape head reads mu (ours, not the paper's; see BodyVAE.loss)
+    num_shape: int = 7  # measurements the head predicts (minildm.data.bodies.shape_vector)
 
 
 def _down(c_in: int, c_out: int) -> nn.Sequential:
@@ -188,6 +190,7 @@ class BodyVAE(nn.Module):
                           nn.ConvTranspose2d(c_out, c_out, 4, stride=2, padding=1), nn.SiLU())
             for c_in, p, c_out in zip(dec_in, reversed(pose_widths[1:]), dec_out))
         self.to_rgb = nn.Conv2d(cfg.channels[0] + cfg.num_keypoints, 3, 3, padding=1)
+        self.to_shape = nn.Linear(cfg.latent_dim, cfg.num_shape) if cfg.shape_weight > 0 else None
 
     def _check_views(self, images, keypoints, visible, view_mask):
         size = self.cfg.image_size
@@ -253,7 +256,7 @@ class BodyVAE(nn.Module):
 
     def loss(self, images: torch.Tensor, keypoints: torch.Tensor, visible: torch.Tensor,
              pose_keypoints: torch.Tensor, view_mask: torch.Tensor | None = None,
-             held_out: int = 0) -> tuple[torch.Tensor, dict]:
+             held_out: int = 0, shape: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Negative ELBO: every (real) view is rebuilt from the set's z and its own identity-free pose.
 
         images [B, V, 3, H, W], keypoints [B, V, K, 2], visible [B, V, K], pose_keypoints [B, V, K, 2],
@@ -263,6 +266,11 @@ class BodyVAE(nn.Module):
         held_out: the last held_out views of every set are rebuilt but not encoded (0 <= held_out < V).
         z then has to predict a view it never saw, so it can only carry what all views of the person share
         (the body and the clothes), not the details of the views it read.
+        shape [B, num_shape]: the people's true measurements (``shape_vector``), needed when shape_weight > 0.
+        Ours, not the paper's: the pixel error is dominated by the large areas of shirt and trousers, so on
+        its own mu learns colours first and limb lengths (a pixel or two at 32x32) barely; a linear head
+        that must read the measurements from mu, shape_loss = ||W mu + b - shape||^2, makes the mean
+        carry them, along a few directions nearest-neighbour search and the body tokens can use.
         """
         self._check_views(images, keypoints, visible, view_mask)
         if pose_keypoints.shape != keypoints.shape:
@@ -281,7 +289,15 @@ class BodyVAE(nn.Module):
         recon_loss = (err * m).sum() / m.sum()
         kl = kl_divergence(mu, logvar).mean()
         total = recon_loss + self.cfg.beta_kl * kl                                   # -ELBO (beta_kl = 1)
-        return total, {"loss": total.item(), "recon": recon_loss.item(), "kl": kl.item()}
+        logs = {"recon": recon_loss.item(), "kl": kl.item()}
+        if self.to_shape is not None:
+            if shape is None or shape.shape != (B, self.cfg.num_shape):
+                raise ValueError(f"shape_weight > 0 needs the true measurements shape [{B}, {self.cfg.num_shape}] "
+                                 "(minildm.data.bodies.shape_vector of each row's person).")
+            shape_loss = ((self.to_shape(mu) - shape) ** 2).sum(dim=-1).mean()      # ||W mu + b - shape||^2
+            total = total + self.cfg.shape_weight * shape_loss
+            logs["shape"] = shape_loss.item()
+        return total, {"loss": total.item(), **logs}
 
 
 VIEW_KEYS = ("image", "keypoints", "visible", "pose_keypoints")

@@ -132,17 +132,28 @@ class BodyShape:
 
 
 # Range of every body measurement (body units); identity() draws each uniformly, MEAN_SHAPE takes the midpoints.
-SHAPE_RANGES = {"shoulder_width": (0.13, 0.27), "hip_width": (0.09, 0.19), "torso_length": (0.19, 0.27),
-                "arm_length": (0.22, 0.31), "leg_length": (0.26, 0.38), "head_size": (0.055, 0.075),
+# Torso, arms and legs vary more than real adults do: at 32x32 a torso is only ~7 pixels, and a keypoint
+# found to half a pixel moves arm / torso by ~0.1, so proportions must differ by more than that to be
+# measurable (leg / torso spans 0.8-2.4 here, arm / torso 0.7-1.9). Raised arms stay in the frame (0 of
+# 300 random people raising both arms touch its edge; only the longest arms, legs and torso at once would).
+SHAPE_RANGES = {"shoulder_width": (0.13, 0.27), "hip_width": (0.09, 0.19), "torso_length": (0.17, 0.28),
+                "arm_length": (0.19, 0.33), "leg_length": (0.22, 0.40), "head_size": (0.055, 0.075),
                 "limb_thickness": (0.017, 0.038)}
 MEAN_SHAPE = BodyShape(**{k: (lo + hi) / 2 for k, (lo, hi) in SHAPE_RANGES.items()})
+
+
+def shape_vector(shape: BodyShape) -> np.ndarray:
+    """The body measurements of SHAPE_RANGES rescaled to [-1, 1] (-1 = the low end, +1 = the high end):
+    float32 [len(SHAPE_RANGES)]; clothes and skin are left out. The body VAE's shape head predicts it."""
+    return np.array([(getattr(shape, k) - (lo + hi) / 2) / ((hi - lo) / 2) for k, (lo, hi) in SHAPE_RANGES.items()],
+                    dtype=np.float32)
 
 
 def identity(i: int, seed: int = 0) -> BodyShape:
     """Body shape of identity ``i``: every measurement uniform in its SHAPE_RANGES range and the clothes
     and skin from small palettes, deterministic from (seed, i).
 
-    The ranges are wide (e.g. legs 0.26-0.38, shoulders 0.13-0.27) so identities differ visibly in build.
+    The ranges are wide (e.g. legs 0.22-0.40, shoulders 0.13-0.27) so identities differ visibly in build.
     """
     if i < 0:
         raise ValueError(f"identity index must be >= 0, got {i}.")

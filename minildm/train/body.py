@@ -42,7 +42,8 @@ from minildm.adapters.ip_adapter import IP, ImageProjection, drop_conditions, ip
 from minildm.autoencoder.vqvae import VQConfig
 from minildm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from minildm.config import AutoencoderTrainConfig, LDMTrainConfig, Preset, micro
-from minildm.data.bodies import POSE_NAMES, BodiesDataset, identity, pose_caption, random_view, render_body
+from minildm.data.bodies import (POSE_NAMES, BodiesDataset, identity, pose_caption, random_view, render_body,
+                                 shape_vector)
 from minildm.modules.unet import UNetConfig
 from minildm.pipeline import LatentDiffusion
 from minildm.text.encoder import TextEncoderConfig
@@ -82,13 +83,16 @@ class BodyStageConfig:
     reference_views: int = 6  # further views per identity: c_body sets and reference images only
     seed: int = 0
     base: Preset = field(default_factory=body_base_preset)
-    # (b) keypoint regressor and body VAE (both on every rendered view)
-    regressor_steps: int = 2000  # 400 left it worse than guessing the average body (bench/results/body.md)
+    # (b) keypoint regressor and body VAE (both on every rendered view of the training people and of
+    # encoder_identities further people: more bodies to learn proportions from)
+    encoder_identities: int = 480
+    regressor_steps: int = 3000  # 400 left it worse than guessing the average body (bench/results/body.md)
     regressor_batch: int = 32
     regressor_lr: float = 2e-3
     vae: BodyVAEConfig = field(default_factory=lambda: BodyVAEConfig(
         image_size=32, channels=(32, 64, 128), feature_dim=256, latent_dim=64, keypoint_sigma=1.5, weight_alpha=0.25,
-        beta_kl=0.01))  # beta_kl: see lessons/15_body_vae/README.md (beta = 1 collapses the posterior)
+        beta_kl=0.01, shape_weight=10.0))  # beta_kl: see lessons/15_body_vae/README.md (beta = 1 collapses the
+    # posterior); shape_weight: BodyVAE.loss (without it c_body told people apart mostly by their clothes)
     vae_steps: int = 1200
     vae_batch: int = 16
     vae_views_per_set: int = 3
@@ -123,9 +127,10 @@ def body_stage_config(name: str = "body") -> BodyStageConfig:
     base.vq_train = replace(base.vq_train, steps=3, batch_size=8, eval_images=8)
     base.ldm = replace(base.ldm, steps=3, batch_size=8)
     return BodyStageConfig(
-        name="body-micro", num_identities=3, views_per_identity=3, reference_views=3, base=base,
+        name="body-micro", num_identities=3, views_per_identity=3, reference_views=3, base=base, encoder_identities=2,
         regressor_steps=3, regressor_batch=8, vae=BodyVAEConfig(image_size=32, channels=(8, 16), feature_dim=16,
-                                                                latent_dim=8, keypoint_sigma=1.5, beta_kl=0.01),
+                                                                latent_dim=8, keypoint_sigma=1.5, beta_kl=0.01,
+                                                                shape_weight=10.0),
         vae_steps=3, vae_batch=4, adapter_steps=3, adapter_batch=8, set_size=2, sets_per_identity=2, preview_steps=2)
 
 
@@ -141,6 +146,23 @@ def render_stage_data(cfg: BodyStageConfig) -> dict:
     captions = [pose_caption(data.view(i, v).name) for i in range(cfg.num_identities) for v in range(V)]
     return {"targets": {k: x[:, :V] for k, x in views.items()}, "references": {k: x[:, V:] for k, x in views.items()},
             "captions": captions}
+
+
+def encoder_views(cfg: BodyStageConfig) -> tuple[dict, torch.Tensor]:
+    """Every view of the training people and of cfg.encoder_identities further people, for the keypoint
+    regressor and the body VAE: ({key: [I, V, ...]} with V = training + reference views, shape_vector [I, S]).
+
+    The further people are drawn with another seed (seed + 1), so they are never the stage's unseen test
+    people (identities num_identities, num_identities + 1, ... of the stage's seed, see bench/body.py);
+    neither the base model nor the adapter sees them.
+    """
+    V = cfg.views_per_identity + cfg.reference_views
+    people = [BodiesDataset(cfg.num_identities, V, cfg.image_size, cfg.seed)]
+    if cfg.encoder_identities:
+        people.append(BodiesDataset(cfg.encoder_identities, V, cfg.image_size, cfg.seed + 1))
+    views = [render_identities(data) for data in people]
+    shapes = torch.from_numpy(np.stack([shape_vector(s) for data in people for s in data.shapes]))
+    return {k: torch.cat([v[k] for v in views]) for k in VIEW_KEYS}, shapes
 
 
 def identity_views(index: int, n: int = REFERENCE_VIEWS, size: int = 32, seed: int = 0) -> dict:
@@ -255,11 +277,13 @@ def train_keypoint_regressor(views: dict, steps: int = 400, batch_size: int = 32
 
 def train_body_vae(cfg: BodyVAEConfig, views: dict, steps: int = 500, batch_size: int = 16, views_per_set: int = 2,
                    lr: float = 3e-3, seed: int = 0, device="cpu", path: Path | None = None, resume: bool = False,
-                   show_progress: bool = True, held_out: int = 0) -> tuple[BodyVAE, LossLog, bool]:
+                   show_progress: bool = True, held_out: int = 0,
+                   shapes: torch.Tensor | None = None) -> tuple[BodyVAE, LossLog, bool]:
     """Train a BodyVAE on sets of views; -> (model in eval mode, log with recon/kl/loss, finished).
 
-    views: render_identities output (I identities x V views). Each step takes batch_size random identities
-    and views_per_set distinct random views of each (a set) and minimises BodyVAE.loss (the negative ELBO).
+    views: render_identities output (I identities x V views); shapes [I, S]: each person's shape_vector
+    (needed when cfg.shape_weight > 0). Each step takes batch_size random identities and views_per_set
+    distinct random views of each (a set) and minimises BodyVAE.loss (the negative ELBO + the shape head).
     Sets of 2 views already teach the encoder to pool; any number works when encoding. held_out of the
     views_per_set views are only rebuilt, never encoded (BodyVAE.loss)."""
     num_identities, num_views = views["image"].shape[:2]
@@ -273,7 +297,8 @@ def train_body_vae(cfg: BodyVAEConfig, views: dict, steps: int = 500, batch_size
         rng = step_rng(seed, step)
         ids = torch.from_numpy(rng.integers(num_identities, size=batch_size))[:, None]                   # [B, 1]
         picks = torch.from_numpy(np.stack([rng.permutation(num_views)[:views_per_set] for _ in range(batch_size)]))
-        return vae.loss(*(views[k][ids, picks] for k in VIEW_KEYS), held_out=held_out)                 # [B, V', ...]
+        shape = None if shapes is None else shapes[ids[:, 0]].to(device)
+        return vae.loss(*(views[k][ids, picks] for k in VIEW_KEYS), held_out=held_out, shape=shape)    # [B, V', ...]
 
     state = {"save": lambda: {"model": vae.state_dict(), "config": asdict(cfg), "num_identities": num_identities,
                               "seed": seed},
@@ -529,7 +554,7 @@ def train_body_stage(run_dir: str | Path, device: torch.device, cfg: BodyStageCo
         raise ValueError(f"the base run {base_dir} does not know the pose words {missing}: give --base a run trained "
                          "on bodies (or leave --base out to train one).")
 
-    everything = {k: torch.cat([data["targets"][k], data["references"][k]], dim=1) for k in VIEW_KEYS}
+    everything, shapes = encoder_views(cfg)
     t0 = time.time()
     path = run_dir / REGRESSOR_FILE
     if not (resume and _done(path, "keypoint-regressor", cfg.regressor_steps)):
@@ -541,9 +566,10 @@ def train_body_stage(run_dir: str | Path, device: torch.device, cfg: BodyStageCo
     path = run_dir / VAE_FILE
     if not (resume and _done(path, "body-vae", cfg.vae_steps)):
         _, log, finished = train_body_vae(cfg.vae, everything, cfg.vae_steps, cfg.vae_batch, cfg.vae_views_per_set,
-                                          cfg.vae_lr, cfg.seed, device, path, resume, show_progress, cfg.vae_held_out)
-        plot_curves({"recon": log.history["recon"], "kl": log.history["kl"]}, run_dir / "body_vae_loss.png",
-                    title="body VAE: reconstruction and KL")
+                                          cfg.vae_lr, cfg.seed, device, path, resume, show_progress, cfg.vae_held_out,
+                                          shapes)
+        plot_curves({k: log.history[k] for k in ("recon", "kl", "shape") if k in log.history},
+                    run_dir / "body_vae_loss.png", title="body VAE: reconstruction, KL and shape head")
         if not finished:
             return False
     vae = load_body_vae(path, device)

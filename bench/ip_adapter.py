@@ -8,6 +8,8 @@ is trained again when the base's ldm.pt is newer or the stage's recipe changed),
   counts when `describe` reads the prompt image's colour and shape back (position reported apart);
 - image + text: the text "on the left" with an image of a red square placed elsewhere; a sample counts when it
   is a red square on the left (colour and shape from the image, position from the text), over a lambda sweep;
+  then the same conflict for all 6 colours x 3 shapes (placed right, bottom or center) with "on the left" and
+  with "on the top";
 - CLIP-T (generated image vs the caption of its image prompt) and CLIP-I (generated image vs the image prompt),
   as in the paper's table 1. They are scored by a second CLIP trained with another seed, so the adapter's own
   image encoder does not grade its own input (the paper, likewise, encodes with ViT-H and scores with ViT-L).
@@ -134,6 +136,17 @@ def main() -> None:
         looks = [shapes.describe(x) for x in images]
         multimodal[scale] = (np.mean([r == ("red", "square", "left") for r in looks]),
                              np.mean([r[:2] == ("red", "square") for r in looks]), np.mean([r[2] == "left" for r in looks]))
+    # the same conflict for every colour and shape: a position phrase + an image of the shape elsewhere
+    general = {}
+    for target in ("left", "top"):
+        phrase = shapes.partial_captions("red", "circle", target)[1]  # "on the left" / "on the top"
+        combos_elsewhere = [(c, s, p) for c in shapes.COLORS for s in shapes.SHAPES
+                            for p in ("right", "bottom", "center")]
+        images_elsewhere = renders(combos_elsewhere, seed=7)
+        for scale in LAMBDAS:
+            looks = [shapes.describe(x) for x in sample(pipe, prompter, [phrase] * len(combos_elsewhere),
+                                                        images_elsewhere, scale, args.steps, seed=300)]
+            general[phrase, scale] = np.mean([r == (c[0], c[1], target) for r, c in zip(looks, combos_elsewhere)])
     text_only_left = sample(pipe, prompter, ["on the left"] * 16, None, 0.0, args.steps, seed=100)
     text_only_left_rate = np.mean([shapes.describe(x)[2] == "left" for x in text_only_left])
 
@@ -163,7 +176,7 @@ def main() -> None:
         "",
         f"Training: CLIP zero-shot accuracy {clip_acc:.3f} among all 90 captions (chance 0.011). Adapter: "
         f"{train_cfg['steps']} steps x batch {train_cfg['batch_size']} (lr {train_cfg['lr']}, drop text / image / "
-        f"both p = {train_cfg['drop_prob']} each, partial captions p = {train_cfg['partial_prob']}), "
+        f"both p = {train_cfg['drop_prob']} each, kept text full / colour+shape / position / empty p = {' / '.join(str(p) for p in train_cfg['caption_mix'])}), "
         f"{seconds['wall'] / 60:.1f} min wall, {seconds['cpu'] / 60:.1f} min "
         f"CPU time (all threads) = {steps_per_cpu_s * 60:.0f} steps per CPU-minute; on 2 uncontended cores about "
         f"{seconds['cpu'] / 2 / 60:.1f} min. Trainable {trainable:,} parameters against the frozen UNet's "
@@ -181,6 +194,8 @@ def main() -> None:
         *[f"| \"on the left\" + image of a red square elsewhere, lambda = {s}: red square on the left "
           f"(colour+shape / left) | {'**' if s == best else ''}{multimodal[s][0]:.3f}{'**' if s == best else ''} "
           f"({multimodal[s][1]:.2f} / {multimodal[s][2]:.2f}) |" for s in LAMBDAS],
+        *[f"| {phrase!r} + an image of any colour and shape elsewhere (54), lambda = {s}: colour, shape and "
+          f"position all right | {general[phrase, s]:.3f} |" for phrase in ("on the left", "on the top") for s in LAMBDAS],
         f"| text \"on the left\" alone (base model): position left | {text_only_left_rate:.3f} |",
         "",
         "CLIP-T: cosine of a sample with the caption of its image prompt; CLIP-I: cosine of a sample with the image "

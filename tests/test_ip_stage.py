@@ -161,3 +161,9 @@ def test_clis_train_both_stages_and_sample_with_an_image_prompt(base_dir, tmp_pa
     assert sample.main(["on the left", "--run", str(run), "--image-prompt", str(tmp_path / "bad.png"),
                         "--steps", "2", "--device", "cpu"]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0  # one sentence, no traceback
+
+
+@pytest.mark.parametrize("mix", [(0.5, 0.5, 0.5, 0.5), (1.2, -0.2, 0.0, 0.0), (0.5, 0.5)])
+def test_caption_mix_must_be_four_probabilities(mix):
+    with pytest.raises(ValueError, match="caption_mix"):
+        IPAdapterTrainConfig(caption_mix=mix)

@@ -7,7 +7,7 @@ import torch
 
 from minildm.adapters.body import (BodyVAE, BodyVAEConfig, KeypointRegressor, gaussian_keypoint_weights,
                                    keypoint_gaussians, keypoints_to_pixels, keypoints_to_unit, kl_divergence,
-                                   render_identities, reparameterize, weight_image)
+                                   peak_soft_argmax, render_identities, reparameterize, weight_image)
 from minildm.data.bodies import MEAN_SHAPE, SHAPE_RANGES, BodiesDataset, identity, shape_vector
 from minildm.train.body import train_keypoint_regressor
 
@@ -193,6 +193,22 @@ def test_vae_shape_head_is_a_loss_term_on_mu():
     with pytest.raises(ValueError, match="shape"):
         vae.loss(images, kp, vis, pose)  # the head is on but no measurements given
     assert tiny_vae().to_shape is None  # shape_weight = 0 (the default): no head, the plain negative ELBO
+
+
+def test_peak_soft_argmax_ignores_the_tails():
+    H = W = 8
+    ys, xs = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
+    grid = torch.stack([xs, ys])                                        # pixel (x, y) of every pixel
+    p = torch.zeros(1, 1, H, W)
+    p[0, 0, 2, 5], p[0, 0, 2, 6] = 0.6, 0.2                             # the peak and its neighbour: x = 5.25
+    p[0, 0, 7, 0] = 0.2                                                 # a far tail
+    p.requires_grad_(True)
+    out = peak_soft_argmax(p, grid)
+    assert torch.allclose(out, torch.tensor([[[5.25, 2.0]]]))           # the tail is not pulled in
+    whole = torch.einsum("bkhw,chw->bkc", p, grid)                      # the whole-image sum is pulled
+    assert whole[0, 0, 0] < 5 and whole[0, 0, 1] > 2
+    out.sum().backward()
+    assert p.grad[0, 0, 2, 6] != 0 and p.grad[0, 0, 7, 0] == 0         # differentiable inside the window only
 
 
 def test_keypoint_regressor_learns():

@@ -59,17 +59,18 @@ def body_base_preset() -> Preset:
     """The base text-to-image model of people: 32x32 bodies, the tiny VQ-VAE (8x8x4 latents), a small UNet.
 
     A CPU-minutes budget, not a converged model: measured on a shared 2-core machine, 400 autoencoder steps
-    reach 23 dB PSNR on bodies with the clothes' colours washed out, and a 450-step LDM draws dark blobs in
-    roughly the prompted pose (bench/results/body.md). The tiny shapes preset needs 800 + 3000 steps at
-    batch 32 / 64; expect people to need at least that.
+    reach 23 dB PSNR on bodies with the clothes' colours washed out, and an 800-step LDM draws dark,
+    often scattered blobs that hold the prompted arms in only ~30% of samples. With 800 + 2000 steps (these):
+    24.5 dB, and the arms are held in 67% of samples (bench/results/body.md). The tiny shapes preset needs
+    800 + 3000 steps at batch 32 / 64.
     """
     return Preset(
         name="body", image_size=32, vq=VQConfig.tiny(),
-        vq_train=AutoencoderTrainConfig(steps=400, batch_size=16, image_every=0, save_every=100, eval_images=128),
+        vq_train=AutoencoderTrainConfig(steps=800, batch_size=16, image_every=0, save_every=100, eval_images=128),
         text=TextEncoderConfig(vocab_size=0, max_len=8, dim=64, depth=1, heads=4, dim_head=16),
         unet=UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                         attention_levels=(0, 1), heads=4, dim_head=16, context_dim=64, norm_groups=16),
-        ldm=LDMTrainConfig(steps=800, batch_size=32, lr=2e-3, warmup=50, sample_every=0, save_every=100),
+        ldm=LDMTrainConfig(steps=2000, batch_size=32, lr=2e-3, warmup=50, sample_every=0, save_every=100),
     )
 
 
@@ -86,6 +87,10 @@ class BodyStageConfig:
     # (b) keypoint regressor and body VAE (both on every rendered view of the training people and of
     # encoder_identities further people: more bodies to learn proportions from)
     encoder_identities: int = 480
+    # the regressor also gets regressor_people more people in 4 views each: with only the 600 above it read
+    # arm / torso and leg / torso of new people at 0.38x / 0.12x their true spread (it saw everyone as
+    # average); with 4000 more, 0.46x / 0.24x (0.61x / 0.37x with KeypointRegressor's peak window)
+    regressor_people: int = 4000
     regressor_steps: int = 3000  # 400 left it worse than guessing the average body (bench/results/body.md)
     regressor_batch: int = 32
     regressor_lr: float = 2e-3
@@ -99,7 +104,7 @@ class BodyStageConfig:
     vae_held_out: int = 1  # of each set: rebuilt, not encoded (BodyVAE.loss)
     vae_lr: float = 3e-3
     # (c) the body adapter
-    adapter_steps: int = 400
+    adapter_steps: int = 1000
     adapter_batch: int = 32
     adapter_lr: float = 1e-3
     set_size: int = 4  # views per c_body
@@ -128,6 +133,7 @@ def body_stage_config(name: str = "body") -> BodyStageConfig:
     base.ldm = replace(base.ldm, steps=3, batch_size=8)
     return BodyStageConfig(
         name="body-micro", num_identities=3, views_per_identity=3, reference_views=3, base=base, encoder_identities=2,
+        regressor_people=2,
         regressor_steps=3, regressor_batch=8, vae=BodyVAEConfig(image_size=32, channels=(8, 16), feature_dim=16,
                                                                 latent_dim=8, keypoint_sigma=1.5, beta_kl=0.01,
                                                                 shape_weight=10.0),
@@ -163,6 +169,15 @@ def encoder_views(cfg: BodyStageConfig) -> tuple[dict, torch.Tensor]:
     views = [render_identities(data) for data in people]
     shapes = torch.from_numpy(np.stack([shape_vector(s) for data in people for s in data.shapes]))
     return {k: torch.cat([v[k] for v in views]) for k in VIEW_KEYS}, shapes
+
+
+def regressor_views(cfg: BodyStageConfig, everything: dict) -> dict:
+    """The keypoint regressor's training views [N, ...]: every view of encoder_views (`everything`) and 4 views
+    of each of cfg.regressor_people more people (seed + 2: never the stage's test people either)."""
+    views = [_flat(everything)]
+    if cfg.regressor_people:
+        views.append(_flat(render_identities(BodiesDataset(cfg.regressor_people, 4, cfg.image_size, cfg.seed + 2))))
+    return {k: torch.cat([v[k] for v in views]) for k in VIEW_KEYS}
 
 
 def identity_views(index: int, n: int = REFERENCE_VIEWS, size: int = 32, seed: int = 0) -> dict:
@@ -558,8 +573,9 @@ def train_body_stage(run_dir: str | Path, device: torch.device, cfg: BodyStageCo
     t0 = time.time()
     path = run_dir / REGRESSOR_FILE
     if not (resume and _done(path, "keypoint-regressor", cfg.regressor_steps)):
-        _, _, finished = train_keypoint_regressor(everything, cfg.regressor_steps, cfg.regressor_batch, cfg.regressor_lr,
-                                                  cfg.seed, device, path, resume, show_progress, pipe.autoencoder)
+        _, _, finished = train_keypoint_regressor(regressor_views(cfg, everything), cfg.regressor_steps,
+                                                  cfg.regressor_batch, cfg.regressor_lr, cfg.seed, device, path,
+                                                  resume, show_progress, pipe.autoencoder)
         if not finished:
             return False
     regressor = load_regressor(path, device)

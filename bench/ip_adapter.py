@@ -139,7 +139,7 @@ def main() -> None:
     # the same conflict for every colour and shape: a position phrase + an image of the shape elsewhere
     general = {}
     for target in ("left", "top"):
-        phrase = shapes.partial_captions("red", "circle", target)[1]  # "on the left" / "on the top"
+        phrase = shapes.position_phrase(target)  # "on the left" / "on the top"
         combos_elsewhere = [(c, s, p) for c in shapes.COLORS for s in shapes.SHAPES
                             for p in ("right", "bottom", "center")]
         images_elsewhere = renders(combos_elsewhere, seed=7)
@@ -176,7 +176,8 @@ def main() -> None:
         "",
         f"Training: CLIP zero-shot accuracy {clip_acc:.3f} among all 90 captions (chance 0.011). Adapter: "
         f"{train_cfg['steps']} steps x batch {train_cfg['batch_size']} (lr {train_cfg['lr']}, drop text / image / "
-        f"both p = {train_cfg['drop_prob']} each, kept text full / colour+shape / position / empty p = {' / '.join(str(p) for p in train_cfg['caption_mix'])}), "
+        f"both p = {train_cfg['drop_prob']} each, kept text full / colour+shape / position / empty "
+        f"p = {' / '.join(str(p) for p in train_cfg['caption_mix'])}), "
         f"{seconds['wall'] / 60:.1f} min wall, {seconds['cpu'] / 60:.1f} min "
         f"CPU time (all threads) = {steps_per_cpu_s * 60:.0f} steps per CPU-minute; on 2 uncontended cores about "
         f"{seconds['cpu'] / 2 / 60:.1f} min. Trainable {trainable:,} parameters against the frozen UNet's "

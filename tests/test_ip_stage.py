@@ -20,8 +20,8 @@ from minildm.pipeline import LatentDiffusion
 from minildm.train import clip as clip_stage
 from minildm.train import ip_adapter as ip_stage
 from minildm.train.autoencoder import train_autoencoder
-from minildm.train.ip_adapter import (ADAPTER_FILE, CLIP_FILE, IPAdapterTrainConfig, load_image_file,
-                                      load_image_prompter, parameter_counts, train_ip_adapter)
+from minildm.train.ip_adapter import (ADAPTER_FILE, CLIP_FILE, POSITION_ONLY, IPAdapterTrainConfig, caption_choices,
+                                      load_image_file, load_image_prompter, parameter_counts, train_ip_adapter)
 from minildm.train.ldm import train_ldm
 
 CPU = torch.device("cpu")
@@ -167,3 +167,10 @@ def test_clis_train_both_stages_and_sample_with_an_image_prompt(base_dir, tmp_pa
 def test_caption_mix_must_be_four_probabilities(mix):
     with pytest.raises(ValueError, match="caption_mix"):
         IPAdapterTrainConfig(caption_mix=mix)
+
+
+def test_caption_choices_follow_the_order_of_caption_mix():
+    # (full caption, colour + shape, position, empty): a swap here would train the look-alike image prompts
+    # with the wrong texts
+    assert caption_choices("red", "circle", "left") == ["a red circle on the left", "a red circle", "on the left", ""]
+    assert caption_choices("cyan", "triangle", "center")[POSITION_ONLY] == "in the center"

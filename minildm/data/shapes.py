@@ -107,7 +107,8 @@ def _check_combo(color: str, shape: str, position: str) -> None:
         )
 
 
-def _position_phrase(position: str) -> str:
+def position_phrase(position: str) -> str:
+    """The words of a position in a caption: "left" -> "on the left", "center" -> "in the center"."""
     return f"in the {position}" if position in ("center", "corner") else f"on the {position}"
 
 
@@ -120,8 +121,8 @@ def caption(color: str, shape: str, position: str, paraphrase: bool = False) -> 
     """
     _check_combo(color, shape, position)
     if paraphrase:
-        return f"a {shape} that is {color}, {_position_phrase(position)}"
-    return f"a {color} {shape} {_position_phrase(position)}"
+        return f"a {shape} that is {color}, {position_phrase(position)}"
+    return f"a {color} {shape} {position_phrase(position)}"
 
 
 def partial_captions(color: str, shape: str, position: str) -> list[str]:
@@ -130,7 +131,7 @@ def partial_captions(color: str, shape: str, position: str) -> list[str]:
     partial_captions("red", "circle", "left") -> ["a red circle", "on the left", ""]
     """
     _check_combo(color, shape, position)
-    return [f"a {color} {shape}", _position_phrase(position), ""]
+    return [f"a {color} {shape}", position_phrase(position), ""]
 
 
 def _words(text: str) -> tuple:

@@ -186,6 +186,15 @@ def reference_images(size: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(rearrange(images, "b h w c -> b c h w").copy()).float() / 127.5 - 1.0
 
 
+POSITION_ONLY = 2  # the index of "on the left" in caption_choices (and in caption_mix)
+
+
+def caption_choices(color: str, shape: str, position: str) -> list[str]:
+    """The texts a training sample can keep, in the order of IPAdapterTrainConfig.caption_mix:
+    ["a red circle on the left", "a red circle", "on the left", ""] (the caption, then `shapes.partial_captions`)."""
+    return [shapes.caption(color, shape, position), *shapes.partial_captions(color, shape, position)]
+
+
 def train_ip_adapter(base_dir: str | Path, device: torch.device, out_dir: str | Path | None = None,
                      cfg: IPAdapterTrainConfig | None = None, show_progress: bool = True) -> Path:
     """Train an IP-Adapter on the frozen run `base_dir`; writes OUT/ip_adapter.pt (OUT = out_dir or base_dir).
@@ -208,9 +217,8 @@ def train_ip_adapter(base_dir: str | Path, device: torch.device, out_dir: str | 
                                 cache=True)
     z0_all = encode_latent_cache(pipe.autoencoder, data.images, device=device)  # scaled latents z_0 [N, c, h, w]
     e_all = encode_clip_cache(clip, data.images)  # e [N, d_img]: the image prompt is the training image itself
-    tokens_all = pipe.tokenizer.encode(data.captions)  # [N, L]
     combos = [shapes.parse_caption(c) for c in data.captions]
-    partial_all = torch.stack([pipe.tokenizer.encode(shapes.partial_captions(*combo)) for combo in combos])  # [N, 3, L]
+    texts_all = torch.stack([pipe.tokenizer.encode(caption_choices(*combo)) for combo in combos])  # [N, 4, L]
     same_look = {}  # (colour, shape) -> cache indices of its renders, at every position
     for i, combo in enumerate(combos):
         same_look.setdefault(combo[:2], []).append(i)
@@ -238,13 +246,12 @@ def train_ip_adapter(base_dir: str | Path, device: torch.device, out_dir: str | 
             idx = torch.from_numpy(rng.integers(len(z0_all), size=cfg.batch_size))
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             drop_text, drop_image = drop_conditions(cfg.batch_size, cfg.drop_prob, gen)
-            kept = torch.from_numpy(rng.choice(4, size=cfg.batch_size, p=cfg.caption_mix))  # 0 full, 1-3 partial
-            cut, which = kept > 0, (kept - 1).clamp(min=0)  # which: colour+shape, position or nothing
-            tokens = torch.where(cut[:, None], partial_all[idx, which], tokens_all[idx])  # partial captions
+            kept = torch.from_numpy(rng.choice(4, size=cfg.batch_size, p=cfg.caption_mix))  # [B], caption_choices
+            tokens = texts_all[idx, kept]  # the full caption or one of its cuts
             # the image prompt: the training image itself, or, when the text is cut to its position, a render
             # of the same colour and shape at a random position (the text's position must win)
-            prompt_idx = torch.tensor([look_alike(i, rng) if c and w == 1 else i
-                                       for i, c, w in zip(idx.tolist(), cut.tolist(), which.tolist())])
+            prompt_idx = torch.tensor([look_alike(i, rng) if k == POSITION_ONLY else i
+                                       for i, k in zip(idx.tolist(), kept.tolist())])
             tokens = torch.where(drop_text[:, None], empty, tokens)  # y = "" when the text is dropped
             e_img = torch.where(drop_image[:, None], 0.0, e_all[prompt_idx])  # e = 0 when the image is dropped
             with torch.no_grad():

@@ -11,8 +11,9 @@ run never saw (identity numbers after its training identities) and fresh views o
   body shape can tell them apart.
 - body shape of generated people: for every identity and pose prompt in EVAL_POSES (limbs near the image
   plane, so 2-D lengths are fair), --samples images from the text-only model (lambda_b = lambda_ref = 0:
-  exactly the base model) and from the body stream (lambda_b = 1, c_body from the gallery views, no
-  reference image). The run's keypoint regressor reads each image; limb_ratios gives arm / torso and
+  exactly the base model), from the base model told the person's build and shirt in words (build_phrases:
+  "long legs", "short torso"; only thirds of each range, never numbers) and from the body stream
+  (lambda_b = 1, c_body from the gallery views, no reference image, the pose caption alone). The run's keypoint regressor reads each image; limb_ratios gives arm / torso and
   leg / torso; per identity the ratios are averaged over its images and compared with the identity's true
   ratios (mean absolute error over both ratios, then over identities), and the slope of those per-identity
   means against the truth shows whether the images follow each body at all. The same regressor on real
@@ -39,13 +40,14 @@ from einops import rearrange  # noqa: E402
 
 from minildm.adapters.body import set_body_scales  # noqa: E402
 from minildm.checkpoint import load_checkpoint  # noqa: E402
-from minildm.data.bodies import (LIMB_RATIOS, identity, limb_ratios, pose_caption, pose_holds,  # noqa: E402
-                                 random_view, render_body, true_limb_ratios)
+from minildm.data.bodies import (LIMB_RATIOS, build_phrases, identity, limb_ratios, pose_caption,  # noqa: E402
+                                 pose_holds, random_view, render_body, shirt_name, true_limb_ratios)
 from minildm.pipeline import LatentDiffusion  # noqa: E402
 from minildm.train.body import ADAPTER_FILE, VAE_FILE, load_body_prompter, load_body_vae  # noqa: E402
 from minildm.viz import save_grid  # noqa: E402
 
 EVAL_POSES = ("standing", "raising the left arm", "raising the right arm", "raising both arms")
+TEXT_ONLY, BODY_STREAM = "text only (lambda_b = 0: the base model)", "body stream (lambda_b = 1, no reference)"
 GALLERY, QUERY = 4, 4  # views per identity
 SAME_CLOTHES = dict(shirt=(200, 50, 50), trousers=(45, 50, 80), skin=(214, 160, 120))
 
@@ -190,25 +192,29 @@ def main(argv=None) -> int:
                       for k, (i, pose) in enumerate(jobs)])
     rows["real renders (regressor floor)"] = measure(prompter.regressor, (real + 1) / 2, poses)
     train_mean = np.stack([true_limb_ratios(identity(i, seed)) for i in range(n_train)]).mean(0)
-    for name, (lambda_b, use_body) in {"text only (lambda_b = 0: the base model)": (0.0, False),
-                                       "body stream (lambda_b = 1, no reference)": (1.0, True)}.items():
-        set_body_scales(pipe.unet, 0.0 if not use_body else 1.0, lambda_b)
+    pose_only = [pose_caption(pose) for pose in poses]
+    in_words = [pose_caption(pose, build_phrases(shapes[i]), shirt_name(shapes[i])) for i, pose in jobs]
+    for name, (use_body, captions, file) in {
+            TEXT_ONLY: (False, pose_only, "text"),
+            "text with the person's build and shirt in words (lambda_b = 0)": (False, in_words, "words"),
+            BODY_STREAM: (True, pose_only, "body")}.items():
+        set_body_scales(pipe.unet, 0.0, 1.0 if use_body else 0.0)  # no reference image: lambda_ref = 0
         images = []
         for b in range(0, len(jobs), 64):
             cond, uncond = prompter.extra_tokens(c_body[b:b + 64] if use_body else None)
-            images.append(pipe.generate([pose_caption(pz) for pz in poses[b:b + 64]], steps=args.steps,
-                                        guidance=args.guidance, seed=b, extra_tokens=(cond, uncond)))
+            images.append(pipe.generate(captions[b:b + 64], steps=args.steps, guidance=args.guidance, seed=b,
+                                        extra_tokens=(cond, uncond)))
         images = torch.cat(images)
         rows[name] = measure(prompter.regressor, images, poses)
-        save_grid(images[:len(EVAL_POSES) * args.samples * 4], ROOT / "bench" / "out" / "body" /
-                  f"{'body' if use_body else 'text'}.png", nrow=len(EVAL_POSES) * args.samples, upscale=3)
+        save_grid(images[:len(EVAL_POSES) * args.samples * 4], ROOT / "bench" / "out" / "body" / f"{file}.png",
+                  nrow=len(EVAL_POSES) * args.samples, upscale=3)
     t_shape = time.time() - t0
 
     errors = {name: shape_error(r, ids, truth) for name, (r, _) in rows.items()}
     held = {name: h.mean() for name, (_, h) in rows.items()}
     slopes = {name: spread_followed(r, ids, truth) for name, (r, _) in rows.items()}
     mean_body_error = float(np.mean(np.abs(truth - train_mean)))
-    text_err, body_err = (errors[k][0] for k in list(rows)[1:])
+    text_err, body_err = errors[TEXT_ONLY][0], errors[BODY_STREAM][0]
     seconds = state.get("seconds", {})
     lines = [
         f"# Body identity (BoLID) on `{run}`", "",
@@ -239,7 +245,7 @@ def main(argv=None) -> int:
         "", "Slope vs truth: of the per-identity mean ratio against the true one (1: follows each body; 0: draws "
         "everyone alike; on real renders: how much of the true spread the regressor can see).",
         "", f"Body stream / text only, identity-mean error: **{body_err / text_err:.2f}** (target <= 0.5).",
-        "Samples: bench/out/body/text.png, bench/out/body/body.png (first 4 identities, one row each).",
+        "Samples: bench/out/body/text.png, words.png, body.png (first 4 identities, one row each).",
     ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,15 @@
 """Procedural bodies: determinism, COCO order and sides, keypoints on the drawn body, yaw visibility, captions."""
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from minildm.data.bodies import (BACKGROUND, COCO_KEYPOINTS, COCO_SKELETON, MEAN_SHAPE, POSE_NAMES, BodiesDataset,
-                                 View, arm_states, identity, limb_ratios, plot_identity, pose_caption, pose_holds,
-                                 pose_keypoints, random_view, render_body, true_limb_ratios)
+from minildm.data.bodies import (BACKGROUND, COCO_KEYPOINTS, COCO_SKELETON, MEAN_SHAPE, POSE_NAMES, SHAPE_RANGES,
+                                 SHIRTS, BodiesDataset, View, arm_states, build_phrases, identity, limb_ratios,
+                                 plot_identity, pose_caption, pose_holds, pose_keypoints, random_view, render_body,
+                                 shirt_name, true_limb_ratios)
 
 K = {name: i for i, name in enumerate(COCO_KEYPOINTS)}
 
@@ -131,6 +133,23 @@ def test_captions_match_poses():
     # walking, seen from the side: the feet are apart
     _, side, _ = render_body(shape, View.from_pose("walking", yaw=math.pi / 2 - 0.2), size=64)
     assert abs(side[K["left_ankle"], 0] - side[K["right_ankle"], 0]) > 6
+
+
+def test_captions_say_build_and_shirt():
+    assert pose_caption("standing", ["long arms", "short legs"], "red") == \
+        "a person with long arms and short legs in a red shirt standing"
+    assert pose_caption("sitting", [], "teal") == "a person in a teal shirt sitting"
+    assert build_phrases(MEAN_SHAPE) == []                                     # average: nothing to say
+    at = lambda key, f: SHAPE_RANGES[key][0] + f * (SHAPE_RANGES[key][1] - SHAPE_RANGES[key][0])  # noqa: E731
+    # thirds of each range: bottom -> short, middle -> nothing, top -> long
+    body = replace(MEAN_SHAPE, arm_length=at("arm_length", 0.3), leg_length=at("leg_length", 0.7),
+                   torso_length=at("torso_length", 0.5))
+    assert build_phrases(body) == ["short arms", "long legs"]
+    body = replace(body, torso_length=at("torso_length", 0.1), arm_length=at("arm_length", 0.5))
+    assert build_phrases(body) == ["long legs", "short torso"]
+    assert [shirt_name(replace(MEAN_SHAPE, shirt=c)) for c in SHIRTS] == ["red", "blue", "green", "yellow", "purple",
+                                                                           "teal"]
+    assert shirt_name(replace(MEAN_SHAPE, shirt=(210, 40, 60))) == "red"      # any colour: the nearest word
 
 
 def test_plot_identity_writes_png(tmp_path):

@@ -10,8 +10,9 @@ from minildm.adapters.body import set_body_scales
 from minildm.adapters.ip_adapter import DecoupledCrossAttention
 from minildm.checkpoint import load_checkpoint
 from minildm.pipeline import LatentDiffusion
+from minildm.data.bodies import build_phrases, identity, shirt_name
 from minildm.train.body import (ADAPTER_FILE, REGRESSOR_FILE, VAE_FILE, body_stage_config, identity_views,
-                                load_body_prompter, train_body_stage)
+                                load_body_prompter, render_stage_data, train_body_stage)
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +20,24 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("body")
     assert train.main(["--stage", "body", "--preset", "micro", "--out", str(out)]) == 0
     return out
+
+
+def test_base_captions_describe_the_person_and_adapter_captions_only_the_pose():
+    cfg = body_stage_config("micro")
+    cfg.num_identities, cfg.views_per_identity = 8, 6
+    data = render_stage_data(cfg)
+    said = 0
+    for k, (caption, pose) in enumerate(zip(data["captions"], data["pose_captions"])):
+        shape = identity(k // cfg.views_per_identity, cfg.seed)
+        pose_name = pose.removeprefix("a person ")
+        assert caption.startswith("a person") and caption.endswith(pose_name)
+        middle = caption.removeprefix("a person").removesuffix(pose_name)
+        for phrase in ("short arms", "long arms", "short legs", "long legs", "short torso", "long torso"):
+            assert phrase not in middle or phrase in build_phrases(shape)  # only this person's words
+        assert "shirt" not in middle or f"in a {shirt_name(shape)} shirt" in middle
+        said += middle.strip() != ""
+    assert 0 < said < len(data["captions"])  # caption_keep = 0.5: some captions say more than the pose, some do not
+    assert data["captions"] == render_stage_data(cfg)["captions"]  # deterministic
 
 
 def test_stage_writes_every_checkpoint(run):

@@ -46,6 +46,7 @@ BACKGROUND = (236, 233, 226)  # plain background colour (RGB 0-255)
 SHIRTS = ((200, 50, 50), (50, 110, 210), (40, 160, 80), (225, 160, 30), (140, 60, 190), (30, 170, 180))
 TROUSERS = ((45, 50, 80), (70, 55, 40), (40, 40, 40), (90, 90, 100))
 SKINS = ((241, 200, 170), (214, 160, 120), (170, 115, 80), (110, 75, 55))
+SHIRT_NAMES = ("red", "blue", "green", "yellow", "purple", "teal")  # the words for SHIRTS, same order
 
 # Named poses: joint -> (abduction, flexion) in radians. Abduction swings a limb sideways away from the
 # body (0 = hanging down, pi/2 = horizontal, pi = straight up); flexion swings it forward (toward the
@@ -190,10 +191,38 @@ def _check_pose_name(name: str) -> None:
         raise ValueError(f"unknown pose {name!r}; use one of {', '.join(POSE_NAMES)}.")
 
 
-def pose_caption(pose_name: str) -> str:
-    """Caption of a pose: ``pose_caption("raising the left arm") == "a person raising the left arm"``."""
+def pose_caption(pose_name: str, build: tuple | list = (), shirt: str | None = None) -> str:
+    """Caption of a pose, optionally with the person's build and shirt in words:
+
+        pose_caption("raising the left arm") == "a person raising the left arm"
+        pose_caption("standing", ["long arms", "short legs"], "red")
+            == "a person with long arms and short legs in a red shirt standing"
+    """
     _check_pose_name(pose_name)
-    return f"a person {pose_name}"
+    words = ["a person"]
+    if build:
+        words.append("with " + " and ".join(build))
+    if shirt:
+        words.append(f"in a {shirt} shirt")
+    return " ".join(words + [pose_name])
+
+
+# The measurements the captions put in words: a value in the bottom third of its SHAPE_RANGES range is
+# "short", in the top third "long", in the middle third nothing is said.
+BUILD_WORDS = (("arm_length", "arms"), ("leg_length", "legs"), ("torso_length", "torso"))
+
+
+def build_phrases(shape: BodyShape) -> list[str]:
+    """The build of a body in words, e.g. ["long arms", "short torso"] (one phrase per BUILD_WORDS measurement
+    outside the middle third of its range; [] for an average body)."""
+    v = dict(zip(SHAPE_RANGES, shape_vector(shape)))
+    return [f"{'short' if v[key] < 0 else 'long'} {noun}" for key, noun in BUILD_WORDS if abs(v[key]) > 1 / 3]
+
+
+def shirt_name(shape: BodyShape) -> str:
+    """The SHIRT_NAMES word of the palette colour nearest to the shape's shirt."""
+    distance = [sum((a - b) ** 2 for a, b in zip(shape.shirt, c)) for c in SHIRTS]
+    return SHIRT_NAMES[int(np.argmin(distance))]
 
 
 def random_view(rng: np.random.Generator, name: str | None = None, angle_jitter: float = 0.12,

@@ -1,6 +1,7 @@
 """Stage "body": BoLID (seed 002) on procedural people, in four steps that each save a checkpoint.
 
-    (a) base       autoencoder.pt, ldm.pt   a text-to-image model of people from pose captions ("a person
+    (a) base       autoencoder.pt, ldm.pt   a text-to-image model of people from captions of the pose and, at
+                                            random, the build and shirt ("a person with long legs in a red shirt
                                             raising the left arm"), trained by the ordinary autoencoder and ldm
                                             stages on rendered bodies (skipped with --base RUN)
     (b) regressor  keypoint_regressor.pt    a small CNN that finds the 17 keypoints (L_id, --body-views, bench)
@@ -42,8 +43,8 @@ from minildm.adapters.ip_adapter import IP, ImageProjection, drop_conditions, ip
 from minildm.autoencoder.vqvae import VQConfig
 from minildm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from minildm.config import AutoencoderTrainConfig, LDMTrainConfig, Preset, micro
-from minildm.data.bodies import (POSE_NAMES, BodiesDataset, identity, pose_caption, random_view, render_body,
-                                 shape_vector)
+from minildm.data.bodies import (POSE_NAMES, BodiesDataset, build_phrases, identity, pose_caption, random_view,
+                                 render_body, shape_vector, shirt_name)
 from minildm.modules.unet import UNetConfig
 from minildm.pipeline import LatentDiffusion
 from minildm.text.encoder import TextEncoderConfig
@@ -58,16 +59,18 @@ REFERENCE_VIEWS = 4  # views of an identity rendered for sample.py --body-id and
 def body_base_preset() -> Preset:
     """The base text-to-image model of people: 32x32 bodies, the tiny VQ-VAE (8x8x4 latents), a small UNet.
 
-    A CPU-minutes budget, not a converged model: measured on a shared 2-core machine, 400 autoencoder steps
-    reach 23 dB PSNR on bodies with the clothes' colours washed out, and an 800-step LDM draws dark,
-    often scattered blobs that hold the prompted arms in only ~30% of samples. With 800 + 2000 steps (these):
-    24.5 dB, and the arms are held in 67% of samples (bench/results/body.md). The tiny shapes preset needs
-    800 + 3000 steps at batch 32 / 64.
+    Measured on a shared 2-core machine: 800 autoencoder steps at batch 16 reach 24.5 dB PSNR on bodies
+    with the clothes' colours washed out to brown, and a 2000-step LDM on top draws brown, often scattered
+    blobs that hold the prompted arms in 67% of samples. These, 2400 x 32 autoencoder steps (the shapes
+    recipe is 1200 x 32; thin limbs need longer) and 6000 x 32 LDM steps (as many samples as the shapes
+    preset's 3000 x 64): 30.9 dB with every colour kept, and crisp people that hold the arms in ~95% of
+    samples (bench/results/body.md). Captions are up to 19 words ("a person with long arms and short legs
+    and long torso in a purple shirt raising the right arm"), hence max_len 24.
     """
     return Preset(
         name="body", image_size=32, vq=VQConfig.tiny(),
         vq_train=AutoencoderTrainConfig(steps=2400, batch_size=32, image_every=0, save_every=100, eval_images=128),
-        text=TextEncoderConfig(vocab_size=0, max_len=8, dim=64, depth=1, heads=4, dim_head=16),
+        text=TextEncoderConfig(vocab_size=0, max_len=24, dim=64, depth=1, heads=4, dim_head=16),
         unet=UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                         attention_levels=(0, 1), heads=4, dim_head=16, context_dim=64, norm_groups=16),
         ldm=LDMTrainConfig(steps=6000, batch_size=32, lr=2e-3, warmup=50, sample_every=0, save_every=100),
@@ -81,6 +84,13 @@ class BodyStageConfig:
     image_size: int = 32
     num_identities: int = 120
     views_per_identity: int = 12  # training targets of the base LDM and the adapter
+    # Each base caption says each of the person's build words and their shirt colour with this probability
+    # ("a person with long legs in a red shirt standing"). An adapter can only steer what the frozen UNet
+    # already draws from its context: with pose-only captions the UNet's cross-attention had never carried
+    # build or colour, the body stream moved eps by ~1% and samples of different people came out the same.
+    # With these captions: ~4%, and knowing the right c_body lowers L_diff by ~9% at t = 250-750 (3% before).
+    # The adapter itself trains on the pose captions alone: the body, not words, must carry the build.
+    caption_keep: float = 0.5
     reference_views: int = 6  # further views per identity: c_body sets and reference images only
     seed: int = 0
     base: Preset = field(default_factory=body_base_preset)
@@ -122,7 +132,8 @@ class BodyStageConfig:
 
 
 def body_stage_config(name: str = "body") -> BodyStageConfig:
-    """"body" (the default: about 25 minutes of one core when idle, an hour on a busy shared machine) or
+    """"body" (the default: about 55 minutes of one core of a busy shared machine: base 28, regressor 20,
+    VAE 2, adapter 5) or
     "micro" (seconds: tests and smoke runs, noise)."""
     if name in ("body", "tiny"):
         return BodyStageConfig()
@@ -130,7 +141,7 @@ def body_stage_config(name: str = "body") -> BodyStageConfig:
         raise ValueError(f"the body stage has the presets body (default) and micro, got '{name}'.")
     base = micro()
     base.name = "body-micro"
-    base.text = replace(base.text, max_len=8)
+    base.text = replace(base.text, max_len=24)
     base.vq_train = replace(base.vq_train, steps=3, batch_size=8, eval_images=8)
     base.ldm = replace(base.ldm, steps=3, batch_size=8)
     return BodyStageConfig(
@@ -145,15 +156,25 @@ def body_stage_config(name: str = "body") -> BodyStageConfig:
 # ----------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------
+def described_caption(shape, pose_name: str, keep: float, rng: np.random.Generator) -> str:
+    """The base model's caption of one view: the pose, and each of the person's build_phrases and their shirt
+    colour kept with probability `keep` ("a person with long legs in a red shirt raising both arms")."""
+    build = [phrase for phrase in build_phrases(shape) if rng.random() < keep]
+    return pose_caption(pose_name, build, shirt_name(shape) if rng.random() < keep else None)
+
+
 def render_stage_data(cfg: BodyStageConfig) -> dict:
     """The training identities rendered once: targets {key: [I, V, ...]}, references {key: [I, R, ...]},
-    captions [I * V] (target k = identity k // V, view k % V)."""
+    captions [I * V] (target k = identity k // V, view k % V) of the base model (pose + some words for build
+    and shirt, `described_caption`) and pose_captions [I * V] of the adapter (the pose only)."""
     data = BodiesDataset(cfg.num_identities, cfg.views_per_identity + cfg.reference_views, cfg.image_size, cfg.seed)
     views = render_identities(data)
     V = cfg.views_per_identity
-    captions = [pose_caption(data.view(i, v).name) for i in range(cfg.num_identities) for v in range(V)]
+    targets = [(i, data.view(i, v).name) for i in range(cfg.num_identities) for v in range(V)]
+    rng = np.random.default_rng([cfg.seed, 7])
     return {"targets": {k: x[:, :V] for k, x in views.items()}, "references": {k: x[:, V:] for k, x in views.items()},
-            "captions": captions}
+            "captions": [described_caption(data.shapes[i], pose, cfg.caption_keep, rng) for i, pose in targets],
+            "pose_captions": [pose_caption(pose) for _, pose in targets]}
 
 
 def encoder_views(cfg: BodyStageConfig) -> tuple[dict, torch.Tensor]:
@@ -452,14 +473,14 @@ def train_body_adapter(pipe: LatentDiffusion, vae: BodyVAE, regressor: KeypointR
     torch.manual_seed(cfg.seed)
     targets, references = _flat(data["targets"]), data["references"]
     z0_all = encode_latent_cache(pipe.autoencoder, targets["image"], device=device, show_progress=show_progress)
-    tokens_all = pipe.tokenizer.encode(data["captions"])
+    tokens_all = pipe.tokenizer.encode(data["pose_captions"])  # the body, not words, must carry the build
     empty = pipe.tokenizer.encode([""])
     mu_sets, logvar_sets = c_body_sets(vae, references, cfg.set_size, cfg.sets_per_identity, cfg.seed)
     with torch.no_grad():  # reference features of every reference view [I, R, F] (regressor keypoints, as at sampling)
         ref_flat = _flat(references)["image"].to(device)
         kp, vis = regressor.predict(ref_flat)
         ref_feats = rearrange(vae.view_features(ref_flat, kp, vis), "(i r) f -> i r f", r=cfg.reference_views)
-    clip, text_emb = _clip_text_embeddings(cfg, data["captions"], device)
+    clip, text_emb = _clip_text_embeddings(cfg, data["pose_captions"], device)
 
     adapter_cfg = BodyAdapterConfig(latent_dim=vae.cfg.latent_dim, context_dim=pipe.unet.cfg.context_dim,
                                     body_tokens=cfg.body_tokens, ref_tokens=cfg.ref_tokens)
@@ -568,7 +589,7 @@ def train_body_stage(run_dir: str | Path, device: torch.device, cfg: BodyStageCo
     pipe = LatentDiffusion.load(base_dir, device)
     missing = sorted({w for c in data["captions"] for w in c.split()} - set(pipe.tokenizer.words))
     if missing:
-        raise ValueError(f"the base run {base_dir} does not know the pose words {missing}: give --base a run trained "
+        raise ValueError(f"the base run {base_dir} does not know the caption words {missing}: give --base a run trained "
                          "on bodies (or leave --base out to train one).")
 
     everything, shapes = encoder_views(cfg)

@@ -13,8 +13,8 @@ run never saw (identity numbers after its training identities) and fresh views o
   plane, so 2-D lengths are fair), --samples images from the text-only model (lambda_b = lambda_ref = 0:
   exactly the base model), from the base model told the person's build and shirt in words (build_phrases:
   "long legs", "short torso"; only thirds of each range, never numbers) and from the body stream
-  (lambda_b = 1, c_body from the gallery views, no reference image, the pose caption alone). The run's keypoint regressor reads each image; limb_ratios gives arm / torso and
-  leg / torso; per identity the ratios are averaged over its images and compared with the identity's true
+  (lambda_b = 1, c_body from the gallery views, no reference image, the pose caption alone). The run's
+  keypoint regressor reads each image; limb_ratios gives arm / torso and leg / torso; per identity the ratios are averaged over its images and compared with the identity's true
   ratios (mean absolute error over both ratios, then over identities), and the slope of those per-identity
   means against the truth shows whether the images follow each body at all. The same regressor on real
   renders of the identities in those poses gives the floor (and, by its slope, how much of the true spread

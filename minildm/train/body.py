@@ -102,7 +102,8 @@ class BodyStageConfig:
     # average); with 4000 more, 0.46x / 0.24x (0.61x / 0.37x with KeypointRegressor's peak window)
     regressor_people: int = 4000
     # 400 steps left it worse than guessing the average body; 3000 read 0.61x / 0.37x of the true spread of
-    # arm / torso and leg / torso; 9000 read 0.89x / 0.73x (error on real renders 0.147 -> 0.088)
+    # arm / torso and leg / torso on unseen people; 9000 read 0.94x / 0.94x (error on real renders 0.147 ->
+    # 0.037, bench/results/body.md). It was undertrained, not too coarse: 64x64 heatmaps did not help.
     regressor_steps: int = 9000
     regressor_batch: int = 32
     regressor_lr: float = 2e-3

@@ -88,7 +88,7 @@ class BodyStageConfig:
     # ("a person with long legs in a red shirt standing"). An adapter can only steer what the frozen UNet
     # already draws from its context: with pose-only captions the UNet's cross-attention had never carried
     # build or colour, the body stream moved eps by ~1% and samples of different people came out the same.
-    # With these captions: ~4%, and knowing the right c_body lowers L_diff by ~9% at t = 250-750 (3% before).
+    # With these captions: ~4%, and knowing the right c_body lowers L_diff by ~9% at t = 250-750 (3-4% before).
     # The adapter itself trains on the pose captions alone: the body, not words, must carry the build.
     caption_keep: float = 0.5
     reference_views: int = 6  # further views per identity: c_body sets and reference images only

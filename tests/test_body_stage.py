@@ -9,8 +9,8 @@ import train
 from minildm.adapters.body import set_body_scales
 from minildm.adapters.ip_adapter import DecoupledCrossAttention
 from minildm.checkpoint import load_checkpoint
-from minildm.pipeline import LatentDiffusion
 from minildm.data.bodies import build_phrases, identity, shirt_name
+from minildm.pipeline import LatentDiffusion
 from minildm.train.body import (ADAPTER_FILE, REGRESSOR_FILE, VAE_FILE, body_stage_config, identity_views,
                                 load_body_prompter, render_stage_data, train_body_stage)
 

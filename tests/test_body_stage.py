@@ -8,11 +8,14 @@ import sample
 import train
 from minildm.adapters.body import set_body_scales
 from minildm.adapters.ip_adapter import DecoupledCrossAttention
+from minildm.autoencoder.vqvae import VQVAE
 from minildm.checkpoint import load_checkpoint
 from minildm.data.bodies import build_phrases, identity, shirt_name
+from minildm.modules.transformer import SpatialTransformer
+from minildm.modules.unet import ResBlock, UNet
 from minildm.pipeline import LatentDiffusion
-from minildm.train.body import (ADAPTER_FILE, REGRESSOR_FILE, VAE_FILE, body_stage_config, identity_views,
-                                load_body_prompter, render_stage_data, train_body_stage)
+from minildm.train.body import (ADAPTER_FILE, REGRESSOR_FILE, VAE_FILE, body_base_preset, body_stage_config,
+                                identity_views, load_body_prompter, render_stage_data, train_body_stage)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +41,19 @@ def test_base_captions_describe_the_person_and_adapter_captions_only_the_pose():
         said += middle.strip() != ""
     assert 0 < said < len(data["captions"])  # caption_keep = 0.5: some captions say more than the pose, some do not
     assert data["captions"] == render_stage_data(cfg)["captions"]  # deterministic
+
+
+def test_body_base_draws_in_16x16_latents_with_attention_off_the_finest_level():
+    """f = 2, because a person's build is a sub-cell detail of 8x8 latents; no attention over 256 positions."""
+    preset = body_base_preset()
+    torch.manual_seed(0)
+    z = VQVAE(preset.vq).encode(torch.zeros(2, 3, preset.image_size, preset.image_size))
+    assert z.shape == (2, 4, 16, 16)
+    unet = UNet(preset.unet)
+    down = [isinstance(b[-1], SpatialTransformer) for b in unet.input_blocks if isinstance(b[0], ResBlock)]
+    assert down == [False, True, True]  # levels at 16x16, 8x8, 4x4
+    context = torch.randn(2, preset.text.max_len, preset.unet.context_dim)
+    assert unet(z, torch.tensor([0, 999]), context).shape == z.shape
 
 
 def test_stage_writes_every_checkpoint(run):

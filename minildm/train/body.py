@@ -57,22 +57,27 @@ REFERENCE_VIEWS = 4  # views of an identity rendered for sample.py --body-id and
 
 
 def body_base_preset() -> Preset:
-    """The base text-to-image model of people: 32x32 bodies, the tiny VQ-VAE (8x8x4 latents), a small UNet.
+    """The base text-to-image model of people: 32x32 bodies, a VQ-VAE with f = 2 (16x16x4 latents), a small UNet.
 
-    Measured on a shared 2-core machine: 800 autoencoder steps at batch 16 reach 24.5 dB PSNR on bodies
-    with the clothes' colours washed out to brown, and a 2000-step LDM on top draws brown, often scattered
-    blobs that hold the prompted arms in 67% of samples. These, 2400 x 32 autoencoder steps (the shapes
-    recipe is 1200 x 32; thin limbs need longer) and 6000 x 32 LDM steps (as many samples as the shapes
-    preset's 3000 x 64): 30.9 dB with every colour kept, and crisp people that hold the arms in ~95% of
-    samples (bench/results/body.md). Captions are up to 19 words ("a person with long arms and short legs
-    and long torso in a purple shirt raising the right arm"), hence max_len 24.
+    Why f = 2 and not the shapes' f = 4: a person's build is a matter of a limb being 10-20% longer, one to
+    three pixels at 32x32. Through the tiny f = 4 autoencoder (8x8x4 latents, 256 codes) that is less than a
+    latent cell, and the round trip D(E(x)) already loses half of it: the keypoint regressor reads the limb
+    ratios of the bench's people off D(E(x)) with error 0.114 (0.037 off the renders themselves), so no model
+    drawing in those latents could follow a body better. With f = 2 (same widths, one level fewer): 0.066, and
+    34.4 dB PSNR on unseen people instead of 30.4. Eight latent channels at f = 4 with 1024 codes gave 0.108.
+    The UNet runs at 16x16, 8x8 and 4x4 with attention only at the two coarse levels: attention over 256
+    positions made a training step ~5x slower.
+
+    Steps: 2400 x 32 autoencoder steps (the shapes recipe is 1200 x 32; thin limbs need longer) and 6000 x 32
+    LDM steps (as many samples as the shapes preset's 3000 x 64). Captions are up to 19 words ("a person with
+    long arms and short legs and long torso in a purple shirt raising the right arm"), hence max_len 24.
     """
     return Preset(
-        name="body", image_size=32, vq=VQConfig.tiny(),
+        name="body", image_size=32, vq=replace(VQConfig.tiny(), channel_mult=(1, 2)),
         vq_train=AutoencoderTrainConfig(steps=2400, batch_size=32, image_every=0, save_every=100, eval_images=128),
         text=TextEncoderConfig(vocab_size=0, max_len=24, dim=64, depth=1, heads=4, dim_head=16),
-        unet=UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                        attention_levels=(0, 1), heads=4, dim_head=16, context_dim=64, norm_groups=16),
+        unet=UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                        attention_levels=(1, 2), heads=4, dim_head=16, context_dim=64, norm_groups=16),
         ldm=LDMTrainConfig(steps=6000, batch_size=32, lr=2e-3, warmup=50, sample_every=0, save_every=100),
     )
 
@@ -103,7 +108,8 @@ class BodyStageConfig:
     regressor_people: int = 4000
     # 400 steps left it worse than guessing the average body; 3000 read 0.61x / 0.37x of the true spread of
     # arm / torso and leg / torso on unseen people; 9000 read 0.94x / 0.94x (error on real renders 0.147 ->
-    # 0.037, bench/results/body.md). It was undertrained, not too coarse: 64x64 heatmaps did not help.
+    # 0.037; 0.92x / 0.91x and 0.039 with the f = 2 base's round trips, bench/results/body.md). It was
+    # undertrained, not too coarse: 64x64 heatmaps did not help.
     regressor_steps: int = 9000
     regressor_batch: int = 32
     regressor_lr: float = 2e-3
@@ -117,9 +123,12 @@ class BodyStageConfig:
     vae_held_out: int = 1  # of each set: rebuilt, not encoded (BodyVAE.loss)
     vae_lr: float = 3e-3
     # (c) the body adapter
-    adapter_steps: int = 1000
+    # IP-Adapter's recipe (4000 x 32 at lr 4e-3, as train/ip_adapter.py). On the f = 2 base, against 1000 steps
+    # at 1e-3: the body stream's shape error 0.195 instead of 0.243, its slope vs the true limb ratios
+    # 0.40 / 0.37 instead of 0.18 / 0.22 (bench/results/body.md); ~24 min of one core instead of ~6.
+    adapter_steps: int = 4000
     adapter_batch: int = 32
-    adapter_lr: float = 1e-3
+    adapter_lr: float = 4e-3
     set_size: int = 4  # views per c_body
     sets_per_identity: int = 8  # c_body of this many random sets per identity, cached
     body_tokens: int = 4
@@ -133,8 +142,8 @@ class BodyStageConfig:
 
 
 def body_stage_config(name: str = "body") -> BodyStageConfig:
-    """"body" (the default: about 55 minutes of one core of a busy shared machine: base 28, regressor 20,
-    VAE 2, adapter 5) or
+    """"body" (the default: about 80 minutes of one core of a busy shared machine: autoencoder 7, LDM 30,
+    regressor 16, VAE 2, adapter 24) or
     "micro" (seconds: tests and smoke runs, noise)."""
     if name in ("body", "tiny"):
         return BodyStageConfig()

@@ -61,10 +61,11 @@ def body_base_preset() -> Preset:
 
     Why f = 2 and not the shapes' f = 4: a person's build is a matter of a limb being 10-20% longer, one to
     three pixels at 32x32. Through the tiny f = 4 autoencoder (8x8x4 latents, 256 codes) that is less than a
-    latent cell, and the round trip D(E(x)) already loses half of it: the keypoint regressor reads the limb
-    ratios of the bench's people off D(E(x)) with error 0.114 (0.037 off the renders themselves), so no model
-    drawing in those latents could follow a body better. With f = 2 (same widths, one level fewer): 0.066, and
-    34.4 dB PSNR on unseen people instead of 30.4. Eight latent channels at f = 4 with 1024 codes gave 0.108.
+    latent cell, and the round trip D(E(x)) already blurs a third of it away: the keypoint regressor reads
+    the limb ratios of the bench's people off D(E(x)) with error 0.114 (0.037 off the renders themselves), so
+    no model drawing in those latents could follow a body more closely than that. With f = 2 (same widths,
+    one level fewer): 0.066, and 34.4 dB PSNR on unseen people instead of 30.4. Eight latent channels at
+    f = 4 with 1024 codes gave 0.108.
     The UNet runs at 16x16, 8x8 and 4x4 with attention only at the two coarse levels: attention over 256
     positions made a training step ~5x slower.
 
@@ -123,7 +124,7 @@ class BodyStageConfig:
     vae_held_out: int = 1  # of each set: rebuilt, not encoded (BodyVAE.loss)
     vae_lr: float = 3e-3
     # (c) the body adapter
-    # IP-Adapter's recipe (4000 x 32 at lr 4e-3, as train/ip_adapter.py). On the f = 2 base, against 1000 steps
+    # minildm's IP-Adapter recipe (4000 x 32 at lr 4e-3, IPAdapterTrainConfig). On the f = 2 base, against 1000 steps
     # at 1e-3: the body stream's shape error 0.195 instead of 0.243, its slope vs the true limb ratios
     # 0.40 / 0.37 instead of 0.18 / 0.22 (bench/results/body.md); ~24 min of one core instead of ~6.
     adapter_steps: int = 4000

@@ -64,8 +64,8 @@ def body_base_preset() -> Preset:
     latent cell, and the round trip D(E(x)) already blurs a third of it away: the keypoint regressor reads
     the limb ratios of the bench's people off D(E(x)) with error 0.114 (0.037 off the renders themselves), so
     no model drawing in those latents could follow a body more closely than that. With f = 2 (same widths,
-    one level fewer): 0.066, and 34.4 dB PSNR on unseen people instead of 30.4. Eight latent channels at
-    f = 4 with 1024 codes gave 0.108.
+    one level fewer): 0.051, and 34.1 dB PSNR on those people instead of 29.9. Eight latent channels at
+    f = 4 with 1024 codes gave 0.121.
     The UNet runs at 16x16, 8x8 and 4x4 with attention only at the two coarse levels: attention over 256
     positions made a training step ~5x slower.
 

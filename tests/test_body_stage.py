@@ -10,12 +10,13 @@ from minildm.adapters.body import set_body_scales
 from minildm.adapters.ip_adapter import DecoupledCrossAttention
 from minildm.autoencoder.vqvae import VQVAE
 from minildm.checkpoint import load_checkpoint
-from minildm.data.bodies import build_phrases, identity, shirt_name
+from minildm.data.bodies import build_phrases, identity, shape_vector, shirt_name
 from minildm.modules.transformer import SpatialTransformer
 from minildm.modules.unet import ResBlock, UNet
 from minildm.pipeline import LatentDiffusion
 from minildm.train.body import (ADAPTER_FILE, REGRESSOR_FILE, VAE_FILE, body_base_preset, body_stage_config,
-                                identity_views, load_body_prompter, render_stage_data, train_body_stage)
+                                encoder_views, identity_views, load_body_prompter, render_stage_data, train_body_stage,
+                                vae_views)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,22 @@ def test_body_base_draws_in_16x16_latents_with_attention_off_the_finest_level():
     assert down == [False, True, True]  # levels at 16x16, 8x8, 4x4
     context = torch.randn(2, preset.text.max_len, preset.unet.context_dim)
     assert unet(z, torch.tensor([0, 999]), context).shape == z.shape
+
+
+def test_vae_gets_its_own_further_people_and_their_true_shapes():
+    """vae_people are appended after encoder_views, in the same number of views, each with its own shape_vector,
+    drawn with seed + 3 (not the stage's people, whose unseen identities the bench tests on)."""
+    cfg = body_stage_config("micro")
+    everything, shapes = encoder_views(cfg)
+    views, vae_shapes = vae_views(cfg, everything, shapes)
+    n = len(shapes)
+    assert views["image"].shape == (n + cfg.vae_people, *everything["image"].shape[1:])
+    assert torch.equal(views["image"][:n], everything["image"]) and torch.equal(vae_shapes[:n], shapes)
+    for k in range(cfg.vae_people):
+        assert torch.equal(vae_shapes[n + k], torch.from_numpy(shape_vector(identity(k, cfg.seed + 3))))
+        assert not torch.equal(vae_shapes[n + k], torch.from_numpy(shape_vector(identity(k, cfg.seed))))
+    cfg.vae_people = 0
+    assert vae_views(cfg, everything, shapes)[0] is everything
 
 
 def test_stage_writes_every_checkpoint(run):

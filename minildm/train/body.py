@@ -126,8 +126,8 @@ class BodyStageConfig:
     # steps on the 600 people above 0.84 / 0.90 / 0.90; 6000 steps 0.93 / 0.90 / 0.95; 6000 steps with 1500 more
     # people 0.97 / 0.95 / 0.97. A ridge fit from c_body to the limb ratios (on 120 people, as the adapter has)
     # then misses unseen people's arm / torso and leg / torso by 0.069 / 0.085 instead of 0.116 / 0.163
-    # (the average body: 0.221 / 0.283). Retrieval of unseen people from one view: 0.74 -> 0.95. The body
-    # stream's shape error did not move with it (0.193 against 0.195): the adapter and the base are the limit.
+    # (the average body: 0.221 / 0.283). Retrieval of unseen people from one view: 0.74 -> 0.95. With the
+    # 4000-step adapter the body stream's shape error did not move with it (0.193 against 0.195); see adapter_steps.
     vae_people: int = 1500
     vae_steps: int = 6000
     vae_batch: int = 16

@@ -138,7 +138,7 @@ class BodyStageConfig:
     # lr 4e-3 as minildm's IP-Adapter recipe (IPAdapterTrainConfig), twice its steps. The body stream's shape
     # error on the f = 2 base: 1000 steps at lr 1e-3 0.243, 4000 at 4e-3 0.195 (both with the earlier 1200-step
     # body VAE); with this VAE, 4000 steps 0.193 and 0.171 (two trainings, only the random stream differs) and
-    # 8000 steps 0.154 (bench/results/body.md), with poses holding in 93% of images instead of 90%. Longer
+    # 8000 steps 0.154 (bench/results/body.md; a second training 0.178), poses holding in 93% instead of 90%. Longer
     # no longer pays: 12000 steps 0.168, 16000 steps 0.151 (slopes 0.42 / 0.52, poses 91%). ~50 min of one core.
     adapter_steps: int = 8000
     adapter_batch: int = 32

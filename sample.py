@@ -34,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--body-views", default=None,
                    help="(body runs) a folder of PNG views of one person (the run's keypoint regressor finds the keypoints)")
     p.add_argument("--body-scale", type=float, default=1.0,
-                   help="lambda_b: weight of the body stream (0 = text only); --ip-scale is lambda_ref with --image-prompt")
+                   help="lambda_b: weight of the body stream (0 = the body stage's fine-tuned UNet without it; for the "
+                        "base model leave out --body-id/--body-views); --ip-scale is lambda_ref with --image-prompt")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="output PNG (default: RUN/samples/<prompt>.png)")
     args = p.parse_args(argv)

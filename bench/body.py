@@ -10,13 +10,14 @@ run never saw (identity numbers after its training identities) and fresh views o
   (Euclidean) is its own identity. Repeated with all 20 people in the same clothes and skin, so only the
   body shape can tell them apart.
 - body shape of generated people: for every identity and pose prompt in EVAL_POSES (limbs near the image
-  plane, so 2-D lengths are fair), --samples images from the text-only model (lambda_b = lambda_ref = 0:
-  exactly the base model), from the base model told the person's build and shirt in words (build_phrases:
-  "long legs", "short torso"; only thirds of each range, never numbers) and from the body stream
-  (lambda_b = 1, c_body from the gallery views, no reference image, the pose caption alone). The run's
-  keypoint regressor reads each image; limb_ratios gives arm / torso and leg / torso; per identity the ratios are averaged over its images and compared with the identity's true
-  ratios (mean absolute error over both ratios, then over identities), and the slope of those per-identity
-  means against the truth shows whether the images follow each body at all. The same regressor on real
+  plane, so 2-D lengths are fair), --samples images from the text-only base model (ldm.pt; the body stage
+  fine-tunes its own copy of the UNet), from the base model told the person's build and shirt in words
+  (build_phrases: "long legs", "short torso"; only thirds of each range, never numbers) and from the body
+  stream (lambda_b = 1, c_body from the gallery views, no reference image, the pose caption alone). The run's
+  keypoint regressor reads each image; limb_ratios gives arm / torso and leg / torso; per identity the
+  ratios are averaged over its images and compared with the identity's true ratios (mean absolute error over
+  both ratios, then over identities), and the slope of those per-identity means against the truth shows
+  whether the images follow each body at all. The same regressor on real
   renders of the identities in those poses gives the floor (and, by its slope, how much of the true spread
   of proportions the regressor can see). Pose prompts hold when `pose_holds` reads the prompted
   arms (up / out / down) back from the regressor's keypoints.
@@ -47,7 +48,7 @@ from minildm.train.body import ADAPTER_FILE, VAE_FILE, load_body_prompter, load_
 from minildm.viz import save_grid  # noqa: E402
 
 EVAL_POSES = ("standing", "raising the left arm", "raising the right arm", "raising both arms")
-TEXT_ONLY, BODY_STREAM = "text only (lambda_b = 0: the base model)", "body stream (lambda_b = 1, no reference)"
+TEXT_ONLY, BODY_STREAM = "text only (the base model)", "body stream (lambda_b = 1, no reference)"
 GALLERY, QUERY = 4, 4  # views per identity
 SAME_CLOTHES = dict(shirt=(200, 50, 50), trousers=(45, 50, 80), skin=(214, 160, 120))
 
@@ -165,6 +166,7 @@ def main(argv=None) -> int:
         return 0
     state = load_checkpoint(run / ADAPTER_FILE, "body-adapter")
     cfg = state["train_config"]
+    base = LatentDiffusion.load(run)  # the text rows: ldm.pt exactly (the stage fine-tunes a copy of its UNet)
     pipe = LatentDiffusion.load(run)
     prompter = load_body_prompter(pipe, run)
     size, seed, n_train = pipe.image_size, cfg["seed"], cfg["num_identities"]
@@ -195,16 +197,16 @@ def main(argv=None) -> int:
     train_mean = np.stack([true_limb_ratios(identity(i, seed)) for i in range(n_train)]).mean(0)
     pose_only = [pose_caption(pose) for pose in poses]
     in_words = [pose_caption(pose, build_phrases(shapes[i]), shirt_name(shapes[i])) for i, pose in jobs]
+    set_body_scales(pipe.unet, 0.0, 1.0)  # no reference image: lambda_ref = 0
     for name, (use_body, captions, file) in {
             TEXT_ONLY: (False, pose_only, "text"),
-            "text with the person's build and shirt in words (lambda_b = 0)": (False, in_words, "words"),
+            "text with the person's build and shirt in words (the base model)": (False, in_words, "words"),
             BODY_STREAM: (True, pose_only, "body")}.items():
-        set_body_scales(pipe.unet, 0.0, 1.0 if use_body else 0.0)  # no reference image: lambda_ref = 0
         images = []
         for b in range(0, len(jobs), 64):
-            cond, uncond = prompter.extra_tokens(c_body[b:b + 64] if use_body else None)
-            images.append(pipe.generate(captions[b:b + 64], steps=args.steps, guidance=args.guidance, seed=b,
-                                        extra_tokens=(cond, uncond)))
+            batch = dict(steps=args.steps, guidance=args.guidance, seed=b)
+            images.append(pipe.generate(captions[b:b + 64], **batch, extra_tokens=prompter.extra_tokens(c_body[b:b + 64]))
+                          if use_body else base.generate(captions[b:b + 64], **batch))
         images = torch.cat(images)
         rows[name] = measure(prompter.regressor, images, poses)
         save_grid(images[:len(EVAL_POSES) * args.samples * 4], ROOT / "bench" / "out" / "body" / f"{file}.png",

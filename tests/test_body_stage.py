@@ -9,14 +9,14 @@ import train
 from minildm.adapters.body import set_body_scales
 from minildm.adapters.ip_adapter import DecoupledCrossAttention
 from minildm.autoencoder.vqvae import VQVAE
-from minildm.checkpoint import load_checkpoint
+from minildm.checkpoint import CheckpointError, load_checkpoint
 from minildm.data.bodies import build_phrases, identity, shape_vector, shirt_name
 from minildm.modules.transformer import SpatialTransformer
 from minildm.modules.unet import ResBlock, UNet
 from minildm.pipeline import LatentDiffusion
 from minildm.train.body import (ADAPTER_FILE, REGRESSOR_FILE, VAE_FILE, body_base_preset, body_stage_config,
-                                encoder_views, identity_views, load_body_prompter, render_stage_data, train_body_stage,
-                                vae_views)
+                                encoder_views, fit, identity_views, load_body_prompter, load_unet_weights, render_stage_data,
+                                train_body_stage, vae_views)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,15 @@ def test_vae_gets_its_own_further_people_and_their_true_shapes():
     assert vae_views(cfg, everything, shapes)[0] is everything
 
 
+def test_fit_scales_a_groups_learning_rate():
+    """Adam's first step moves every weight by lr * g / |g| = lr: the scaled group by lr_scale * lr."""
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    groups = [{"params": [a]}, {"params": [b], "lr_scale": 0.1}]
+    fit(groups, 1, lambda step: ((a - 1).pow(2).sum() + (b - 1).pow(2).sum(), {}), 0.01, "t", {}, show_progress=False)
+    assert torch.allclose(a.detach(), torch.full((3,), 0.01), atol=1e-6)
+    assert torch.allclose(b.detach(), torch.full((3,), 0.001), atol=1e-7)
+
+
 def test_stage_writes_every_checkpoint(run):
     cfg = body_stage_config("micro")
     for name, kind, steps in (("autoencoder.pt", "autoencoder", cfg.base.vq_train.steps),
@@ -93,9 +102,14 @@ def test_resume_skips_finished_steps(run):
     assert {f: (run / f).stat().st_mtime_ns for f in before} == before  # finished steps are not trained again
 
 
-def test_zero_scales_and_no_reference_are_the_base_model_exactly(run):
+def test_zero_scales_and_no_reference_are_the_unet_alone_exactly(run):
+    """lambda_b = lambda_ref = 0 leaves the stage's UNet (fine-tuned with the adapter) without any stream."""
+    state = load_checkpoint(run / ADAPTER_FILE, "body-adapter")
     base = LatentDiffusion.load(run)
+    base_image = base.generate(["a person raising both arms"], steps=2, seed=3)
+    load_unet_weights(dict(base.unet.named_parameters()), state["unet"], run / ADAPTER_FILE)
     expected = base.generate(["a person raising both arms"], steps=2, seed=3)
+    assert not torch.equal(expected, base_image)  # the UNet did fine-tune (ldm.pt stays the base)
     pipe = LatentDiffusion.load(run)
     prompter = load_body_prompter(pipe, run, lambda_b=0.0, lambda_ref=1.0)
     assert any(isinstance(m, DecoupledCrossAttention) for m in pipe.unet.modules())
@@ -106,6 +120,27 @@ def test_zero_scales_and_no_reference_are_the_base_model_exactly(run):
     set_body_scales(pipe.unet, 0.0, 1.0)  # the body stream on changes the picture
     moved = pipe.generate(["a person raising both arms"], steps=2, seed=3, extra_tokens=prompter.extra_tokens(c_body))
     assert not torch.equal(moved, expected)
+
+
+def test_frozen_unet_when_unet_lr_scale_is_zero(run, tmp_path):
+    cfg = body_stage_config("micro")
+    cfg.unet_lr_scale, cfg.preview_steps = 0.0, 0
+    assert train_body_stage(tmp_path, torch.device("cpu"), cfg, base_dir=run, show_progress=False)
+    state = load_checkpoint(tmp_path / ADAPTER_FILE, "body-adapter")
+    assert "unet" not in state
+    base, pipe = LatentDiffusion.load(run), LatentDiffusion.load(run)
+    prompter = load_body_prompter(pipe, tmp_path, lambda_b=0.0, lambda_ref=0.0)  # the base model exactly
+    assert torch.equal(pipe.generate(["a person standing"], steps=2, seed=1, extra_tokens=prompter.extra_tokens(None)),
+                       base.generate(["a person standing"], steps=2, seed=1))
+
+
+def test_fine_tuned_unet_for_another_base_is_refused(run, tmp_path):
+    state = load_checkpoint(run / ADAPTER_FILE, "body-adapter")
+    bad = {**state["unet"]}
+    bad.pop(next(iter(bad)))
+    pipe = LatentDiffusion.load(run)
+    with pytest.raises(CheckpointError, match="another base model"):
+        load_unet_weights(dict(pipe.unet.named_parameters()), bad, tmp_path / ADAPTER_FILE)
 
 
 def test_sample_cli_body_id_views_and_image_prompt(run, tmp_path):

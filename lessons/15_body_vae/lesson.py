@@ -26,7 +26,7 @@ from einops import rearrange  # noqa: E402
 
 from lessons.common import QUICK, ROOT, exercises_of, load_module, out_dir  # noqa: E402
 from lessons.grading import mine_or_reference  # noqa: E402
-from minildm.adapters.body import BodyVAEConfig, keypoint_gaussians, render_identities, set_body_scales  # noqa: E402
+from minildm.adapters.body import BodyVAEConfig, keypoint_gaussians, render_identities  # noqa: E402
 from minildm.data.bodies import (COCO_KEYPOINTS, BodiesDataset, View, identity, pose_caption,  # noqa: E402
                                  pose_keypoints, random_view, render_body)
 from minildm.train.body import train_body_vae  # noqa: E402
@@ -215,15 +215,16 @@ if QUICK:  # quick mode never reads runs/ (its output must not depend on what a 
     print("4. skipped in --quick mode: without --quick, a trained body run (python train.py --stage body) shows "
           "one identity in several prompted poses (out/one_identity_poses.png).")
 elif not (RUN / "body_adapter.pt").is_file():
-    print(f"4. no trained body run in {RUN.relative_to(ROOT)}: `python train.py --stage body` makes one (about 20 "
-          "CPU-minutes: base model of people, regressor, body VAE, adapter); run this lesson again to see one "
+    print(f"4. no trained body run in {RUN.relative_to(ROOT)}: `python train.py --stage body` makes one (about 2 "
+          "CPU-hours: base model of people, regressor, body VAE, adapter); run this lesson again to see one "
           "identity in several prompted poses (out/one_identity_poses.png).")
 else:
     from minildm.pipeline import LatentDiffusion
     from minildm.train.body import identity_views, load_body_prompter
 
+    base = LatentDiffusion.load(RUN)  # ldm.pt: the text-only base model
     pipe = LatentDiffusion.load(RUN)
-    prompter = load_body_prompter(pipe, RUN)
+    prompter = load_body_prompter(pipe, RUN)  # the stage's UNet (fine-tuned with the adapter) + the body stream
     poses = ["standing", "raising the left arm", "raising the right arm", "raising both arms", "holding both arms out"]
     people = (1000, 1001)  # identity numbers the run never trained on
     rows = []
@@ -233,9 +234,7 @@ else:
             c_body = prompter.c_body(views["image"], views["keypoints"], views["visible"])
             captions = [pose_caption(p) for p in poses]
             body = pipe.generate(captions, steps=25, seed=0, extra_tokens=prompter.extra_tokens(c_body))
-            set_body_scales(pipe.unet, 0.0, 0.0)  # lambda_ref = lambda_b = 0: the text-only base model, same noise
-            text = pipe.generate(captions, steps=25, seed=0, extra_tokens=prompter.extra_tokens(None))
-            set_body_scales(pipe.unet, 1.0, 1.0)
+            text = base.generate(captions, steps=25, seed=0)  # the text-only base model, same noise
             rows.append((views["image"], body, text))
     fig, axes = plt.subplots(2 * len(rows), len(poses) + 1, figsize=(1.3 * (len(poses) + 1), 2.7 * len(rows)))
     axes = np.atleast_2d(axes)

@@ -228,7 +228,9 @@ def main(argv=None) -> int:
         f"(autoencoder {cfg['base']['vq_train']['steps']} steps, LDM {cfg['base']['ldm']['steps']} steps x batch "
         f"{cfg['base']['ldm']['batch_size']}); keypoint regressor {cfg['regressor_steps']} steps; body VAE "
         f"{cfg['vae_steps']} steps, c_body in R^{cfg['vae']['latent_dim']}, beta_kl {cfg['vae']['beta_kl']}; adapter "
-        f"{cfg['adapter_steps']} steps x batch {cfg['adapter_batch']}, L = L_diff + {cfg['alpha_id']} L_id + "
+        f"{cfg['adapter_steps']} steps x batch {cfg['adapter_batch']}"
+        + (f" with the UNet fine-tuning at {cfg['unet_lr_scale']} x the adapter's lr" if cfg.get("unet_lr_scale") else "")
+        + f", L = L_diff + {cfg['alpha_id']} L_id + "
         f"{cfg['beta_clip']} L_clip (L_clip off: no CLIP knows body captions). Training wall time: "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()) + ".", "",
         "## Identity retrieval from c_body (nearest neighbour, chance 1/{})".format(args.identities), "",

@@ -5,7 +5,7 @@ BoLID personalises a text-to-image model to a person's *body*. Each reference vi
 Gaussians around its 17 COCO keypoints so the body counts and the background fades (eqs. 11-13); a VAE
 reads the whole *set* of weighted views of one person and returns a latent c_body (756-d in the paper).
 The body-condition module turns c_body into body tokens (made like IP-Adapter's image tokens) and gives
-every cross-attention layer of the frozen UNet a third stream (sec. 4.3):
+every cross-attention layer of the UNet a third stream (sec. 4.3):
 
     Z' = A(Q, K_t, V_t) + lambda_ref A(Q, K_ref, V_ref) + lambda_b A(Q, K_b, V_b)
 
@@ -497,7 +497,8 @@ def set_body_scales(unet: nn.Module, lambda_ref: float, lambda_b: float) -> None
 def body_adapter_parameters(unet: nn.Module, body_projection: BodyProjection,
                             ref_projection: ImageProjection | None = None) -> list[nn.Parameter]:
     """What trains: the body projection and W'_k, W'_v of the body stream (+ the reference stream's, when
-    its projection is given). The UNet itself stays frozen."""
+    its projection is given). The UNet's own weights are not among them (the body stage may fine-tune them
+    too, in a parameter group of their own: BodyStageConfig.unet_lr_scale)."""
     params = ip_adapter_parameters(unet, body_projection, BODY)
     return params + (ip_adapter_parameters(unet, ref_projection, IP) if ref_projection is not None else [])
 

@@ -140,8 +140,9 @@ class BodyStageConfig:
     # lr 4e-3 as minildm's IP-Adapter recipe (IPAdapterTrainConfig), twice its steps. The body stream's shape
     # error on the f = 2 base: 1000 steps at lr 1e-3 0.243, 4000 at 4e-3 0.195 (both with the earlier 1200-step
     # body VAE); with this VAE, 4000 steps 0.193 and 0.171 (two trainings, only the random stream differs) and
-    # 8000 steps 0.154 (bench/results/body.md; a second training 0.178), poses holding in 93% instead of 90%. Longer
-    # no longer pays: 12000 steps 0.168, 16000 steps 0.151 (slopes 0.42 / 0.52, poses 91%). ~50 min of one core.
+    # 8000 steps 0.154 (a second training 0.178), poses holding in 93% instead of 90%. Longer no longer pays:
+    # 12000 steps 0.168, 16000 steps 0.151 (slopes 0.42 / 0.52, poses 91%). All with the UNet frozen; with it
+    # fine-tuning (unet_lr_scale) 8000 steps take ~60 min of one core.
     adapter_steps: int = 8000
     # > 0: the base UNet fine-tunes with the adapter at this fraction of adapter_lr (BoLID fine-tunes the model on
     # people grouped by identity; IP-Adapter keeps it frozen: 0). Frozen, the body stream's shape error stayed
@@ -167,7 +168,7 @@ class BodyStageConfig:
 
 def body_stage_config(name: str = "body") -> BodyStageConfig:
     """"body" (the default: about 2 hours of one core of a busy shared machine: autoencoder 7, LDM 30,
-    regressor 16, VAE 11, adapter 50) or
+    regressor 16, VAE 11, adapter with the UNet fine-tuning 62) or
     "micro" (seconds: tests and smoke runs, noise)."""
     if name in ("body", "tiny"):
         return BodyStageConfig()

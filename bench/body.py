@@ -17,10 +17,10 @@ run never saw (identity numbers after its training identities) and fresh views o
   keypoint regressor reads each image; limb_ratios gives arm / torso and leg / torso; per identity the
   ratios are averaged over its images and compared with the identity's true ratios (mean absolute error over
   both ratios, then over identities), and the slope of those per-identity means against the truth shows
-  whether the images follow each body at all. The same regressor on real
-  renders of the identities in those poses gives the floor (and, by its slope, how much of the true spread
-  of proportions the regressor can see). Pose prompts hold when `pose_holds` reads the prompted
-  arms (up / out / down) back from the regressor's keypoints.
+  whether the images follow each body at all. The same regressor on real renders of the identities in those
+  poses gives the floor (and, by its slope, how much of the true spread of proportions the regressor can
+  see). Pose prompts hold when `pose_holds` reads the prompted arms (up / out / down) back from the
+  regressor's keypoints.
 """
 from __future__ import annotations
 
@@ -204,9 +204,12 @@ def main(argv=None) -> int:
             BODY_STREAM: (True, pose_only, "body")}.items():
         images = []
         for b in range(0, len(jobs), 64):
-            batch = dict(steps=args.steps, guidance=args.guidance, seed=b)
-            images.append(pipe.generate(captions[b:b + 64], **batch, extra_tokens=prompter.extra_tokens(c_body[b:b + 64]))
-                          if use_body else base.generate(captions[b:b + 64], **batch))
+            sampling = dict(steps=args.steps, guidance=args.guidance, seed=b)
+            if use_body:
+                tokens = prompter.extra_tokens(c_body[b:b + 64])
+                images.append(pipe.generate(captions[b:b + 64], **sampling, extra_tokens=tokens))
+            else:
+                images.append(base.generate(captions[b:b + 64], **sampling))
         images = torch.cat(images)
         rows[name] = measure(prompter.regressor, images, poses)
         save_grid(images[:len(EVAL_POSES) * args.samples * 4], ROOT / "bench" / "out" / "body" / f"{file}.png",
@@ -229,7 +232,8 @@ def main(argv=None) -> int:
         f"{cfg['base']['ldm']['batch_size']}); keypoint regressor {cfg['regressor_steps']} steps; body VAE "
         f"{cfg['vae_steps']} steps, c_body in R^{cfg['vae']['latent_dim']}, beta_kl {cfg['vae']['beta_kl']}; adapter "
         f"{cfg['adapter_steps']} steps x batch {cfg['adapter_batch']}"
-        + (f" with the UNet fine-tuning at {cfg['unet_lr_scale']} x the adapter's lr" if cfg.get("unet_lr_scale") else "")
+        + (f" with the UNet fine-tuning at {cfg['unet_lr_scale']} x the adapter's lr"
+           if cfg.get("unet_lr_scale") else "")
         + f", L = L_diff + {cfg['alpha_id']} L_id + "
         f"{cfg['beta_clip']} L_clip (L_clip off: no CLIP knows body captions). Training wall time: "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()) + ".", "",

@@ -15,8 +15,8 @@ from minildm.modules.transformer import SpatialTransformer
 from minildm.modules.unet import ResBlock, UNet
 from minildm.pipeline import LatentDiffusion
 from minildm.train.body import (ADAPTER_FILE, REGRESSOR_FILE, VAE_FILE, body_base_preset, body_stage_config,
-                                encoder_views, fit, identity_views, load_body_prompter, load_unet_weights, render_stage_data,
-                                train_body_stage, vae_views)
+                                encoder_views, fit, identity_views, load_body_prompter, load_unet_weights,
+                                render_stage_data, train_body_stage, vae_views)
 
 
 @pytest.fixture(scope="module")

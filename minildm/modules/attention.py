@@ -141,6 +141,7 @@ class Attention(nn.Module):
         dim_head: int = 32,
         kernel: str = "naive",
         dropout: float = 0.0,
+        qkv_bias: bool = False,
     ):
         super().__init__()
         if kernel not in KERNELS:
@@ -148,9 +149,10 @@ class Attention(nn.Module):
         context_dim = query_dim if context_dim is None else context_dim
         inner = heads * dim_head
         self.heads, self.dim_head, self.kernel = heads, dim_head, kernel
-        self.to_q = nn.Linear(query_dim, inner, bias=False)  # W_Q
-        self.to_k = nn.Linear(context_dim, inner, bias=False)  # W_K
-        self.to_v = nn.Linear(context_dim, inner, bias=False)  # W_V
+        # LDM/SD's UNet has no biases on Q, K, V; CLIP's text transformer has them (qkv_bias=True).
+        self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)  # W_Q (+ b_Q)
+        self.to_k = nn.Linear(context_dim, inner, bias=qkv_bias)  # W_K (+ b_K)
+        self.to_v = nn.Linear(context_dim, inner, bias=qkv_bias)  # W_V (+ b_V)
         self.to_out = nn.Linear(inner, query_dim)  # W_O, b_O
         self.dropout = nn.Dropout(dropout)
         self.store_attention = False

@@ -58,7 +58,7 @@ red circle left blue square right cat sat mat it's don't they'll we've i'm she'd
 café naïve über façade smörgåsbord ångström señor łódź crème brûlée são paulo dvořák straße ß é
 中文 日本語 ひらがな カタカナ 한국어 東京タワー 漢字テスト 你好世界 привет мир γειά κόσμε αθήνα ελλάδα
 مرحبا שלום नमस्ते हिन्दी สวัสดี բարեւ გამარჯობა snake_case __init__ x_1
-🙂 🚀 👍🏽 👨‍👩‍👧 ❤️ 🎨🖌️ 🐱🐶 🌍""".split()
+🙂 🚀 👍🏽 👨‍👩‍👧 ❤️ 🎨🖌️ 🐱🐶 🌍""".split() + ["cafe\u0301", "sen\u0303or", "A\u030angstro\u0308m"]  # decomposed: NFC
 PUNCT = list(",.!?;:-()[]{}/\\@#$%^*+=~`|<>\"'_") + ["...", "--", "!!", "?!", ":)", "->", "**", "''"]
 NUMBERS = ["2024", "3.14", "1,000,000", "42nd", "x2", "7", "0", "1990s", "²", "½", "Ⅻ", "٣", "①", "३"]
 SEPARATORS = [" ", " ", " ", "", "  ", "   ", "\t", "\n", " \n\t ", ", "]

@@ -90,7 +90,8 @@ def _validate(header: dict, path: Path, data_size: int) -> None:
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if dtype not in DTYPES:
             raise SafetensorsError(
-                f"{path}: tensor {name!r} has dtype {dtype!r}, which minildm does not read (known: {', '.join(DTYPES)})."
+                f"{path}: tensor {name!r} has dtype {dtype!r}, which minildm does not read "
+                f"(known: {', '.join(DTYPES)})."
             )
         ints = lambda xs: isinstance(xs, list) and all(isinstance(x, int) and x >= 0 for x in xs)  # noqa: E731
         if not ints(shape) or not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
@@ -181,7 +182,8 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     for name in names:
         t = tensors[name]
         nbytes = t.numel() * t.dtype.itemsize
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)  # pad: the data section starts 8-byte aligned

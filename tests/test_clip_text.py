@@ -140,7 +140,8 @@ def test_vit_l14_text_config_and_parameter_count():
         model = CLIPTextTransformer(CLIPTextConfig())
     per_layer = 4 * (768 * 768 + 768) + 2 * 2 * 768 + (768 * 3072 + 3072) + (3072 * 768 + 768)
     assert per_layer == 7_087_872
-    assert sum(p.numel() for p in model.parameters()) == 49408 * 768 + 77 * 768 + 12 * per_layer + 2 * 768 == 123_060_480
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == 49408 * 768 + 77 * 768 + 12 * per_layer + 2 * 768 == 123_060_480
     assert CLIPTextConfig.from_state_dict(model.state_dict()) == CLIPTextConfig()  # heads = 768 / 64 = 12
 
 

@@ -79,7 +79,7 @@ def test_loading_is_lazy_views_into_one_mapping(tmp_path):
     """Tensors are views into one memory map of the file: their addresses differ exactly by their file
     offsets (a copy would live elsewhere), and on Linux the address lies inside a mapping of the file."""
     g = torch.Generator().manual_seed(0)
-    tensors = {"a": torch.randn(1000, generator=g), "b": torch.randn(300, generator=g), "c": torch.randn(7, generator=g)}
+    tensors = {name: torch.randn(n, generator=g) for name, n in (("a", 1000), ("b", 300), ("c", 7))}
     path = tmp_path / "lazy.safetensors"
     save_safetensors(tensors, path)
     header = safetensors_header(path)

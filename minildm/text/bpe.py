@@ -4,7 +4,7 @@ Byte-pair encoding (Sennrich, Haddow & Birch 2016, "Neural Machine Translation o
 Subword Units", arXiv:1508.07909) learns a list of merges from a corpus: start from single symbols and
 repeatedly glue the most frequent adjacent pair into a new symbol. CLIP (Radford et al. 2021, "Learning
 Transferable Visual Models From Natural Language Supervision", arXiv:2103.00020) uses a byte-level BPE
-with 49152 symbols: 256 bytes, the same 256 bytes marking a word's end, 48894 merges, and two specials.
+with 49408 tokens: 256 bytes, the same 256 bytes marking a word's end, 48894 merges, and two specials.
 
 Encoding one prompt:
 1. Clean: Unicode NFC normalisation, whitespace runs -> one space (Python's str.split), lower-case.
@@ -24,8 +24,11 @@ sees all 77 positions; its causal mask keeps the padding from changing the real 
 What we do NOT run: OpenAI's and open_clip's tokenizers first pass text through ftfy.fix_text (repairs
 mojibake, straightens curly quotes, expands ligatures, folds full-width letters) and html.unescape.
 We run neither, like transformers' CLIPTokenizer as diffusers' SD pipelines use it: "&amp;", "“x”",
-"ﬁ" or "ＡＢＣ" are tokenized as written. On text without such characters the ids equal open_clip's.
-The pattern's \\p{L} / \\p{N} need the third-party `regex` package; we rebuild them for Python's `re`
+"ﬁ" or "ＡＢＣ" are tokenized as written. On text without such characters the ids equal open_clip's
+(up to padding: open_clip pads with 0), except that "<|endoftext|>" typed in a prompt is the special
+token here (as in OpenAI's CLIP and transformers) and characters there. Known differences from
+transformers: we lower-case with Python's str.lower, which writes a word-final capital sigma as 'ς'
+(transformers: 'σ'), and treat the control characters U+001C..U+001F as whitespace (str.split). The pattern's \\p{L} / \\p{N} need the third-party `regex` package; we rebuild them for Python's `re`
 (`_letter_number_classes`), so they follow the Unicode version of this Python's `unicodedata`.
 """
 from __future__ import annotations
@@ -123,8 +126,10 @@ class BPETokenizer:
         path = Path(path)
         for name in ("vocab.json", "merges.txt"):
             if not (path / name).is_file():
-                raise FileNotFoundError(f"{path} has no {name}: give the tokenizer/ folder of a Stable Diffusion "
-                                        "download (vocab.json and merges.txt) or open_clip's bpe_simple_vocab_16e6.txt.gz.")
+                raise FileNotFoundError(
+                    f"{path} has no {name}: give the tokenizer/ folder of a Stable Diffusion download "
+                    "(vocab.json and merges.txt), or use from_merges_gz with open_clip's bpe_simple_vocab_16e6.txt.gz."
+                )
         vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
         lines = (path / "merges.txt").read_text(encoding="utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]

@@ -166,11 +166,11 @@ def clip_text_state_dict_from_hf(sd: dict[str, torch.Tensor], prefix: str = "tex
     if unknown:
         raise CheckpointError(f"{len(unknown)} tensors under {prefix!r} are not part of a CLIP text transformer "
                               f"(e.g. {unknown[0]!r}).")
-    check_state_dict(out, CLIPTextConfig.from_state_dict(out), what="CLIP text transformer")
+    _check_state_dict(out, CLIPTextConfig.from_state_dict(out), what="CLIP text transformer")
     return out
 
 
-def check_state_dict(sd: dict[str, torch.Tensor], cfg: CLIPTextConfig, what: str) -> None:
+def _check_state_dict(sd: dict[str, torch.Tensor], cfg: CLIPTextConfig, what: str) -> None:
     """One sentence if `sd` lacks tensors of, has extras for, or mis-shapes the model `cfg` describes."""
     with torch.device("meta"):  # shapes only, no memory
         expected = {k: v.shape for k, v in CLIPTextTransformer(cfg).state_dict().items()}

@@ -55,6 +55,8 @@ class CLIPTextConfig:
             mlp = sd["layers.0.mlp.fc1.weight"].shape[0]
         except KeyError as e:
             raise CheckpointError(f"not a CLIP text transformer state dict: it has no {e.args[0]!r} tensor.") from None
+        if heads is None and width % HEAD_WIDTH:
+            raise CheckpointError(f"CLIP text width {width} is not a multiple of {HEAD_WIDTH}: pass heads= explicitly.")
         layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k)))
         return cls(vocab_size, max_positions, width, layers, heads or width // HEAD_WIDTH, mlp)
 

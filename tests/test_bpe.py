@@ -141,6 +141,8 @@ def test_folder_and_gz_give_the_same_tokenizer(ours, tokenizer_folder):
     assert folder.vocab == ours.vocab and len(ours.vocab) == 49408 and folder.ranks == ours.ranks
     with pytest.raises(FileNotFoundError, match="merges.txt"):
         BPETokenizer.from_folder(tokenizer_folder.parent)
+    with pytest.raises(ValueError, match="do not belong together"):
+        BPETokenizer({START: 0, END: 1, "a": 2, "b": 3}, [("a", "b")])  # 'ab' is not in the vocabulary
 
 
 def test_same_ids_as_open_clip(oc, ours):

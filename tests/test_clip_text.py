@@ -143,6 +143,11 @@ def test_vit_l14_text_config_and_parameter_count():
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params == 49408 * 768 + 77 * 768 + 12 * per_layer + 2 * 768 == 123_060_480
     assert CLIPTextConfig.from_state_dict(model.state_dict()) == CLIPTextConfig()  # heads = 768 / 64 = 12
+    with torch.device("meta"):
+        narrow = CLIPTextTransformer(CLIPTextConfig(width=96, heads=3, mlp=384, layers=1)).state_dict()
+    with pytest.raises(CheckpointError, match="not a multiple of 64: pass heads="):
+        CLIPTextConfig.from_state_dict(narrow)
+    assert CLIPTextConfig.from_state_dict(narrow, heads=3).heads == 3
 
 
 HF_NAMES = [  # ours -> transformers, to build transformers-named dicts without transformers installed

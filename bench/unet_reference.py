@@ -1,0 +1,139 @@
+"""Our UNet's training step against diffusers' `UNet2DConditionModel` built with the same configuration.
+
+    python bench/unet_reference.py            # writes bench/results/unet_reference.md
+    python bench/unet_reference.py --threads 2 --rounds 12 --batch 64
+
+diffusers is an optional reference (pip install -e ".[parity]"); without it the script says so and stops.
+Both models are built from the tiny preset's UNet configuration (the script checks the parameter counts are
+equal), and one forward + backward of the v-prediction loss at batch 64 on 8x8x4 latents with a 12-token
+context is timed for each, the two *interleaved* round by round in one process so that whatever else the
+machine is doing lands on both alike. Reported: the median of the rounds and ours / reference per attention
+kernel of ours. Then torch.profiler's table of where our step spends its time (the top operators).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from minildm.config import tiny
+from minildm.modules.unet import UNet, UNetConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def reference_unet(cfg: UNetConfig):
+    """diffusers' UNet2DConditionModel with our config's layout (SD's block types, conv proj_in/out)."""
+    from diffusers import UNet2DConditionModel
+
+    levels = range(len(cfg.channel_mult))
+    down = tuple("CrossAttnDownBlock2D" if lvl in cfg.attention_levels else "DownBlock2D" for lvl in levels)
+    up = tuple("CrossAttnUpBlock2D" if lvl in cfg.attention_levels else "UpBlock2D" for lvl in reversed(levels))
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult),
+        down_block_types=down, up_block_types=up,
+        mid_block_type="UNetMidBlock2DCrossAttn" if cfg.mid_attention else None,
+        layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
+        attention_head_dim=cfg.heads, norm_num_groups=cfg.norm_groups, transformer_layers_per_block=1,
+        flip_sin_to_cos=True, freq_shift=0, use_linear_projection=False,
+    )
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_step(model, x, t, context, v, ours: bool):
+    """One training step's compute: forward, the v-prediction MSE, backward (gradients zeroed first)."""
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(x, t, context) if ours else model(x, t, encoder_hidden_states=context).sample
+        torch.nn.functional.mse_loss(out, v).backward()
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--profile-steps", type=int, default=5)
+    args = ap.parse_args()
+    try:
+        import diffusers
+    except ImportError:
+        raise SystemExit("bench/unet_reference.py needs diffusers (pip install -e '.[parity]').") from None
+    torch.set_num_threads(args.threads)
+    cfg = tiny().unet
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, cfg.in_channels, 8, 8, generator=g)
+    v = torch.randn(args.batch, cfg.in_channels, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (args.batch,), generator=g)
+    context = torch.randn(args.batch, 12, cfg.context_dim, generator=g)
+
+    torch.manual_seed(0)
+    ref = reference_unet(cfg).train()
+    kernels = ("naive", "sdpa", "chunked")
+    ours = {k: UNet(replace(cfg, kernel=k)).train() for k in kernels}
+    counts = {k: n_params(m) for k, m in ours.items()}
+    assert len(set(counts.values())) == 1 and counts["naive"] == n_params(ref), (counts, n_params(ref))
+
+    steps = {"diffusers": make_step(ref, x, t, context, v, ours=False)}
+    steps.update({f"ours ({k})": make_step(m, x, t, context, v, ours=True) for k, m in ours.items()})
+    times = {name: [] for name in steps}
+    for name, step in steps.items():  # warm-up: allocator, oneDNN kernel selection
+        step(), step()
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    spread = {name: (min(ts), max(ts)) for name, ts in times.items()}
+
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.profile_steps):
+            steps["ours (sdpa)"]()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    rows = [f"| {name} | {med[name] * 1000:.0f} ms | {spread[name][0] * 1000:.0f}-{spread[name][1] * 1000:.0f} ms | "
+            f"{med[name] / med['diffusers']:.2f} |" for name in steps]
+    text = "\n".join([
+        "# Our UNet against diffusers' UNet2DConditionModel, same configuration",
+        "",
+        f"`python bench/unet_reference.py --threads {args.threads} --rounds {args.rounds} --batch {args.batch}` "
+        f"at commit {commit}; {platform.machine()} ({platform.processor() or 'cpu'}), {args.threads} torch "
+        f"threads, torch {torch.__version__}, diffusers {diffusers.__version__}.",
+        "",
+        f"Tiny preset UNet ({counts['naive']:,} parameters in both), forward + backward of an MSE loss, batch "
+        f"{args.batch}, 8x8x4 latents, 12 context tokens of width {cfg.context_dim}; the models take turns "
+        f"every round ({args.rounds} rounds after 2 warm-up steps each), median and range of the rounds.",
+        "",
+        "| model | median step | range | / diffusers |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        f"## Where our step spends its time (sdpa kernel, {args.profile_steps} steps, torch.profiler, self CPU time)",
+        "",
+        "```",
+        table,
+        "```",
+    ])
+    out = ROOT / "bench" / "results" / "unet_reference.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

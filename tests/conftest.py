@@ -6,3 +6,20 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(1)  # tests use tiny tensors: one thread is as fast and never oversubscribes a shared CPU
+
+# Parity tests compare minildm with reference libraries (diffusers, transformers, peft, safetensors,
+# open_clip) that are test-only: without them the tests skip with a reason naming the `parity` extra.
+# CI installs them and sets MINILDM_REQUIRE_PARITY=1, which turns any such skip into a failed run.
+_parity_skips: list = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and "parity" in str(report.longrepr):
+        _parity_skips.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _parity_skips and os.environ.get("MINILDM_REQUIRE_PARITY") == "1":
+        print(f"\nMINILDM_REQUIRE_PARITY=1 but {len(_parity_skips)} parity test(s) skipped: "
+              + ", ".join(_parity_skips[:5]) + ". Install the reference libraries (see .ci/run).")
+        session.exitstatus = 1

@@ -8,13 +8,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(1)  # tests use tiny tensors: one thread is as fast and never oversubscribes a shared CPU
 
 # Parity tests compare minildm with reference libraries (diffusers, transformers, peft, safetensors,
-# open_clip) that are test-only: without them the tests skip with a reason naming the `parity` extra.
-# CI installs them and sets MINILDM_REQUIRE_PARITY=1, which turns any such skip into a failed run.
+# open_clip) that are test-only: without them the tests skip with a reason naming the library or the
+# `parity` extra. CI installs them and sets MINILDM_REQUIRE_PARITY=1, which turns any such skip into a failure.
 _parity_skips: list = []
+_REFERENCE_WORDS = ("parity", "reference", "diffusers", "transformers", "peft", "safetensors", "open_clip",
+                    "ftfy", "regex", "scipy")
 
 
 def pytest_runtest_logreport(report):
-    if report.skipped and "parity" in str(report.longrepr):
+    if report.skipped and any(word in str(report.longrepr) for word in _REFERENCE_WORDS):
         _parity_skips.append(report.nodeid)
 
 

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from minildm.checkpoint import CheckpointError
     from minildm.pipeline import LatentDiffusion
-    from minildm.train.common import pick_device
+    from minildm.device import pick_device
     from minildm.viz import save_grid
 
     try:
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
             prompter = load_image_prompter(pipe, Path(args.run) / ADAPTER_FILE, args.ip_scale)
             extra_tokens = prompter.extra_tokens(load_image_file(args.image_prompt, pipe.image_size))
         prompts = [p for p in args.prompts for _ in range(args.n)]
-        images = pipe.generate(prompts, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+        images = pipe.generate(prompts, steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
                                eta=args.eta, seed=args.seed, progress=True, extra_tokens=extra_tokens)
     except (ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     from minildm.checkpoint import CheckpointError
     from minildm.config import get_preset, describe_preset
     from minildm.train import distributed
-    from minildm.train.common import pick_device, resolve_precision
+    from minildm.device import pick_device
+    from minildm.train.common import resolve_precision
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -204,7 +204,7 @@ def main(argv=None) -> int:
             BODY_STREAM: (True, pose_only, "body")}.items():
         images = []
         for b in range(0, len(jobs), 64):
-            sampling = dict(steps=args.steps, guidance=args.guidance, seed=b)
+            sampling = dict(steps=args.steps, guidance_scale=args.guidance, seed=b)
             if use_body:
                 tokens = prompter.extra_tokens(c_body[b:b + 64])
                 images.append(pipe.generate(captions[b:b + 64], **sampling, extra_tokens=tokens))

@@ -34,7 +34,7 @@ from minildm.clip import clip_i, clip_t, load_clip, save_clip, train_clip  # noq
 from minildm.data import shapes  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402
 from minildm.train.clip import evaluate_clip, train_clip_stage  # noqa: E402
-from minildm.train.common import step_rng  # noqa: E402
+from minildm.progress import step_rng  # noqa: E402
 from minildm.adapters.ip_adapter import set_ip_scale  # noqa: E402
 from minildm.train.clip import CLIP_STEPS  # noqa: E402
 from minildm.train.ip_adapter import (ADAPTER_FILE, CLIP_FILE, IPAdapterTrainConfig, load_image_prompter,  # noqa: E402
@@ -69,7 +69,7 @@ def sample(pipe, prompter, prompts, images, scale, steps, seed=0, batch=30) -> t
     out = []
     for i in range(0, len(prompts), batch):
         tokens = prompter.extra_tokens(None if images is None else images[i:i + batch])
-        out.append(pipe.generate(prompts[i:i + batch], steps=steps, guidance=3.0, seed=seed + i, extra_tokens=tokens))
+        out.append(pipe.generate(prompts[i:i + batch], steps=steps, guidance_scale=3.0, seed=seed + i, extra_tokens=tokens))
     return torch.cat(out)
 
 

@@ -31,7 +31,7 @@ from minildm.config import get_preset  # noqa: E402
 from minildm.data import shapes  # noqa: E402
 from minildm.evaluate import generate_split, prompt_accuracy_report  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402
-from minildm.train.common import step_rng  # noqa: E402
+from minildm.progress import step_rng  # noqa: E402
 from minildm.train.ldm import encode_latent_cache  # noqa: E402
 from minildm.train.lora import (apply_lora_file, concept_prompts, first_stage_accuracy, lora_train_config,  # noqa: E402
                                 train_lora, trainable_counts)
@@ -85,7 +85,7 @@ def main() -> None:
     preset = get_preset(state["preset"])
     cfg = lora_train_config(preset)
     steps, rank = args.steps or cfg.steps, args.rank or cfg.rank
-    sampling = dict(steps=50, guidance=3.0, n=args.n)
+    sampling = dict(steps=50, guidance_scale=3.0, n=args.n)
     load_start = os.getloadavg()[0]
 
     pipe = LatentDiffusion.load(base)

@@ -31,7 +31,7 @@ def main() -> None:
     for sampler, steps, eta in [("ddim", 10, 0.0), ("ddim", 25, 0.0), ("ddim", 50, 0.0), ("ddim", 50, 1.0),
                                 ("ddpm", 1000, 1.0)]:
         t0 = time.perf_counter()
-        r = prompt_accuracy_report(pipe, steps=steps, guidance=args.guidance, n=args.n, sampler=sampler, eta=eta)
+        r = prompt_accuracy_report(pipe, steps=steps, guidance_scale=args.guidance, n=args.n, sampler=sampler, eta=eta)
         seconds = time.perf_counter() - t0
         samples = r["seen"]["samples"] + r["held_out"]["samples"]
         rows.append(f"| {sampler.upper()} | {steps} | {eta:g} | {seconds:.1f} s | {1000 * seconds / samples:.0f} ms | "

@@ -46,7 +46,7 @@ from minildm.checkpoint import load_checkpoint, save_checkpoint
 from minildm.data import shapes
 from minildm.text.encoder import PromptEncoder, TextEncoderConfig
 from minildm.text.tokenizer import Tokenizer
-from minildm.train.common import LossLog, progress as progress_bar, step_rng
+from minildm.progress import LossLog, progress as progress_bar, step_rng
 
 MAX_LOGIT_SCALE = math.log(100.0)  # the scale exp(s) is clamped at 100, as in CLIP (keeps training stable)
 

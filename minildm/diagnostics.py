@@ -33,7 +33,7 @@ from minildm.checkpoint import CheckpointError  # noqa: E402
 from minildm.data import shapes  # noqa: E402
 from minildm.diffusion.ddpm import as_eps_fn, diffusion_loss  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402
-from minildm.train.common import step_rng  # noqa: E402
+from minildm.progress import step_rng  # noqa: E402
 from minildm.viz import make_grid  # noqa: E402
 
 SWEEP_PROMPTS = ("a red circle on the left", "a blue square on the right", "a green triangle on the top",
@@ -182,7 +182,7 @@ def guidance_sweep(pipe: LatentDiffusion, prompts=SWEEP_PROMPTS, scales=SWEEP_SC
     """
     rows, accuracy, saturation = [], [], []
     for s in scales:
-        images = pipe.generate(list(prompts), steps=steps, guidance=float(s), seed=seed).cpu()  # [P, 3, H, W]
+        images = pipe.generate(list(prompts), steps=steps, guidance_scale=float(s), seed=seed).cpu()  # [P, 3, H, W]
         rows.append(images)
         accuracy.append(shapes.prompt_accuracy(images, list(prompts)))
         brightest = rearrange(images.amax(dim=1), "n h w -> n (h w)")

@@ -32,13 +32,13 @@ from minildm.feature_net import ShapesFeatureNet, embed, load_or_train_feature_n
 from minildm.metrics import fid_from_features, inception_score
 from minildm.pipeline import LatentDiffusion
 from minildm.train.clip import train_clip_stage
-from minildm.train.common import step_rng
+from minildm.progress import step_rng
 
 SPLIT_COMBOS = (("seen", shapes.SEEN), ("held_out", shapes.HELD_OUT))
 
 
 @torch.no_grad()
-def generate_split(pipe, combos, n: int, steps: int = 50, guidance: float = 3.0, sampler: str = "ddim",
+def generate_split(pipe, combos, n: int, steps: int = 50, guidance_scale: float = 3.0, sampler: str = "ddim",
                    eta: float = 0.0, seed: int = 0, batch_size: int = 160, progress: bool = True,
                    desc: str = "sampling") -> tuple[torch.Tensor, list[str]]:
     """n samples of every combination's caption: (images [len(combos) * n, 3, H, W] in [0, 1], prompts).
@@ -49,17 +49,17 @@ def generate_split(pipe, combos, n: int, steps: int = 50, guidance: float = 3.0,
     images = []
     batches = range(0, len(prompts), batch_size)
     for b, i in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
-        images.append(pipe.generate(prompts[i:i + batch_size], steps=steps, guidance=guidance, sampler=sampler,
+        images.append(pipe.generate(prompts[i:i + batch_size], steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                                     eta=eta, seed=seed + b).cpu())
     return torch.cat(images), prompts
 
 
-def prompt_accuracy_report(pipe, steps: int = 50, guidance: float = 3.0, n: int = 4, sampler: str = "ddim",
+def prompt_accuracy_report(pipe, steps: int = 50, guidance_scale: float = 3.0, n: int = 4, sampler: str = "ddim",
                            eta: float = 0.0, seed: int = 0, batch_size: int = 160, progress: bool = True) -> dict:
     """{"seen": {...}, "held_out": {...}} with per-attribute accuracies ("color", "shape", "position", "all")."""
     report = {}
     for split, combos in SPLIT_COMBOS:
-        images, prompts = generate_split(pipe, combos, n, steps, guidance, sampler, eta, seed, batch_size, progress,
+        images, prompts = generate_split(pipe, combos, n, steps, guidance_scale, sampler, eta, seed, batch_size, progress,
                                          desc=f"sampling {split}")
         report[split] = shapes.attribute_accuracy(images, prompts)
         report[split]["samples"] = len(prompts)
@@ -119,7 +119,7 @@ def real_reference(feature_net: ShapesFeatureNet, clip=None, n: int = 4, seed: i
                    feature_net, clip)
 
 
-def evaluation_report(pipe, feature_net: ShapesFeatureNet, clip=None, steps: int = 50, guidance: float = 3.0,
+def evaluation_report(pipe, feature_net: ShapesFeatureNet, clip=None, steps: int = 50, guidance_scale: float = 3.0,
                       n: int = 4, sampler: str = "ddim", eta: float = 0.0, seed: int = 0, batch_size: int = 160,
                       progress: bool = True) -> dict:
     """Sample n images per seen and held-out prompt and score them.
@@ -130,7 +130,7 @@ def evaluation_report(pipe, feature_net: ShapesFeatureNet, clip=None, steps: int
     """
     images, prompts = [], []
     for split, combos in SPLIT_COMBOS:
-        x, p = generate_split(pipe, combos, n, steps, guidance, sampler, eta, seed, batch_size, progress,
+        x, p = generate_split(pipe, combos, n, steps, guidance_scale, sampler, eta, seed, batch_size, progress,
                               desc=f"sampling {split}")
         images.append(x)
         prompts += p

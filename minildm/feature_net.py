@@ -40,7 +40,7 @@ from einops import rearrange
 from minildm.checkpoint import load_checkpoint, save_checkpoint
 from minildm.data import shapes
 from minildm.metrics import fid_from_features, inception_score
-from minildm.train.common import LossLog, progress as progress_bar, step_rng
+from minildm.progress import LossLog, progress as progress_bar, step_rng
 
 FEATURE_NET_STEPS = 250  # about a minute on one busy CPU core; accuracy on fresh shapes ~1.0
 

@@ -76,12 +76,12 @@ class LatentDiffusion(nn.Module):
         return ((x + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str] | str, steps: int = 50, guidance: float = 3.0, sampler: str = "ddim",
+    def generate(self, prompts: list[str] | str, steps: int = 50, guidance_scale: float = 3.0, sampler: str = "ddim",
                  eta: float = 0.0, seed: int = 0, progress: bool = False, return_trajectory: bool = False,
                  return_attention: bool = False, extra_tokens: tuple[torch.Tensor, torch.Tensor] | None = None):
         """prompts -> images [N, 3, H, W] in [0, 1]. Same seed and prompts -> same images.
 
-        guidance: the CFG scale s of eps_u + s (eps_c - eps_u) (1 = plain conditional model, 0 = unconditional).
+        guidance_scale: the CFG scale s of eps_u + s (eps_c - eps_u) (1 = plain conditional model, 0 = unconditional).
         sampler "ddim" uses `steps` steps (eta = 0 deterministic, eta = 1 DDPM-like); "ddpm" always walks all T.
         return_trajectory adds the decoded x_t along the way; return_attention adds the cross-attention maps
         of the last step, averaged over heads and layers at the finest attended resolution, [N, L, h', w'].
@@ -95,8 +95,8 @@ class LatentDiffusion(nn.Module):
             raise ValueError(f"unknown sampler '{sampler}': use one of {', '.join(SAMPLERS)}.")
         if not 1 <= steps <= T:
             raise ValueError(f"steps must be between 1 and T = {T}, got {steps}.")
-        if guidance < 0:
-            raise ValueError(f"guidance must be >= 0 (1 = no guidance, 3 is typical), got {guidance}.")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0 (1 = no guidance, 3 is typical), got {guidance_scale}.")
         if not 0 <= eta <= 1:
             raise ValueError(f"eta must lie in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like), got {eta}.")
         if not prompts:
@@ -113,7 +113,7 @@ class LatentDiffusion(nn.Module):
                                  f"got {tuple(extra_c.shape)} and {tuple(extra_u.shape)}.")
             context_c = torch.cat([context_c, extra_c.to(context_c).expand(len(prompts), -1, -1)], dim=1)
             context_u = torch.cat([context_u, extra_u.to(context_u)], dim=1)
-        model_fn = cfg_model_fn(self.unet, context_c, mask_c, context_u, mask_u, guidance)
+        model_fn = cfg_model_fn(self.unet, context_c, mask_c, context_u, mask_u, guidance_scale)
         eps_fn = as_eps_fn(model_fn, self.schedule, self.prediction)
 
         cross = [m for name, m in self.unet.named_modules() if name.endswith("attn2")]
@@ -135,11 +135,11 @@ class LatentDiffusion(nn.Module):
         if return_trajectory:
             extras["trajectory"] = [self.decode(z) for z in trajectory]
         if return_attention:
-            extras["attention"] = self._attention_maps(cross, len(prompts), guidance)
+            extras["attention"] = self._attention_maps(cross, len(prompts), guidance_scale)
         return (images, extras) if extras else images
 
     @staticmethod
-    def _attention_maps(cross: list[nn.Module], n: int, guidance: float) -> torch.Tensor:
+    def _attention_maps(cross: list[nn.Module], n: int, guidance_scale: float) -> torch.Tensor:
         """Mean cross-attention probabilities per prompt token at the finest attended resolution: [n, L, h, w]."""
         from einops import rearrange
 

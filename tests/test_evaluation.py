@@ -20,7 +20,7 @@ from minildm.feature_net import (FeatureNetConfig, ShapesFeatureNet, classifier_
 from minildm.pipeline import LatentDiffusion
 from minildm.text.encoder import PromptEncoder
 from minildm.text.tokenizer import Tokenizer
-from minildm.train.common import step_rng
+from minildm.progress import step_rng
 
 TINY = FeatureNetConfig(widths=(8, 16, 16), feature_dim=32)
 
@@ -117,7 +117,7 @@ class DrawsShapes:
     def __init__(self, ignore_prompt: bool = False):
         self.ignore_prompt = ignore_prompt
 
-    def generate(self, prompts, steps=50, guidance=3.0, sampler="ddim", eta=0.0, seed=0):
+    def generate(self, prompts, steps=50, guidance_scale=3.0, sampler="ddim", eta=0.0, seed=0):
         combos = [shapes.parse_caption(p) for p in prompts]
         if self.ignore_prompt:
             combos = [shapes.ALL_COMBOS[(shapes.ALL_COMBOS.index(c) + 45) % 90] for c in combos]

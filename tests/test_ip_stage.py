@@ -86,11 +86,11 @@ def test_training_moved_only_the_adapter(base_dir, adapter_dir):
 
 def test_lambda_zero_through_the_pipeline_is_the_text_only_model_exactly(base_dir, adapter_dir):
     prompts = ["a red circle on the left", "a blue square in the center"]
-    text_only = LatentDiffusion.load(base_dir).generate(prompts, steps=3, guidance=3.0, seed=5)
+    text_only = LatentDiffusion.load(base_dir).generate(prompts, steps=3, guidance_scale=3.0, seed=5)
     pipe = LatentDiffusion.load(base_dir)
     prompter = load_image_prompter(pipe, adapter_dir / ADAPTER_FILE, scale=0.0)
     tokens = prompter.extra_tokens(red_square_image())
-    assert torch.equal(pipe.generate(prompts, steps=3, guidance=3.0, seed=5, extra_tokens=tokens), text_only)
+    assert torch.equal(pipe.generate(prompts, steps=3, guidance_scale=3.0, seed=5, extra_tokens=tokens), text_only)
     ip_stage.set_ip_scale(pipe.unet, 1.0)  # the image term is on: the UNet's eps moves (a micro base barely uses
     x, t = torch.randn(1, *pipe.latent_shape()), torch.tensor([500])  # attention, so compare eps, not images)
     context, mask = pipe.encode_prompts(prompts[:1])

@@ -53,9 +53,9 @@ def test_resume_continues_the_step_count(run_dir):
 
 def test_generate_is_repeatable_and_in_range(run_dir):
     pipe = LatentDiffusion.load(run_dir)
-    a = pipe.generate(["a red circle on the left", ""], steps=4, guidance=3.0, seed=1)
-    b = pipe.generate(["a red circle on the left", ""], steps=4, guidance=3.0, seed=1)
-    c = pipe.generate(["a red circle on the left", ""], steps=4, guidance=3.0, seed=2)
+    a = pipe.generate(["a red circle on the left", ""], steps=4, guidance_scale=3.0, seed=1)
+    b = pipe.generate(["a red circle on the left", ""], steps=4, guidance_scale=3.0, seed=1)
+    c = pipe.generate(["a red circle on the left", ""], steps=4, guidance_scale=3.0, seed=2)
     assert a.shape == (2, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
     assert torch.equal(a, b) and not torch.equal(a, c)
     images, extras = pipe.generate(["a blue square"], steps=3, return_trajectory=True, return_attention=True)
@@ -68,7 +68,7 @@ def test_generate_is_repeatable_and_in_range(run_dir):
 @pytest.mark.parametrize("kwargs, message", [
     ({"steps": 1001}, "steps must be between 1 and T"),
     ({"steps": 0}, "steps must be between 1 and T"),
-    ({"guidance": -1.0}, "guidance must be >= 0"),
+    ({"guidance_scale": -1.0}, "guidance_scale must be >= 0"),
     ({"sampler": "euler"}, "unknown sampler"),
     ({"eta": 2.0}, "eta must lie in"),
 ])

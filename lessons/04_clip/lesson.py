@@ -25,7 +25,7 @@ from lessons.common import QUICK, exercise_functions, out_dir, save_figure  # no
 from minildm import clip as clip_lib  # noqa: E402
 from minildm.data import shapes  # noqa: E402
 from minildm.train.clip import evaluate_clip  # noqa: E402
-from minildm.train.common import step_rng  # noqa: E402
+from minildm.progress import step_rng  # noqa: E402
 
 OUT = out_dir(__file__)
 clip_loss = exercise_functions(__file__)["clip_loss"]  # yours once filled in, the library's until then

@@ -89,7 +89,7 @@ def main() -> None:
     hooks = [m.register_forward_hook(lambda m, args, output, name=name: seen.__setitem__(name, (args, output)))
              for name, m in layers.items()]
     try:
-        images, extras = pipe.generate(PROMPTS, steps=STEPS, guidance=3.0, seed=0, return_attention=True)
+        images, extras = pipe.generate(PROMPTS, steps=STEPS, guidance_scale=3.0, seed=0, return_attention=True)
     finally:
         for hook in hooks:
             hook.remove()

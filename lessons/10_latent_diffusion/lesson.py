@@ -142,7 +142,7 @@ def compare_step_time(pipe: LatentDiffusion, out: Path) -> None:
 
 def plot_trajectory(pipe: LatentDiffusion, out: Path) -> None:
     """Decode z_t along DDIM sampling: rows = prompts, columns = steps."""
-    _, extras = pipe.generate(PROMPTS, steps=SAMPLE_STEPS, guidance=3.0, seed=0, return_trajectory=True)
+    _, extras = pipe.generate(PROMPTS, steps=SAMPLE_STEPS, guidance_scale=3.0, seed=0, return_trajectory=True)
     trajectory = extras["trajectory"]  # SAMPLE_STEPS + 1 tensors [n, 3, H, W]: D(z_T), ..., D(z_0)
     timesteps = ddim_timesteps(pipe.schedule.num_timesteps, SAMPLE_STEPS, spacing="trailing").tolist() + [-1]
     picks = torch.linspace(0, SAMPLE_STEPS, 7).round().long().tolist()

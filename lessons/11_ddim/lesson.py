@@ -108,7 +108,7 @@ def main() -> None:
     T = pipe.schedule.num_timesteps
 
     mine = pipe.decode(sample(pipe, fns, PROMPTS[:2], 10))
-    library = pipe.generate(PROMPTS[:2], steps=10, guidance=GUIDANCE, eta=0.0, seed=0)
+    library = pipe.generate(PROMPTS[:2], steps=10, guidance_scale=GUIDANCE, eta=0.0, seed=0)
     print(f"  your sampler vs pipeline.generate (10 steps, eta 0): max |difference| {(mine - library).abs().max():.2e}")
 
     results, grids = {0.0: [], 1.0: []}, []

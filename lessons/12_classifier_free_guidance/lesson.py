@@ -105,8 +105,8 @@ def main() -> None:
     print_conventions()
 
     check = sample(pipe, fns["guided_eps"], PROMPTS[:2], 3.0)
-    library = pipe.generate(PROMPTS[:2], steps=STEPS, guidance=3.0, seed=0)
-    print(f"  your guided sampler vs pipeline.generate(guidance=3): max |difference| {(check - library).abs().max():.2e}")
+    library = pipe.generate(PROMPTS[:2], steps=STEPS, guidance_scale=3.0, seed=0)
+    print(f"  your guided sampler vs pipeline.generate(guidance_scale=3): max |difference| {(check - library).abs().max():.2e}")
 
     grids, accuracy = {}, {}
     for s in SCALES:

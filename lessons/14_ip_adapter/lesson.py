@@ -66,7 +66,7 @@ def generate(prompt, image, scale, n=SEEDS):
     """n samples (different noise) of one (text, image prompt) pair at lambda = scale: [n, 3, H, W] in [0, 1]."""
     set_ip_scale(pipe.unet, scale)
     tokens = prompter.extra_tokens(image)
-    return pipe.generate([prompt] * n, steps=STEPS, guidance=GUIDANCE, seed=0, extra_tokens=tokens)
+    return pipe.generate([prompt] * n, steps=STEPS, guidance_scale=GUIDANCE, seed=0, extra_tokens=tokens)
 
 
 def show_rows(rows, path, title):

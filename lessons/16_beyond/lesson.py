@@ -102,9 +102,9 @@ print("   real vs real at N = " + ", ".join(f"{c}: {f:.2f}" for c, f in zip(coun
 
 # --- 2. The evaluation table: trained vs broken -----------------------------------------------------------
 steps = 20 if QUICK else 50
-configs = {f"s = 3, DDIM {steps}": dict(steps=steps, guidance=3.0),  # healthy
-           f"broken: s = 0, DDIM {steps}": dict(steps=steps, guidance=0.0),  # the unconditional model: no prompt
-           "broken: s = 3, DDIM 2": dict(steps=2, guidance=3.0)}  # far too few steps
+configs = {f"s = 3, DDIM {steps}": dict(steps=steps, guidance_scale=3.0),  # healthy
+           f"broken: s = 0, DDIM {steps}": dict(steps=steps, guidance_scale=0.0),  # the unconditional model: no prompt
+           "broken: s = 3, DDIM 2": dict(steps=2, guidance_scale=3.0)}  # far too few steps
 print(f"\n2. The evaluation table of {RUN.name} (1 sample per prompt, 90 images per column; "
       "python -m minildm.evaluate --n 4 for the full benchmark)")
 columns = {"real shapes": evaluate.real_reference(feature_net, clip, n=1)}

@@ -22,12 +22,11 @@ from tqdm.auto import tqdm
 
 from minildm.autoencoder.losses import VQGANLoss
 from minildm.autoencoder.vqvae import VQVAE
-from minildm.checkpoint import load_checkpoint, save_checkpoint
 from minildm.config import Preset
 from minildm.data import shapes
 from minildm.train import distributed
-from minildm.train.common import (GracefulInterrupt, LossLog, autocast, grad_scaler, learning_rate, progress, scaled_step,
-                                  step_rng)
+from minildm.progress import step_rng
+from minildm.train.common import Checkpoint, autocast, fit, grad_scaler, scaled_step
 from minildm.viz import plot_curves, save_grid
 
 
@@ -110,31 +109,21 @@ def train_autoencoder(preset: Preset, run_dir: str | Path, device: torch.device,
     losses = VQGANLoss(cfg.loss).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(losses.discriminator.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
-    log = LossLog()
-    step = 0
-    if resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path, "autoencoder")
-        model.load_state_dict(state["model"])
-        losses.discriminator.load_state_dict(state["discriminator"])
-        opt.load_state_dict(state["optimizer"])
-        opt_d.load_state_dict(state["optimizer_d"])
-        log.load(state["log"])
-        step = state["step"]
 
-    def save(summary: dict | None = None) -> Path:
+    def weights() -> dict:
         distributed.check_in_sync(model)  # every rank; raises if the replicas drifted apart
-        if main:
-            save_checkpoint(ckpt_path, "autoencoder", {
-                "config": asdict(preset.vq), "model": model.state_dict(),
-                "discriminator": losses.discriminator.state_dict(), "optimizer": opt.state_dict(),
-                "optimizer_d": opt_d.state_dict(), "step": step, "log": log.state(),
-                "scale_factor": float(model.scale_factor), "summary": summary or {},
-            })
-        return ckpt_path
+        return {"config": asdict(preset.vq), "model": model.state_dict(),
+                "discriminator": losses.discriminator.state_dict(), "optimizer_d": opt_d.state_dict(),
+                "scale_factor": float(model.scale_factor), "summary": {}}
+
+    def load(saved: dict) -> None:
+        model.load_state_dict(saved["model"])
+        losses.discriminator.load_state_dict(saved["discriminator"])
+        opt_d.load_state_dict(saved["optimizer_d"])
 
     fixed = draw(8, step_rng(cfg.seed, 0, stream=1), split="all").to(device)
 
-    def reconstruction_grid() -> None:
+    def reconstruction_grid(step: int) -> None:
         if not main:
             return
         model.eval()
@@ -148,56 +137,56 @@ def train_autoencoder(preset: Preset, run_dir: str | Path, device: torch.device,
         model.encoder.compile()
         model.decoder.compile()
     net = distributed.wrap(MixedPrecisionVQVAE(model, device, precision), device)
-    scaler, scaler_d = grad_scaler(device, precision), grad_scaler(device, precision)
+    scaler_d = grad_scaler(device, precision)
+    batch = {}  # this step's x and x_rec, for the discriminator's half of the step
+
+    def loss_fn(step: int):
+        # the global batch of world * batch_size images; this rank keeps its slice
+        x = distributed.shard(draw(batch_size * world, step_rng(cfg.seed, step))).to(device)
+        x_rec, vq_loss, info = net(x)
+        with autocast(device, precision):
+            loss, logs = losses.generator_loss(x, x_rec, vq_loss, step, model.last_layer)
+        batch.update(x=x, x_rec=x_rec)
+        return loss, {**logs, "perplexity": float(info["perplexity"]), "usage": float(info["usage"])}
+
+    def discriminator_step(step: int) -> dict:
+        distributed.broadcast_state(model.quantizer)  # codebook EMA and restarts saw only this rank's batch
+        if not losses.disc_active(step):
+            return {}
+        with autocast(device, precision):
+            loss_d, logs_d = losses.discriminator_loss(batch["x"], batch["x_rec"].detach(), step)
+        opt_d.zero_grad(set_to_none=True)
+        scaled_step(scaler_d, loss_d, opt_d,
+                    before_step=lambda: distributed.average_gradients(losses.discriminator.parameters()))
+        return logs_d
+
+    def scale_and_summary(step: int) -> dict:
+        """The scale factor 1 / std(z) (the diffusion model trains on z * scale_factor, of unit variance) and
+        the summary on held-back images."""
+        model.eval()
+        with torch.no_grad():
+            data = [draw(256, step_rng(cfg.seed, i, stream=3)).to(device) for i in range(4)]
+            model.scale_factor.fill_(model.compute_scale_factor(data))
+        eval_images = (held_back_shapes(preset, cfg.eval_images) if images is None
+                       else draw(cfg.eval_images, step_rng(cfg.seed, 0, stream=2)))  # a folder has no held-back split
+        summary.update(evaluate_autoencoder(model, eval_images.to(device)), scale_factor=float(model.scale_factor),
+                       steps=step)
+        return {"summary": summary}
+
+    summary = {}
     model.train()
-    bar = progress(steps, step, "autoencoder", show_progress and main)
-    with GracefulInterrupt() as interrupt:
-        while step < steps and not distributed.any_rank(interrupt.requested, device):
-            # the global batch of world * batch_size images; this rank keeps its slice
-            x = distributed.shard(draw(batch_size * world, step_rng(cfg.seed, step))).to(device)
-            for group in opt.param_groups:  # cosine decay of the learning rate to 0 at the last step
-                group["lr"] = learning_rate(step, steps, cfg.lr)
-            x_rec, vq_loss, info = net(x)
-            with autocast(device, precision):
-                loss, logs = losses.generator_loss(x, x_rec, vq_loss, step, model.last_layer)
-            opt.zero_grad(set_to_none=True)
-            scaled_step(scaler, loss, opt)
-            distributed.broadcast_state(model.quantizer)  # codebook EMA and restarts saw only this rank's batch
-            if losses.disc_active(step):
-                with autocast(device, precision):
-                    loss_d, logs_d = losses.discriminator_loss(x, x_rec.detach(), step)
-                opt_d.zero_grad(set_to_none=True)
-                scaled_step(scaler_d, loss_d, opt_d,
-                            before_step=lambda: distributed.average_gradients(losses.discriminator.parameters()))
-                logs.update(logs_d)
-            step += 1
-
-            if step % cfg.log_every == 0 or step == steps:
-                log.add(step, **logs, perplexity=float(info["perplexity"]), usage=float(info["usage"]))
-                bar.set_postfix(log.postfix("l1", "perplexity", "usage"))
-            bar.update(1)
-            if cfg.image_every and step % cfg.image_every == 0:
-                reconstruction_grid()
-            if cfg.save_every and step % cfg.save_every == 0:
-                save()
-    bar.close()
-
-    # The scale factor 1 / std(z): the diffusion model trains on z * scale_factor, which has unit variance.
-    model.eval()
-    with torch.no_grad():
-        data = [draw(256, step_rng(cfg.seed, i, stream=3)).to(device) for i in range(4)]
-        model.scale_factor.fill_(model.compute_scale_factor(data))
-    eval_images = (held_back_shapes(preset, cfg.eval_images) if images is None
-                   else draw(cfg.eval_images, step_rng(cfg.seed, 0, stream=2)))  # a folder has no held-back split
-    summary = evaluate_autoencoder(model, eval_images.to(device))
-    summary["scale_factor"] = float(model.scale_factor)
-    summary["steps"] = step
-    path = save(summary)
-    reconstruction_grid()
+    run = fit(loss_fn, opt, steps, Checkpoint(ckpt_path, "autoencoder", weights, load, every=cfg.save_every),
+              lr=cfg.lr, resume=resume, desc="autoencoder", show_progress=show_progress, device=device,
+              scaler=grad_scaler(device, precision), after_step=discriminator_step, log_every=cfg.log_every,
+              postfix=("l1", "perplexity", "usage"),
+              on_step=lambda step: reconstruction_grid(step) if cfg.image_every and step % cfg.image_every == 0
+              else None, finish=scale_and_summary)
+    path = ckpt_path
+    reconstruction_grid(run.step)
     distributed.barrier()  # the next stage reads autoencoder.pt on every rank
     if not main:
         return path
-    h = log.history
+    h = run.log.history
     plot_curves({k: h[k] for k in ("l1", "perceptual", "vq", "gan", "d_loss") if any(v > 0 for _, v in h.get(k, []))}, run_dir / "autoencoder_loss.png",
                 title="autoencoder losses", marks={"disc_start": cfg.loss.disc_start} if cfg.loss.disc_start < steps else None)
     plot_curves({"codebook usage": h["usage"], "perplexity / num_codes": [(s, v / preset.vq.num_codes) for s, v in h["perplexity"]]},
@@ -205,6 +194,6 @@ def train_autoencoder(preset: Preset, run_dir: str | Path, device: torch.device,
     tqdm.write(
         f"autoencoder: PSNR {summary['psnr']:.2f} dB on {'held-back shapes' if images is None else 'training images'} | codes in use {summary['codes_used']}"
         f"/{preset.vq.num_codes} ({summary['usage']:.0%}) | perplexity {summary['perplexity']:.1f} | "
-        f"latent scale factor {summary['scale_factor']:.4f}" + (" | stopped early, --resume continues" if interrupt.requested else "")
+        f"latent scale factor {summary['scale_factor']:.4f}" + (" | stopped early, --resume continues" if run.interrupted else "")
     )
     return path

@@ -617,7 +617,7 @@ def preview(pipe: LatentDiffusion, prompter: BodyPrompter, cfg: BodyStageConfig,
     for i in range(4):
         views = identity_views(i, REFERENCE_VIEWS, cfg.image_size, cfg.seed)
         cond, uncond = prompter.extra_tokens(prompter.c_body(views["image"], views["keypoints"], views["visible"]))
-        images = pipe.generate([pose_caption(p) for p in poses], steps=cfg.preview_steps, guidance=3.0, seed=i,
+        images = pipe.generate([pose_caption(p) for p in poses], steps=cfg.preview_steps, guidance_scale=3.0, seed=i,
                                extra_tokens=(cond, uncond))
         rows.append(torch.cat([(views["image"][:1].to(images) + 1) / 2, images]))
     save_grid(torch.cat(rows), path, nrow=len(poses) + 1, upscale=4)

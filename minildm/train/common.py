@@ -1,33 +1,31 @@
-"""What every training stage shares: device choice, mixed precision, a progress bar with a loss EMA,
-weight EMA, Ctrl-C handling, and per-step random streams that make resumed runs see the same data."""
+"""The one training loop every stage runs, and what it needs: mixed precision, the learning-rate schedule,
+weight EMA, Ctrl-C handling, checkpoints that resume.
+
+A stage builds its models, its optimiser and a `loss_fn(step) -> (loss, logs)` that draws step `step`'s batch
+from `step_rng` (so a resumed run sees exactly the batches it would have), then calls `fit`:
+
+    run = fit(loss_fn, opt, steps, Checkpoint(path, kind, weights, load), lr=peak, warmup=..., resume=...)
+
+and `fit` does the rest the same way for every stage: the progress bar with the loss EMA, the schedule
+(each parameter group at its `lr_scale` times the schedule of its own peak), backward and step (gradient
+scaling and clipping), the weight EMA, the checkpoint cadence, Ctrl-C (finish or drop the step, save, stop),
+and --resume (weights, optimiser, log and step back from the checkpoint).
+"""
 from __future__ import annotations
 
 import copy
 import math
 import signal
-from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto' takes CUDA, then Apple's MPS, then the CPU; anything else is passed to torch.device."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but this machine has no CUDA GPU: use --device cpu.")
-    return device
-
+from minildm.checkpoint import load_checkpoint, save_checkpoint
+from minildm.progress import LossLog, progress
+from minildm.train import distributed
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -95,14 +93,6 @@ def learning_rate(step: int, total: int, peak: float, warmup: int = 0) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def step_rng(seed: int, step: int, stream: int = 0) -> np.random.Generator:
-    """The random stream of one training step: a resumed run draws exactly the batches it would have.
-
-    `stream` separates independent uses of the same (seed, step): 0 training batches, 1 fixed preview
-    images, 2 held-back evaluation images, 3 scale-factor estimation."""
-    return np.random.default_rng((stream, seed, step))
-
-
 class EMA:
     """Exponential moving average of a model's weights: theta_ema <- d * theta_ema + (1 - d) * theta.
 
@@ -110,6 +100,7 @@ class EMA:
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.999):
         self.decay = decay
+        self.source = model  # the trained model the average follows
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
@@ -120,40 +111,6 @@ class EMA:
             p_ema.lerp_(p.detach(), 1 - d)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
-
-
-class LossLog:
-    """Keeps every logged value (for plots) and an EMA of each (for the progress bar)."""
-
-    def __init__(self, smoothing: float = 0.98):
-        self.smoothing = smoothing
-        self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
-        self.ema: dict[str, float] = {}
-
-    def add(self, step: int, **values: float) -> None:
-        for k, v in values.items():
-            v = float(v)
-            self.history[k].append((step, v))
-            self.ema[k] = v if k not in self.ema else self.smoothing * self.ema[k] + (1 - self.smoothing) * v
-
-    def postfix(self, *keys: str) -> dict[str, str]:
-        keys = keys or tuple(self.ema)
-        return {k: f"{self.ema[k]:.4g}" for k in keys if k in self.ema}
-
-    def state(self) -> dict:
-        return {k: [list(p) for p in v] for k, v in self.history.items()}
-
-    def load(self, state: dict) -> None:
-        for k, v in state.items():
-            self.history[k] = [(int(s), float(x)) for s, x in v]
-            if v:
-                self.ema[k] = float(v[-1][1])
-
-
-def progress(total: int, initial: int, desc: str, enabled: bool = True):
-    """A tqdm bar over training steps (it shows it/s and the ETA; we add the loss EMA as postfix)."""
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=not enabled,
-                smoothing=0.05, mininterval=0.5)
 
 
 class GracefulInterrupt:
@@ -182,3 +139,108 @@ class GracefulInterrupt:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
         return False
+
+
+@dataclass
+class Checkpoint:
+    """Where a stage's training state goes, and how its weights come out of the models and back in.
+
+    weights() -> the stage's own entries (state_dicts, configs, tokenizer, ...); the loop adds "optimizer",
+    "step" and "log". load(saved) puts a saved file's weights back (--resume). path None: nothing is saved.
+    keep_optimizer False: a finished file leaves out the optimiser state (small adapter files to share; a run
+    stopped early keeps it, so that it resumes exactly)."""
+    path: Path | None
+    kind: str
+    weights: Callable[[], dict]
+    load: Callable[[dict], None] | None = None
+    every: int = 0  # also save every this many steps (0: at the end and on Ctrl-C only)
+    keep_optimizer: bool = True
+
+
+@dataclass
+class Run:
+    """What `fit` hands back: the step reached, the loss log, whether Ctrl-C stopped it, and its save()."""
+    step: int
+    log: LossLog
+    interrupted: bool
+    save: Callable[..., Path | None]
+
+    @property
+    def finished(self) -> bool:
+        return not self.interrupted
+
+
+def fit(loss_fn: Callable[[int], tuple[torch.Tensor, dict]], opt: torch.optim.Optimizer, steps: int,
+        ckpt: Checkpoint, *, lr: float | None = None, warmup: int = 0, resume: bool = False, desc: str = "",
+        show_progress: bool = True, device: torch.device | str = "cpu", scaler: torch.amp.GradScaler | None = None,
+        max_norm: float | None = None, ema: EMA | None = None, after_step: Callable[[int], dict] | None = None,
+        on_step: Callable[[int], None] | None = None, check: Callable[[int, torch.Tensor], None] | None = None,
+        finish: Callable[[int], dict] | None = None, log_every: int = 1, postfix: tuple[str, ...] = ()) -> Run:
+    """Train for `steps` steps of `loss_fn(step) -> (loss, {name: float})`; -> Run.
+
+    Each step: loss_fn -> check(step, loss) -> lr of every group -> zero_grad -> backward (scaled) -> [clip the
+    gradients of all the optimiser's parameters to max_norm] -> step -> after_step(step) (a second update, e.g.
+    the discriminator's; its logs join the step's) -> ema.update -> log -> on_step(step + 1) (previews) ->
+    save every ckpt.every steps.
+    lr: the peak of the schedule (linear warm-up over `warmup` steps, then cosine to 0 at `steps`); a group with
+    its own "peak_lr" uses that, and one with "lr_scale" s trains at s times it; None leaves the rates alone.
+    check: the place for a test on the loss of every step (raise to stop the run).
+    finish(step): called after the last step; its entries join the last save (e.g. the autoencoder's scale factor).
+    """
+    log, step = LossLog(), 0
+    if resume and ckpt.path is not None and ckpt.path.is_file():
+        saved = load_checkpoint(ckpt.path, ckpt.kind)
+        if ckpt.load is not None:
+            ckpt.load(saved)
+        opt.load_state_dict(saved["optimizer"])
+        log.load(saved["log"])
+        step = saved["step"]
+    scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)  # disabled: backward and step pass through
+    clip_params = [p for group in opt.param_groups for p in group["params"]] if max_norm is not None else None
+
+    def save(**extra) -> Path | None:
+        """The one place a stage's checkpoint is written: weights + optimiser + step + log (+ extra entries)."""
+        entries = ckpt.weights()  # on every rank: it may check that the replicas agree
+        if ckpt.path is None or not distributed.is_main():
+            return ckpt.path
+        if ckpt.keep_optimizer or step < steps:
+            entries["optimizer"] = opt.state_dict()
+        return save_checkpoint(ckpt.path, ckpt.kind, {**entries, "step": step, "log": log.state(), **extra})
+
+    interrupted = False
+    bar = progress(steps, step, desc, show_progress and distributed.is_main())
+    with GracefulInterrupt() as interrupt:
+        while step < steps and not distributed.any_rank(interrupt.requested, device):
+            try:
+                loss, logs = loss_fn(step)
+            except KeyboardInterrupt:  # Ctrl-C without our handler (not the main thread): drop this step
+                interrupt.requested = True
+                continue
+            if check is not None:
+                check(step, loss)
+            if lr is not None:
+                for group in opt.param_groups:
+                    peak = group.get("peak_lr", lr)
+                    group["lr"] = group.get("lr_scale", 1.0) * learning_rate(step, steps, peak, warmup)
+            opt.zero_grad(set_to_none=True)
+            scaled_step(scaler, loss, opt, clip_params, max_norm)
+            if after_step is not None:
+                logs = {**logs, **after_step(step)}
+            if ema is not None:
+                ema.update(ema.source, step)
+            step += 1
+            if step % log_every == 0 or step == steps:
+                log.add(step, **logs)
+                bar.set_postfix(log.postfix(*postfix))
+            bar.update(1)
+            if on_step is not None:
+                on_step(step)
+            if ckpt.every and step % ckpt.every == 0:
+                save()
+        interrupted = interrupt.requested
+    bar.close()
+    save(**(finish(step) if finish is not None else {}))
+    if interrupted:
+        tqdm.write(f"{desc}: stopped at step {step}; the checkpoint is saved" +
+                   ("; --resume continues." if ckpt.path is not None else "."))
+    return Run(step, log, interrupted, save)

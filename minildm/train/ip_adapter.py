@@ -285,7 +285,7 @@ def train_ip_adapter(base_dir: str | Path, device: torch.device, out_dir: str | 
         return path
     prompts = reference_images(pipe.image_size, cfg.seed)
     prompter = ImagePrompter(clip, projection)
-    generated = pipe.generate([""] * len(prompts), steps=cfg.preview_steps, guidance=3.0, seed=0,
+    generated = pipe.generate([""] * len(prompts), steps=cfg.preview_steps, guidance_scale=3.0, seed=0,
                               extra_tokens=prompter.extra_tokens(prompts))
     grid = torch.cat([(prompts + 1) / 2, generated])  # top row: the image prompts; bottom row: image-only samples
     save_grid(grid, out_dir / "samples" / "ip_adapter.png", nrow=len(prompts), upscale=2)

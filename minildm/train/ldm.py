@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from minildm.checkpoint import load_checkpoint, save_checkpoint
+from minildm.checkpoint import load_checkpoint
 from minildm.config import Preset
 from minildm.data import shapes
 from minildm.diffusion.ddpm import diffusion_loss
@@ -33,8 +33,8 @@ from minildm.pipeline import LatentDiffusion, load_autoencoder
 from minildm.text.encoder import PromptEncoder, TextEncoderConfig
 from minildm.text.tokenizer import Tokenizer
 from minildm.train import distributed
-from minildm.train.common import (EMA, GracefulInterrupt, LossLog, adamw, autocast, grad_scaler, learning_rate, progress,
-                                  scaled_step, step_rng)
+from minildm.progress import step_rng
+from minildm.train.common import EMA, Checkpoint, adamw, autocast, fit, grad_scaler
 from minildm.viz import plot_curves, save_grid
 
 GRID_PROMPTS = ["a red circle on the left", "a blue square on the right", "a green triangle on the top",
@@ -121,78 +121,57 @@ def train_ldm(preset: Preset, run_dir: str | Path, device: torch.device, resume:
     schedule = NoiseSchedule(**preset.schedule).to(device)
     opt = adamw(denoiser.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(denoiser, cfg.ema_decay)
-    log = LossLog()
-    step = 0
-    if state:
-        denoiser.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        log.load(state["log"])
-        step = state["step"]
 
-    def save() -> Path:
+    def weights() -> dict:
         distributed.check_in_sync(denoiser)  # every rank; raises if the replicas drifted apart
-        if main:
-            save_checkpoint(ckpt_path, "ldm", {
-                "model": denoiser.state_dict(), "ema": ema.model.state_dict(), "optimizer": opt.state_dict(),
-                "step": step, "log": log.state(), "tokenizer": tokenizer.state(), "text_config": asdict(text_cfg),
-                "unet_config": asdict(preset.unet), "schedule": dict(preset.schedule), "image_size": preset.image_size,
-                "prediction": cfg.prediction, "preset": preset.name,
-            })
-        return ckpt_path
+        return {"model": denoiser.state_dict(), "ema": ema.model.state_dict(), "tokenizer": tokenizer.state(),
+                "text_config": asdict(text_cfg), "unet_config": asdict(preset.unet),
+                "schedule": dict(preset.schedule), "image_size": preset.image_size, "prediction": cfg.prediction,
+                "preset": preset.name}
 
-    def sample_grid() -> None:
+    def load(saved: dict) -> None:
+        denoiser.load_state_dict(saved["model"])
+        ema.model.load_state_dict(saved["ema"])
+
+    def sample_grid(step: int) -> None:
         if not main:
             return
         pipe = LatentDiffusion(autoencoder, tokenizer, ema.model["text_encoder"], ema.model["unet"], schedule,
                                preset.image_size, cfg.prediction).eval()
-        images = pipe.generate(grid_prompts, steps=25, guidance=3.0, seed=0)
+        images = pipe.generate(grid_prompts, steps=25, guidance_scale=3.0, seed=0)
         save_grid(images, run_dir / "samples" / f"ldm_step{step:06d}.png", nrow=len(grid_prompts), upscale=2)
+        denoiser.train()
 
     if compile:
         denoiser["unet"].compile()  # after the EMA copy: the EMA (used for sampling) stays eager
     model = distributed.wrap(denoiser, device)
-    scaler = grad_scaler(device, precision)
+
+    def loss_fn(step: int):
+        # every rank draws the global batch of world * batch_size examples and keeps its slice
+        rng = step_rng(cfg.seed, step)
+        idx = rng.integers(len(z0_all), size=batch_size * world)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        pick = first_caption[idx] + rng.integers(num_captions[idx])  # one of each image's captions
+        tokens = drop_tokens(tokens_all[torch.from_numpy(pick)], empty, cfg.p_uncond, gen)  # y = "" with prob. p
+        t = torch.randint(0, schedule.num_timesteps, (len(idx),), generator=gen)
+        eps = torch.randn((len(idx), *z0_all.shape[1:]), generator=gen)
+        z0 = z0_all[torch.from_numpy(idx)]
+        z0, tokens, t, eps = (distributed.shard(v).to(device) for v in (z0, tokens, t, eps))
+        with autocast(device, precision):
+            loss = diffusion_loss(lambda x_t, t_: model(x_t, t_, tokens), schedule, z0, cfg.prediction, t=t, eps=eps)
+        return loss, {"loss": loss.item()}
+
     denoiser.train()
-    bar = progress(steps, step, "ldm", show_progress and main)
-    with GracefulInterrupt() as interrupt:
-        while step < steps and not distributed.any_rank(interrupt.requested, device):
-            # every rank draws the global batch of world * batch_size examples and keeps its slice
-            rng = step_rng(cfg.seed, step)
-            idx = rng.integers(len(z0_all), size=batch_size * world)
-            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            pick = first_caption[idx] + rng.integers(num_captions[idx])  # one of each image's captions
-            tokens = drop_tokens(tokens_all[torch.from_numpy(pick)], empty, cfg.p_uncond, gen)  # y = "" with prob. p
-            t = torch.randint(0, schedule.num_timesteps, (len(idx),), generator=gen)
-            eps = torch.randn((len(idx), *z0_all.shape[1:]), generator=gen)
-            z0 = z0_all[torch.from_numpy(idx)]
-            z0, tokens, t, eps = (distributed.shard(v).to(device) for v in (z0, tokens, t, eps))
-            with autocast(device, precision):
-                loss = diffusion_loss(lambda x_t, t_: model(x_t, t_, tokens), schedule, z0, cfg.prediction, t=t, eps=eps)
-
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(step, steps, cfg.lr, cfg.warmup)  # warm-up, then cosine to 0
-            opt.zero_grad(set_to_none=True)
-            scaled_step(scaler, loss, opt, denoiser.parameters(), cfg.grad_clip)
-            ema.update(denoiser, step)
-            step += 1
-
-            log.add(step, loss=loss.item())
-            bar.update(1)
-            bar.set_postfix(log.postfix("loss"))
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                sample_grid()
-                denoiser.train()
-            if cfg.save_every and step % cfg.save_every == 0:
-                save()
-    bar.close()
-    path = save()
+    run = fit(loss_fn, opt, steps, Checkpoint(ckpt_path, "ldm", weights, load, every=cfg.save_every),
+              lr=cfg.lr, warmup=cfg.warmup, resume=resume, desc="ldm", show_progress=show_progress, device=device,
+              scaler=grad_scaler(device, precision), max_norm=cfg.grad_clip, ema=ema, postfix=("loss",),
+              on_step=lambda step: sample_grid(step) if cfg.sample_every and step % cfg.sample_every == 0 else None)
+    path = ckpt_path
     distributed.barrier()
     if not main:
         return path
-    plot_curves({"loss": log.history["loss"]}, run_dir / "ldm_loss.png", title="LDM training loss (eps MSE)")
-    if not interrupt.requested:
-        sample_grid()
-    if interrupt.requested:
-        tqdm.write(f"stopped at step {step}; continue with --resume.")
+    title = {"eps": "eps MSE", "v": "v MSE", "x0": "x0 MSE"}[cfg.prediction]
+    plot_curves({"loss": run.log.history["loss"]}, run_dir / "ldm_loss.png", title=f"LDM training loss ({title})")
+    if run.finished:
+        sample_grid(run.step)
     return path

@@ -313,6 +313,6 @@ def train_lora(preset: Preset, base_dir: str | Path, device: torch.device, conce
     plot_curves({"loss": log.history["loss"]}, out_dir / f"lora_{concept}_r{cfg.rank}_loss.png",
                 title=f"LoRA fine-tuning on '{concept}' (eps MSE)")
     prompts = concept_prompts(concept)[::2][:8] + GRID_PROMPTS[:4]  # 8 concept prompts, then 4 base prompts
-    save_grid(pipe.generate(prompts, steps=25, guidance=3.0, seed=0),
+    save_grid(pipe.generate(prompts, steps=25, guidance_scale=3.0, seed=0),
               out_dir / "samples" / f"lora_{concept}_r{cfg.rank}.png", nrow=len(prompts), upscale=2)
     return path

@@ -25,17 +25,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale s (1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora", default=None, help="a LoRA file from train.py --stage lora")
-    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--lora-strength", type=float, default=1.0)
     p.add_argument("--image-prompt", default=None,
                    help="an image file (PNG, JPG, ...) as image prompt, read by the run's IP-Adapter (ip_adapter.pt)")
-    p.add_argument("--ip-scale", type=float, default=1.0, help="IP-Adapter lambda: weight of the image prompt (0 = text only)")
+    p.add_argument("--ip-lambda", type=float, default=1.0, help="IP-Adapter lambda: weight of the image prompt (0 = text only)")
     p.add_argument("--body-id", type=int, default=None,
                    help="(body runs) generate identity N of the run's people, read from a few rendered views of it")
     p.add_argument("--body-views", default=None,
                    help="(body runs) a folder of PNG views of one person (the run's keypoint regressor finds the keypoints)")
-    p.add_argument("--body-scale", type=float, default=1.0,
-                   help="lambda_b: weight of the body stream (0 = the body stage's fine-tuned UNet without it; for the "
-                        "base model leave out --body-id/--body-views); --ip-scale is lambda_ref with --image-prompt")
+    p.add_argument("--body-lambda", type=float, default=1.0,
+                   help="body_lambda: weight of the body stream (0 = the body stage's fine-tuned UNet without it; for the "
+                        "base model leave out --body-id/--body-views); --ip-lambda is ref_lambda with --image-prompt")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="output PNG (default: RUN/samples/<prompt>.png)")
     args = p.parse_args(argv)
@@ -59,12 +59,12 @@ def main(argv=None) -> int:
         pipe = LatentDiffusion.load(args.run, device)
         if args.lora:
             from minildm.train.lora import apply_lora_file  # LoRA weights + the new words the file teaches
-            apply_lora_file(pipe, args.lora, args.lora_scale)
+            apply_lora_file(pipe, args.lora, args.lora_strength)
         extra_tokens = None
         if args.body_id is not None or args.body_views:  # BoLID: cat[c_ref, c_b] after the text of both CFG halves
             from minildm.train.body import identity_views, load_body_prompter, load_view_folder
             from minildm.train.ip_adapter import load_image_file
-            prompter = load_body_prompter(pipe, args.run, lambda_b=args.body_scale, lambda_ref=args.ip_scale)
+            prompter = load_body_prompter(pipe, args.run, body_lambda=args.body_lambda, ref_lambda=args.ip_lambda)
             if args.body_views:  # keypoints: the run's regressor
                 c_body = prompter.c_body(load_view_folder(args.body_views, pipe.image_size))
             else:  # the renderer's keypoints
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
             extra_tokens = prompter.extra_tokens(c_body, ref)
         elif args.image_prompt:  # IP-Adapter: image tokens appended after the text of both guidance halves
             from minildm.train.ip_adapter import ADAPTER_FILE, load_image_file, load_image_prompter
-            prompter = load_image_prompter(pipe, Path(args.run) / ADAPTER_FILE, args.ip_scale)
+            prompter = load_image_prompter(pipe, Path(args.run) / ADAPTER_FILE, args.ip_lambda)
             extra_tokens = prompter.extra_tokens(load_image_file(args.image_prompt, pipe.image_size))
         prompts = [p for p in args.prompts for _ in range(args.n)]
         images = pipe.generate(prompts, steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
@@ -85,9 +85,9 @@ def main(argv=None) -> int:
     slug = "_".join(args.prompts)[:60].replace(" ", "-").replace("/", "-") or "unconditional"
     if args.body_id is not None or args.body_views:
         who = f"id{args.body_id}" if args.body_views is None else Path(args.body_views).name
-        slug += f"_body-{who}-{args.body_scale:g}"
+        slug += f"_body-{who}-{args.body_lambda:g}"
     if args.image_prompt:
-        slug += f"_ip-{Path(args.image_prompt).stem}-{args.ip_scale:g}"
+        slug += f"_ip-{Path(args.image_prompt).stem}-{args.ip_lambda:g}"
     out = Path(args.out) if args.out else Path(args.run) / "samples" / f"{slug}_seed{args.seed}.png"
     save_grid(images, out, nrow=args.n, upscale=4 if images.shape[-1] <= 64 else 1)
     print(f"wrote {out}")

@@ -114,10 +114,10 @@ def main(argv=None) -> int:
         if args.stage == "lora":
             from minildm.train.lora import train_lora
             train_lora(preset, Path(args.base or run_dir), device, concept=args.concept, rank=args.rank,
-                       alpha=args.alpha, steps=args.steps, out=args.out)
+                       alpha=args.alpha, steps=args.steps, out=args.out, resume=args.resume)
         if args.stage == "clip":  # the small CLIP: IP-Adapter's image encoder and the CLIP-T/CLIP-I judge
             from minildm.train.clip import train_clip_stage
-            train_clip_stage(run_dir, device, steps=args.steps, batch_size=args.batch_size)
+            train_clip_stage(run_dir, device, steps=args.steps, batch_size=args.batch_size, resume=args.resume)
         if args.stage == "body":  # base LDM of people, keypoint regressor + body VAE, then the body adapter
             from minildm.train.body import body_stage_config, train_body_stage
             cfg = body_stage_config("micro" if args.preset == "micro" else "body")
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
             cfg = replace(cfg, steps=args.steps or cfg.steps, batch_size=args.batch_size or cfg.batch_size)
             base = Path(args.base or run_dir)
             run_dir = Path(args.out) if args.out else base  # ip_adapter.pt (and clip.pt) go here
-            train_ip_adapter(base, device, out_dir=run_dir, cfg=cfg)
+            train_ip_adapter(base, device, out_dir=run_dir, cfg=cfg, resume=args.resume)
             if run_dir == base:  # sample.py finds ldm.pt, ip_adapter.pt and clip.pt in one run directory
                 print(f'try: python sample.py "" --image-prompt IMAGE.png --run {run_dir}')
         distributed.barrier()  # rank 0 may still be plotting: no rank tears the group down under another

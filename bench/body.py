@@ -13,7 +13,7 @@ run never saw (identity numbers after its training identities) and fresh views o
   plane, so 2-D lengths are fair), --samples images from the text-only base model (ldm.pt; the body stage
   fine-tunes its own copy of the UNet), from the base model told the person's build and shirt in words
   (build_phrases: "long legs", "short torso"; only thirds of each range, never numbers) and from the body
-  stream (lambda_b = 1, c_body from the gallery views, no reference image, the pose caption alone). The run's
+  stream (body_lambda = 1, c_body from the gallery views, no reference image, the pose caption alone). The run's
   keypoint regressor reads each image; limb_ratios gives arm / torso and leg / torso; per identity the
   ratios are averaged over its images and compared with the identity's true ratios (mean absolute error over
   both ratios, then over identities), and the slope of those per-identity means against the truth shows
@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from einops import rearrange  # noqa: E402
 
-from minildm.adapters.body import set_body_scales  # noqa: E402
+from minildm.adapters.body import set_body_lambdas  # noqa: E402
 from minildm.checkpoint import load_checkpoint  # noqa: E402
 from minildm.data.bodies import (LIMB_RATIOS, build_phrases, identity, limb_ratios, pose_caption,  # noqa: E402
                                  pose_holds, random_view, render_body, shirt_name, true_limb_ratios)
@@ -48,7 +48,7 @@ from minildm.train.body import ADAPTER_FILE, VAE_FILE, load_body_prompter, load_
 from minildm.viz import save_grid  # noqa: E402
 
 EVAL_POSES = ("standing", "raising the left arm", "raising the right arm", "raising both arms")
-TEXT_ONLY, BODY_STREAM = "text only (the base model)", "body stream (lambda_b = 1, no reference)"
+TEXT_ONLY, BODY_STREAM = "text only (the base model)", "body stream (body_lambda = 1, no reference)"
 GALLERY, QUERY = 4, 4  # views per identity
 SAME_CLOTHES = dict(shirt=(200, 50, 50), trousers=(45, 50, 80), skin=(214, 160, 120))
 
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     train_mean = np.stack([true_limb_ratios(identity(i, seed)) for i in range(n_train)]).mean(0)
     pose_only = [pose_caption(pose) for pose in poses]
     in_words = [pose_caption(pose, build_phrases(shapes[i]), shirt_name(shapes[i])) for i, pose in jobs]
-    set_body_scales(pipe.unet, 0.0, 1.0)  # no reference image: lambda_ref = 0
+    set_body_lambdas(pipe.unet, 0.0, 1.0)  # no reference image: ref_lambda = 0
     for name, (use_body, captions, file) in {
             TEXT_ONLY: (False, pose_only, "text"),
             "text with the person's build and shirt in words (the base model)": (False, in_words, "words"),

@@ -35,7 +35,7 @@ from minildm.data import shapes  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402
 from minildm.train.clip import evaluate_clip, train_clip_stage  # noqa: E402
 from minildm.progress import step_rng  # noqa: E402
-from minildm.adapters.ip_adapter import set_ip_scale  # noqa: E402
+from minildm.adapters.ip_adapter import set_ip_lambda  # noqa: E402
 from minildm.train.clip import CLIP_STEPS  # noqa: E402
 from minildm.train.ip_adapter import (ADAPTER_FILE, CLIP_FILE, IPAdapterTrainConfig, load_image_prompter,  # noqa: E402
                                       parameter_counts, train_ip_adapter)
@@ -65,7 +65,7 @@ def sample(pipe, prompter, prompts, images, scale, steps, seed=0, batch=30) -> t
     """prompts [N] with image prompts [N, 3, H, W] (None: no image prompt) at lambda = scale -> [N, 3, H, W] in [0, 1].
 
     lambda = 0 is exactly the base text-to-image model (the adapter's layers still need their image tokens)."""
-    set_ip_scale(pipe.unet, scale)
+    set_ip_lambda(pipe.unet, scale)
     out = []
     for i in range(0, len(prompts), batch):
         tokens = prompter.extra_tokens(None if images is None else images[i:i + batch])

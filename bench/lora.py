@@ -8,7 +8,7 @@ base prompts.
    guidance 3 (minildm.evaluate), and on the concept prompts (the base has no such word: a reference point).
 2. `train.py --stage lora` equivalent: fine-tune the adapter (wall time and process CPU time are both
    reported: the machine may be shared, CPU seconds / threads estimates the time on an idle machine).
-3. The adapter file applied to a fresh copy of the base at scale 1 (as `sample.py --lora FILE` does): concept
+3. The adapter file applied to a fresh copy of the base at strength 1 (as `sample.py --lora FILE` does): concept
    accuracy on every concept prompt (4 samples each, `describe` may answer the concept word) and again the
    SEEN / HELD_OUT accuracy of the base vocabulary.
 """
@@ -100,7 +100,7 @@ def main() -> None:
                           out=tmp, show_progress=False)
         file_state = load_checkpoint(path, "lora")
         file_kb = path.stat().st_size / 1e3
-        tuned = apply_lora_file(LatentDiffusion.load(base), path, scale=1.0)
+        tuned = apply_lora_file(LatentDiffusion.load(base), path, lora_strength=1.0)
     adapter, total = trainable_counts(tuned)
     wall, cpu = file_state["train_seconds"], file_state["train_cpu_seconds"]
     concept_after = concept_accuracy(tuned, args.concept, args.n)
@@ -132,7 +132,7 @@ def main() -> None:
     table = "\n".join([
         f"LoRA on `{base}` (preset {preset.name}), concept '{args.concept}' "
         f"(e.g. \"{concept_prompts(args.concept)[0]}\"), rank {rank}, alpha {file_state['alpha']:g}; "
-        f"sampling: DDIM 50 steps, guidance 3, {args.n} samples per prompt, adapter scale 1.",
+        f"sampling: DDIM 50 steps, guidance 3, {args.n} samples per prompt, adapter strength 1.",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} torch threads, torch {torch.__version__}; "
         f"load average {load_start:.1f} at the start, {load_end:.1f} at the end (shared machine).",
         "",

@@ -20,7 +20,7 @@ Choices (all documented where they are made):
   sensitive to where the words sit.
 - Image pooling: the conv features are average-pooled to a fixed 4x4 grid and flattened, not pooled to one
   vector: a global average would throw away WHERE the shape is, and position is a third of every caption.
-- Data: `sample_batch`-style jittered renders, but every batch holds DISTINCT combinations (drawn without
+- Data (`distinct_batch`; the training loop is the CLIP stage's, train/clip.py): `sample_batch`-style jittered renders, but every batch holds DISTINCT combinations (drawn without
   replacement), so the one-hot targets of the loss are right: with two "a red circle on the left" images
   in a batch, each would be told that the other's identical caption is a negative.
 - Split "all" by default: CLIP is a judge, not the model under test. The held-out combinations measure
@@ -46,7 +46,6 @@ from minildm.checkpoint import load_checkpoint, save_checkpoint
 from minildm.data import shapes
 from minildm.text.encoder import PromptEncoder, TextEncoderConfig
 from minildm.text.tokenizer import Tokenizer
-from minildm.progress import LossLog, progress as progress_bar, step_rng
 
 MAX_LOGIT_SCALE = math.log(100.0)  # the scale exp(s) is clamped at 100, as in CLIP (keeps training stable)
 
@@ -162,7 +161,7 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torc
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data and training
+# Data (the CLIP stage, train/clip.py, trains on these batches)
 # ----------------------------------------------------------------------------------------------------------
 def shapes_tokenizer(max_len: int = 16) -> Tokenizer:
     """A tokenizer that knows every word a shapes caption (either form) can use."""
@@ -186,39 +185,6 @@ def distinct_batch(batch_size: int, rng: np.random.Generator, split: str = "all"
     images = torch.from_numpy(rearrange(images, "b h w c -> b c h w").copy()).float() / 127.5 - 1.0  # [-1, 1]
     paraphrase = rng.random(batch_size) < paraphrase_prob
     return images, [shapes.caption(*combo, paraphrase=bool(p)) for combo, p in zip(picks, paraphrase)]
-
-
-def train_clip(steps: int = 300, batch_size: int = 64, device: str | torch.device = "cpu", seed: int = 0,
-               progress: bool = True, cfg: CLIPConfig | None = None, lr: float = 2e-3, split: str = "all",
-               paraphrase_prob: float = 0.25, noise_std: float = 0.1) -> tuple[CLIP, Tokenizer, LossLog]:
-    """Train a CLIP on shapes; returns (model in eval mode, tokenizer, LossLog with "loss" and "scale").
-
-    Each step: a batch of distinct combinations (see `distinct_batch`), each caption in the paraphrase
-    form with probability paraphrase_prob, Gaussian noise of std ~ U(0, noise_std) on each image (so the
-    judge also copes with slightly noisy generated images), AdamW on `clip_loss`. The data of step k
-    depends only on (seed, k). About a minute on one CPU core for the defaults.
-    """
-    cfg = cfg or CLIPConfig()
-    torch.manual_seed(seed)
-    tokenizer = shapes_tokenizer(cfg.max_len)
-    model = CLIP(cfg, tokenizer.vocab_size).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    log = LossLog()
-    model.train()
-    with progress_bar(steps, 0, "clip", enabled=progress) as bar:
-        for step in range(steps):
-            rng = step_rng(seed, step)
-            images, captions = distinct_batch(batch_size, rng, split, paraphrase_prob=paraphrase_prob)
-            sigma = torch.from_numpy(rng.uniform(0, noise_std, size=(batch_size, 1, 1, 1))).float()
-            images = images + sigma * torch.from_numpy(rng.standard_normal(images.shape)).float()  # x + sigma eps
-            loss = clip_loss(*model(images.to(device), tokenizer.encode(captions).to(device)))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            log.add(step, loss=loss.item(), scale=model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp().item())
-            bar.update(1)
-            bar.set_postfix(log.postfix("loss", "scale"))
-    return model.eval(), tokenizer, log
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,11 +244,15 @@ def clip_i(model: CLIP, images_a: torch.Tensor, images_b: torch.Tensor) -> float
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------
-def save_clip(path: str | os.PathLike, model: CLIP, tokenizer: Tokenizer) -> Path:
-    """Write a "clip" checkpoint: {"config": asdict(cfg), "weights": state_dict, "tokenizer": word list + max_len}."""
+def clip_state(model: CLIP, tokenizer: Tokenizer) -> dict:
+    """A "clip" checkpoint's entries: {"config": asdict(cfg), "weights": state_dict, "tokenizer": word list + max_len}."""
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    state = {"config": asdict(model.cfg), "weights": weights, "tokenizer": tokenizer.state()}
-    return save_checkpoint(path, "clip", state)
+    return {"config": asdict(model.cfg), "weights": weights, "tokenizer": tokenizer.state()}
+
+
+def save_clip(path: str | os.PathLike, model: CLIP, tokenizer: Tokenizer) -> Path:
+    """Write a "clip" checkpoint (`clip_state`)."""
+    return save_checkpoint(path, "clip", clip_state(model, tokenizer))
 
 
 def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[CLIP, Tokenizer]:

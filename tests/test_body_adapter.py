@@ -7,7 +7,7 @@ from minildm.adapters.body import (BODY, BodyAdapterConfig, BodyProjection, Body
                                    KeypointRegressor, body_adapter_parameters, body_context, bolid_loss,
                                    clip_text_loss, install_body_adapter, keypoint_id_loss, keypoints_to_pixels,
                                    keypoints_to_unit, new_body_adapter, predicted_x0_image, reparameterize,
-                                   set_body_scales)
+                                   set_body_lambdas)
 from minildm.adapters.ip_adapter import IP, DecoupledCrossAttention, ImageProjection
 from minildm.autoencoder.vqvae import VQVAE, VQConfig
 from minildm.clip import CLIP, CLIPConfig
@@ -61,21 +61,21 @@ def test_both_lambdas_zero_is_the_text_only_unet_exactly():
     unet = installed_unet()
     context = body_context(unet, text, body, ref)
     with torch.no_grad():
-        set_body_scales(unet, lambda_ref=0.0, lambda_b=0.0)
+        set_body_lambdas(unet, ref_lambda=0.0, body_lambda=0.0)
         assert torch.equal(unet(x, t, context, mask), text_only)
-        for lambda_ref, lambda_b in ((1.0, 0.0), (0.0, 1.0)):  # each stream on its own changes the output
-            set_body_scales(unet, lambda_ref, lambda_b)
+        for ref_lambda, body_lambda in ((1.0, 0.0), (0.0, 1.0)):  # each stream on its own changes the output
+            set_body_lambdas(unet, ref_lambda, body_lambda)
             assert not torch.allclose(unet(x, t, context, mask), text_only, atol=1e-4)
 
 
 def test_lambda_b_zero_and_no_reference_is_the_text_only_unet_exactly():
-    """Whatever lambda_ref is, no reference image (zero tokens) and lambda_b = 0 give the base UNet bit for bit."""
+    """Whatever ref_lambda is, no reference image (zero tokens) and body_lambda = 0 give the base UNet bit for bit."""
     x, t, text, mask, _, body = inputs()
     with torch.no_grad():
         text_only = tiny_unet()(x, t, text, mask)
         unet = installed_unet()
-        for lambda_ref in (1.0, 2.5):
-            set_body_scales(unet, lambda_ref=lambda_ref, lambda_b=0.0)
+        for ref_lambda in (1.0, 2.5):
+            set_body_lambdas(unet, ref_lambda=ref_lambda, body_lambda=0.0)
             assert torch.equal(unet(x, t, body_context(unet, text, body, None), mask), text_only)
             absent = torch.tensor([False, False])
             ref = torch.randn(2, N_REF, CTX)
@@ -85,7 +85,7 @@ def test_lambda_b_zero_and_no_reference_is_the_text_only_unet_exactly():
 def test_three_streams_sum_before_to_out():
     """Copied K/V and equal tokens: Z' = (1 + lambda_ref + lambda_b) A(Q, K_t, V_t) before to_out, then ONE to_out."""
     unet = tiny_unet()
-    install_body_adapter(unet, ref_tokens=4, body_tokens=4, lambda_ref=0.7, lambda_b=1.9)
+    install_body_adapter(unet, ref_tokens=4, body_tokens=4, ref_lambda=0.7, body_lambda=1.9)
     layer = next(m for m in unet.modules() if isinstance(m, DecoupledCrossAttention))
     base = layer.base
     g = torch.Generator().manual_seed(2)
@@ -105,7 +105,7 @@ def test_context_order_is_text_reference_body():
     base, s = layer.base, layer.streams
     _, _, text, mask, ref, body = inputs()
     x = torch.randn(2, 6, base.to_q.in_features)
-    set_body_scales(unet, lambda_ref=0.5, lambda_b=2.0)
+    set_body_lambdas(unet, ref_lambda=0.5, body_lambda=2.0)
     with torch.no_grad():
         z = layer.attend_streams(x, body_context(unet, text, body, ref), mask)
         q = base.to_q(x)
@@ -119,9 +119,9 @@ def test_a_missing_reference_zeroes_its_term():
     unet = installed_unet()
     x, t, text, mask, ref, body = inputs()
     with torch.no_grad():
-        set_body_scales(unet, lambda_ref=0.0, lambda_b=1.3)
+        set_body_lambdas(unet, ref_lambda=0.0, body_lambda=1.3)
         without_ref_term = unet(x, t, body_context(unet, text, body, ref), mask)
-        set_body_scales(unet, lambda_ref=1.7, lambda_b=1.3)
+        set_body_lambdas(unet, ref_lambda=1.7, body_lambda=1.3)
         assert torch.equal(unet(x, t, body_context(unet, text, body, None), mask), without_ref_term)
         per_sample = unet(x, t, body_context(unet, text, body, ref, ref_present=torch.tensor([True, False])), mask)
     assert torch.equal(per_sample[1], without_ref_term[1])  # sample 1 has no reference

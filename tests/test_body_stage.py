@@ -6,7 +6,7 @@ from PIL import Image
 
 import sample
 import train
-from minildm.adapters.body import set_body_scales
+from minildm.adapters.body import set_body_lambdas
 from minildm.adapters.ip_adapter import DecoupledCrossAttention
 from minildm.autoencoder.vqvae import VQVAE
 from minildm.checkpoint import CheckpointError, load_checkpoint
@@ -103,7 +103,7 @@ def test_resume_skips_finished_steps(run):
 
 
 def test_zero_scales_and_no_reference_are_the_unet_alone_exactly(run):
-    """lambda_b = lambda_ref = 0 leaves the stage's UNet (fine-tuned with the adapter) without any stream."""
+    """body_lambda = ref_lambda = 0 leaves the stage's UNet (fine-tuned with the adapter) without any stream."""
     state = load_checkpoint(run / ADAPTER_FILE, "body-adapter")
     base = LatentDiffusion.load(run)
     base_image = base.generate(["a person raising both arms"], steps=2, seed=3)
@@ -111,13 +111,13 @@ def test_zero_scales_and_no_reference_are_the_unet_alone_exactly(run):
     expected = base.generate(["a person raising both arms"], steps=2, seed=3)
     assert not torch.equal(expected, base_image)  # the UNet did fine-tune (ldm.pt stays the base)
     pipe = LatentDiffusion.load(run)
-    prompter = load_body_prompter(pipe, run, lambda_b=0.0, lambda_ref=1.0)
+    prompter = load_body_prompter(pipe, run, body_lambda=0.0, ref_lambda=1.0)
     assert any(isinstance(m, DecoupledCrossAttention) for m in pipe.unet.modules())
     views = identity_views(1, size=pipe.image_size, seed=prompter.seed)
     c_body = prompter.c_body(views["image"], views["keypoints"], views["visible"])
     got = pipe.generate(["a person raising both arms"], steps=2, seed=3, extra_tokens=prompter.extra_tokens(c_body))
     assert torch.equal(got, expected)
-    set_body_scales(pipe.unet, 0.0, 1.0)  # the body stream on changes the picture
+    set_body_lambdas(pipe.unet, 0.0, 1.0)  # the body stream on changes the picture
     moved = pipe.generate(["a person raising both arms"], steps=2, seed=3, extra_tokens=prompter.extra_tokens(c_body))
     assert not torch.equal(moved, expected)
 
@@ -129,7 +129,7 @@ def test_frozen_unet_when_unet_lr_scale_is_zero(run, tmp_path):
     state = load_checkpoint(tmp_path / ADAPTER_FILE, "body-adapter")
     assert "unet" not in state
     base, pipe = LatentDiffusion.load(run), LatentDiffusion.load(run)
-    prompter = load_body_prompter(pipe, tmp_path, lambda_b=0.0, lambda_ref=0.0)  # the base model exactly
+    prompter = load_body_prompter(pipe, tmp_path, body_lambda=0.0, ref_lambda=0.0)  # the base model exactly
     assert torch.equal(pipe.generate(["a person standing"], steps=2, seed=1, extra_tokens=prompter.extra_tokens(None)),
                        base.generate(["a person standing"], steps=2, seed=1))
 
@@ -155,7 +155,7 @@ def test_sample_cli_body_id_views_and_image_prompt(run, tmp_path):
         Image.fromarray(((image.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(views / f"{k}.png")
     out2 = tmp_path / "views.png"
     assert sample.main(["a person standing", "--run", str(run), "--body-views", str(views), "--image-prompt",
-                        str(views / "0.png"), "--ip-scale", "0.5", "--body-scale", "1.5", "--n", "1", "--steps", "2",
+                        str(views / "0.png"), "--ip-lambda", "0.5", "--body-lambda", "1.5", "--n", "1", "--steps", "2",
                         "--out", str(out2)]) == 0
     assert out2.is_file()
 

@@ -17,10 +17,10 @@ from minildm.clip import (
     load_clip,
     save_clip,
     shapes_tokenizer,
-    train_clip,
     zero_shot_accuracy,
 )
 from minildm.data import shapes
+from minildm.train.clip import train_clip
 
 TINY = CLIPConfig(widths=(8, 16), d_img=32, text_dim=16, text_depth=1, text_heads=2, embed_dim=16)
 

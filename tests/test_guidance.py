@@ -50,7 +50,7 @@ def test_cfg_runs_the_unet_once_on_a_batch_of_2B_and_matches_separate_calls():
     eps_c = reference(x, t, context_c, mask_c)
     eps_u = reference(x, t, context_u.expand(3, -1, -1), mask_u.expand(3, -1))
     unet = FakeUNet()
-    eps = cfg_model_fn(unet, context_c, mask_c, context_u, mask_u, scale=4.0)(x, t)
+    eps = cfg_model_fn(unet, context_c, mask_c, context_u, mask_u, guidance_scale=4.0)(x, t)
     assert len(unet.calls) == 1 and unet.calls[0][0] == 2 * x.shape[0]
     # the batch is [uncond, cond]: the first half saw the empty prompt (padded from 2 to 5 tokens, masked)
     batch_context, batch_mask = unet.calls[0][1], unet.calls[0][2]

@@ -18,7 +18,7 @@ from minildm.adapters.ip_adapter import (
     load_ip_adapter,
     new_ip_adapter,
     remove_ip_adapter,
-    set_ip_scale,
+    set_ip_lambda,
 )
 from minildm.checkpoint import load_checkpoint, save_checkpoint
 from minildm.modules.attention import KERNELS, Attention
@@ -89,7 +89,7 @@ def test_two_extra_streams_add_two_terms():
     with torch.no_grad():
         for p in layer.streams.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    layer.scales.update(ip=0.5, body=2.0)
+    layer.lambdas.update(ip=0.5, body=2.0)
     x, text, ref, body = torch.randn(2, 6, 12), torch.randn(2, 5, CTX), torch.randn(2, 4, CTX), torch.randn(2, 3, CTX)
     z = layer.attend_streams(x, torch.cat([text, ref, body], dim=1))
 
@@ -112,7 +112,7 @@ def test_copied_weights_and_text_as_image_tokens_give_one_plus_lambda(kernel):
     layer = DecoupledCrossAttention(base, {"ip": 5})  # W'_k = W_k, W'_v = W_v at initialisation
     assert torch.equal(layer.streams["to_k_ip"].weight, base.to_k.weight)
     assert torch.equal(layer.streams["to_v_ip"].weight, base.to_v.weight)
-    layer.scales["ip"] = 0.7
+    layer.lambdas["ip"] = 0.7
     x, text = torch.randn(2, 9, 12), torch.randn(2, 5, CTX)
     z = layer.attend_streams(x, torch.cat([text, text], dim=1))  # image tokens = text tokens, no mask
     z_text = base.attend(base.to_q(x), base.to_k(text), base.to_v(text))
@@ -128,9 +128,9 @@ def test_lambda_zero_is_the_text_only_unet_exactly():
         text_only = unet(x, t, text, mask)
         install_ip_adapter(unet)
         randomise_adapter(unet)
-        set_ip_scale(unet, 0.0)
+        set_ip_lambda(unet, 0.0)
         assert torch.equal(unet(x, t, torch.cat([text, tokens], dim=1), mask), text_only)
-        set_ip_scale(unet, 1.0)
+        set_ip_lambda(unet, 1.0)
         assert not torch.allclose(unet(x, t, torch.cat([text, tokens], dim=1), mask), text_only, atol=1e-4)
 
 

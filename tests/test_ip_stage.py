@@ -13,15 +13,18 @@ import sample
 import train
 from minildm.adapters.ip_adapter import DecoupledCrossAttention
 from minildm.checkpoint import CheckpointError, load_checkpoint
-from minildm.clip import CLIPConfig, save_clip, train_clip
+from minildm.clip import CLIPConfig, save_clip
 from minildm.config import micro
 from minildm.data import shapes
 from minildm.pipeline import LatentDiffusion
 from minildm.train import clip as clip_stage
 from minildm.train import ip_adapter as ip_stage
 from minildm.train.autoencoder import train_autoencoder
-from minildm.train.ip_adapter import (ADAPTER_FILE, CLIP_FILE, POSITION_ONLY, IPAdapterTrainConfig, caption_choices,
-                                      load_image_file, load_image_prompter, parameter_counts, train_ip_adapter)
+from minildm.adapters.image_prompt import ADAPTER_FILE, CLIP_FILE, load_image_prompter
+from minildm.adapters.ip_adapter import set_ip_lambda
+from minildm.data.folder import load_image_file
+from minildm.train.clip import train_clip
+from minildm.train.ip_adapter import POSITION_ONLY, IPAdapterTrainConfig, caption_choices, parameter_counts, train_ip_adapter
 from minildm.train.ldm import train_ldm
 
 CPU = torch.device("cpu")
@@ -88,15 +91,15 @@ def test_lambda_zero_through_the_pipeline_is_the_text_only_model_exactly(base_di
     prompts = ["a red circle on the left", "a blue square in the center"]
     text_only = LatentDiffusion.load(base_dir).generate(prompts, steps=3, guidance_scale=3.0, seed=5)
     pipe = LatentDiffusion.load(base_dir)
-    prompter = load_image_prompter(pipe, adapter_dir / ADAPTER_FILE, scale=0.0)
+    prompter = load_image_prompter(pipe, adapter_dir / ADAPTER_FILE, ip_lambda=0.0)
     tokens = prompter.extra_tokens(red_square_image())
     assert torch.equal(pipe.generate(prompts, steps=3, guidance_scale=3.0, seed=5, extra_tokens=tokens), text_only)
-    ip_stage.set_ip_scale(pipe.unet, 1.0)  # the image term is on: the UNet's eps moves (a micro base barely uses
+    set_ip_lambda(pipe.unet, 1.0)  # the image term is on: the UNet's eps moves (a micro base barely uses
     x, t = torch.randn(1, *pipe.latent_shape()), torch.tensor([500])  # attention, so compare eps, not images)
     context, mask = pipe.encode_prompts(prompts[:1])
     with torch.no_grad():
         eps_image = pipe.unet(x, t, torch.cat([context, tokens[0]], dim=1), mask)
-        ip_stage.set_ip_scale(pipe.unet, 0.0)
+        set_ip_lambda(pipe.unet, 0.0)
         eps_text = pipe.unet(x, t, torch.cat([context, tokens[0]], dim=1), mask)
     assert not torch.equal(eps_image, eps_text)
 
@@ -153,7 +156,7 @@ def test_clis_train_both_stages_and_sample_with_an_image_prompt(base_dir, tmp_pa
     assert load_checkpoint(run / ADAPTER_FILE, "ip-adapter")["step"] == 2
     Image.fromarray(shapes.render("blue", "circle", "left", size=64)).save(tmp_path / "prompt.jpg")
     out = tmp_path / "grid.png"
-    assert sample.main(["--run", str(run), "--image-prompt", str(tmp_path / "prompt.jpg"), "--ip-scale", "0.5",
+    assert sample.main(["--run", str(run), "--image-prompt", str(tmp_path / "prompt.jpg"), "--ip-lambda", "0.5",
                         "--n", "2", "--steps", "2", "--device", "cpu", "--out", str(out)]) == 0
     assert out.is_file()
     capsys.readouterr()

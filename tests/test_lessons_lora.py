@@ -37,11 +37,11 @@ class RankOverAlpha(LoRALinear):
     """The factor upside down: r / alpha instead of alpha / r."""
 
     def forward(self, x):
-        return self.base(x) + self.rank / self.alpha * self.scale * self.lora_B(self.lora_A(x))
+        return self.base(x) + self.rank / self.alpha * self.strength * self.lora_B(self.lora_A(x))
 
 
-class NoRuntimeScale(LoRALinear):
-    """--lora-scale ignored: always (alpha / r) B A x."""
+class NoRuntimeStrength(LoRALinear):
+    """--lora-strength ignored: always (alpha / r) B A x."""
 
     def forward(self, x):
         return self.base(x) + self.alpha / self.rank * self.lora_B(self.lora_A(x))
@@ -57,13 +57,13 @@ class BaseNotFrozen(LoRALinear):
 
 def merge_without_factor(layer):
     with torch.no_grad():
-        layer.base.weight += layer.lora_B.weight @ layer.lora_A.weight  # forgets (alpha / r) * scale
+        layer.base.weight += layer.lora_B.weight @ layer.lora_A.weight  # forgets (alpha / r) * strength
     layer.merged = True
 
 
-def merge_without_runtime_scale(layer):
+def merge_without_runtime_strength(layer):
     with torch.no_grad():
-        layer.base.weight += layer.alpha / layer.rank * layer.lora_B.weight @ layer.lora_A.weight  # forgets scale
+        layer.base.weight += layer.alpha / layer.rank * layer.lora_B.weight @ layer.lora_A.weight  # forgets strength
     layer.merged = True
 
 
@@ -83,10 +83,10 @@ def merge_into_bias_too(layer):
     ({"LoRALinear": BNotZero}, {"LoRALinear #1"}),
     ({"LoRALinear": BothZero}, {"LoRALinear #1", "LoRALinear #3"}),
     ({"LoRALinear": RankOverAlpha}, {"LoRALinear #2"}),
-    ({"LoRALinear": NoRuntimeScale}, {"LoRALinear #2"}),
+    ({"LoRALinear": NoRuntimeStrength}, {"LoRALinear #2"}),
     ({"LoRALinear": BaseNotFrozen}, {"LoRALinear #3"}),
     ({"merge": merge_without_factor}, {"merge #1"}),
-    ({"merge": merge_without_runtime_scale}, {"merge #1"}),
+    ({"merge": merge_without_runtime_strength}, {"merge #1"}),
     ({"merge": merge_without_flag}, {"merge #1"}),
     ({"merge": merge_into_bias_too}, {"merge #1", "merge #2"}),
 ])

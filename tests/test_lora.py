@@ -14,7 +14,7 @@ from minildm.adapters.lora import (
     lora_state_dict,
     merge_lora,
     save_lora,
-    set_lora_scale,
+    set_lora_strength,
     unmerge_lora,
 )
 from minildm.checkpoint import CheckpointError, save_checkpoint
@@ -97,9 +97,9 @@ def test_scale_is_alpha_over_rank():
     expected = base(x) + 4.0 * x @ A.T @ B.T  # W x + b + (alpha / r) B A x
     assert torch.allclose(layer(x), expected, atol=1e-5)
     assert LoRALinear(nn.Linear(6, 5), rank=3).alpha == 3.0  # alpha defaults to the rank: factor 1
-    layer.scale = 0.5  # runtime multiplier on top of alpha / r
+    layer.strength = 0.5  # runtime multiplier on top of alpha / r
     assert torch.allclose(layer(x), base(x) + 2.0 * x @ A.T @ B.T, atol=1e-5)
-    layer.scale = 0.0
+    layer.strength = 0.0
     assert torch.equal(layer(x), base(x))
 
 
@@ -108,7 +108,7 @@ def test_merge_equals_unmerged_and_unmerge_restores_weights():
     x, ctx = inputs()
     inject_lora(model, rank=4, alpha=8)
     perturb_B(model)
-    set_lora_scale(model, 0.7)
+    set_lora_strength(model, 0.7)
     y = model(x, ctx)
     originals = {n: m.base.weight.clone() for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     merge_lora(model)
@@ -116,7 +116,7 @@ def test_merge_equals_unmerged_and_unmerge_restores_weights():
     assert layer.merged and not torch.allclose(layer.base.weight, originals["blocks.1.attn2.to_v"])
     assert torch.allclose(model(x, ctx), y, atol=1e-5)
     with pytest.raises(ValueError, match="unmerge"):
-        set_lora_scale(model, 1.0)  # would make unmerge subtract a different B A than merge added
+        set_lora_strength(model, 1.0)  # would make unmerge subtract a different B A than merge added
     with pytest.raises(ValueError, match="already merged"):
         merge_lora(model)
     unmerge_lora(model)

@@ -10,7 +10,7 @@ from PIL import Image
 
 import sample
 import train
-from minildm.adapters.lora import LoRALinear, inject_lora, merge_lora, set_lora_scale
+from minildm.adapters.lora import LoRALinear, inject_lora, merge_lora, set_lora_strength
 from minildm.checkpoint import load_checkpoint
 from minildm.config import micro
 from minildm.data import shapes
@@ -131,7 +131,7 @@ def test_finetuning_trains_only_the_adapter_and_leaves_every_base_weight_bit_ide
 def test_merged_equals_unmerged_on_the_finetuned_unet(tuned):
     pipe = copy.deepcopy(tuned[0])
     prompts = concept_prompts("corner")[:2] + BASE_PROMPTS
-    set_lora_scale(pipe.unet, 0.8)
+    set_lora_strength(pipe.unet, 0.8)
     unmerged = eps_of(pipe, prompts)
     merge_lora(pipe.unet)
     assert torch.allclose(eps_of(pipe, prompts), unmerged, atol=1e-5)
@@ -142,7 +142,7 @@ def test_adapter_state_round_trip_and_scale_zero_gives_the_base(base, tuned):
     prompts = concept_prompts("corner")[:2] + BASE_PROMPTS
     fresh = apply_lora(base(), state)
     assert torch.equal(eps_of(fresh, prompts), eps_of(pipe, prompts))
-    off = apply_lora(base(), state, scale=0.0)
+    off = apply_lora(base(), state, lora_strength=0.0)
     assert torch.equal(eps_of(off, BASE_PROMPTS), eps_of(base(), BASE_PROMPTS))
 
 
@@ -175,7 +175,7 @@ def test_train_py_stage_writes_a_small_file_that_sample_py_uses(base_dir, tmp_pa
     assert (out / "samples" / "lora_corner_r2.png").is_file()
 
     png = tmp_path / "corner.png"
-    args = ["a red circle in the corner", "--run", str(base_dir), "--lora", str(path), "--lora-scale", "0.5",
+    args = ["a red circle in the corner", "--run", str(base_dir), "--lora", str(path), "--lora-strength", "0.5",
             "--n", "2", "--steps", "2", "--out", str(png), "--device", "cpu"]
     assert sample.main(args) == 0
     assert Image.open(png).size[0] > 2 * 32

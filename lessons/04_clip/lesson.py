@@ -24,7 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 from lessons.common import QUICK, exercise_functions, out_dir, save_figure  # noqa: E402
 from minildm import clip as clip_lib  # noqa: E402
 from minildm.data import shapes  # noqa: E402
-from minildm.train.clip import evaluate_clip  # noqa: E402
+from minildm.train.clip import evaluate_clip, train_clip  # noqa: E402
 from minildm.progress import step_rng  # noqa: E402
 
 OUT = out_dir(__file__)
@@ -43,7 +43,7 @@ print(f"untrained CLIP, a batch of {BATCH} distinct pairs: loss {loss0.item():.3
 # --- 2. Train ----------------------------------------------------------------------------------------------
 steps = 30 if QUICK else 300
 print(f"training the CLIP for {steps} steps (batches of {BATCH} distinct combinations, the symmetric loss) ...")
-model, tokenizer, log = clip_lib.train_clip(steps=steps, batch_size=BATCH, progress=not QUICK)
+model, tokenizer, log = train_clip(steps=steps, batch_size=BATCH, progress=not QUICK)
 with torch.no_grad():
     image_emb, text_emb, s = model(images, tokenizer.encode(captions))
     print(f"trained: loss {clip_loss(image_emb, text_emb, s).item():.3f} on the same batch; "

@@ -17,13 +17,13 @@ from torch import nn
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update (Hu et al. 2021):
 
-        y = W x + b + (alpha / r) * scale * B A x        A: [r, d_in], B: [d_out, r]
+        y = W x + b + (alpha / r) * strength * B A x        A: [r, d_in], B: [d_out, r]
 
     Input:  base  nn.Linear(d_in, d_out), the pretrained layer (must stay frozen)
             rank  r >= 1;  alpha  (None means alpha = r, so the factor alpha / r is 1)
     forward Input:  x [..., d_in]        Output: y [..., d_out]
     Attributes the grader uses: base, lora_A (nn.Linear(d_in, r), weight [r, d_in]),
-    lora_B (nn.Linear(r, d_out), weight [d_out, r]), rank, alpha, scale (runtime strength, 1 = as trained),
+    lora_B (nn.Linear(r, d_out), weight [d_out, r]), rank, alpha, strength (runtime strength, 1 = as trained),
     merged (True after `merge`: base.weight then already holds the update).
     """
 
@@ -32,7 +32,7 @@ class LoRALinear(nn.Module):
         self.base = base
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
-        self.scale = 1.0
+        self.strength = 1.0
         self.merged = False
         self.lora_A = nn.Linear(base.in_features, rank, bias=False)  # A: [r, d_in]
         self.lora_B = nn.Linear(rank, base.out_features, bias=False)  # B: [d_out, r]
@@ -43,18 +43,18 @@ class LoRALinear(nn.Module):
         # TODO end
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:  # merge() has already folded (alpha / r) * scale * B A into base.weight
+        if self.merged:  # merge() has already folded (alpha / r) * strength * B A into base.weight
             return self.base(x)
-        # TODO begin: y = W x + b + (alpha / r) * scale * B A x
+        # TODO begin: y = W x + b + (alpha / r) * strength * B A x
         raise NotImplementedError
         # TODO end
 
 
 def merge(layer: nn.Module) -> None:
-    """Fold a LoRA layer's update into its base weight, in place:  W <- W + (alpha / r) * scale * B A.
+    """Fold a LoRA layer's update into its base weight, in place:  W <- W + (alpha / r) * strength * B A.
 
     Input:  layer with .base (nn.Linear, weight [d_out, d_in]), .lora_A.weight [r, d_in],
-            .lora_B.weight [d_out, r], .alpha, .rank, .scale, .merged (False)
+            .lora_B.weight [d_out, r], .alpha, .rank, .strength, .merged (False)
     Output: None. Afterwards layer.base.weight holds W + Delta W and layer.merged is True, so that
             layer(x) gives the same numbers as before at the cost of the plain Linear.
     """

@@ -1,7 +1,7 @@
 """Grade lesson 13:  python lessons/13_lora/grade.py   (-v for details)
 
 Each check builds small layers with known A and B where the common mistakes change the numbers: B not
-zero at init, the factor r / alpha instead of alpha / r, a forgotten runtime scale, a base layer that
+zero at init, the factor r / alpha instead of alpha / r, a forgotten runtime strength, a base layer that
 still trains, a merge that forgets the factor or forgets to mark the layer merged.
 REFERENCE holds the library's solutions (minildm/adapters/lora.py) under the exercises' names
 (tests/test_lessons_graders.py checks that they pass and the stubs fail, tests/test_lessons_lora.py that wrong
@@ -60,9 +60,9 @@ def check_forward_formula(cls) -> None:
     _set_AB(layer, A, B)
     x = _x()
     expected = base(x) + (ALPHA / RANK) * x @ A.T @ B.T  # W x + b + (alpha / r) B A x
-    assert torch.allclose(layer(x), expected, atol=1e-5), "wrong output with alpha / r = 4, scale = 1"
-    layer.scale = 0.5
-    assert torch.allclose(layer(x), base(x) + 0.5 * (ALPHA / RANK) * x @ A.T @ B.T, atol=1e-5), "scale ignored"
+    assert torch.allclose(layer(x), expected, atol=1e-5), "wrong output with alpha / r = 4, strength = 1"
+    layer.strength = 0.5
+    assert torch.allclose(layer(x), base(x) + 0.5 * (ALPHA / RANK) * x @ A.T @ B.T, atol=1e-5), "strength ignored"
     assert cls(_base(), 3).alpha == 3, "alpha = None must mean alpha = r (factor 1)"
 
 
@@ -78,7 +78,7 @@ def _merge_case():
     layer = ReferenceLoRALinear(_base(), RANK, ALPHA)
     A, B = _known_AB()
     _set_AB(layer, A, B)
-    layer.scale = 0.5
+    layer.strength = 0.5
     return layer, A, B
 
 
@@ -89,7 +89,7 @@ def check_merge_equals_unmerged(merge) -> None:
     W = layer.base.weight.detach().clone()
     merge(layer)
     assert layer.merged, "the layer is not marked merged, so forward would add B A x a second time"
-    expected_W = W + 0.5 * (ALPHA / RANK) * B @ A  # W + (alpha / r) * scale * B A
+    expected_W = W + 0.5 * (ALPHA / RANK) * B @ A  # W + (alpha / r) * strength * B A
     assert torch.allclose(layer.base.weight, expected_W, atol=1e-5), "merged weight is wrong"
     assert torch.allclose(layer(x), y, atol=1e-5), "merged output differs from the unmerged output"
 
@@ -108,15 +108,15 @@ CHECKS = [
           "a fresh adapter must leave the layer's output exactly unchanged, yet be able to learn: which of A "
           "and B starts at zero, and why not both?"),
     Check("LoRALinear", check_forward_formula,
-          "y = W x + b + (alpha / r) * scale * B A x: check the factor in front of B A (alpha over r, times "
-          "the runtime scale) and the order in which A and B are applied."),
+          "y = W x + b + (alpha / r) * strength * B A x: check the factor in front of B A (alpha over r, times "
+          "the runtime strength) and the order in which A and B are applied."),
     Check("LoRALinear", check_only_A_and_B_train,
           "only A and B may learn: the pretrained layer (weight and bias) must be frozen."),
     Check("merge", check_merge_equals_unmerged,
-          "after merging, W' x must equal W x + (alpha / r) * scale * B A x: fold the whole factor into W, "
+          "after merging, W' x must equal W x + (alpha / r) * strength * B A x: fold the whole factor into W, "
           "and mark the layer merged."),
     Check("merge", check_merge_touches_only_the_weight,
-          "merging changes W only: Delta W = (alpha / r) * scale * B A has W's shape [d_out, d_in]; "
+          "merging changes W only: Delta W = (alpha / r) * strength * B A has W's shape [d_out, d_in]; "
           "bias, A and B stay as they are."),
 ]
 

@@ -27,7 +27,7 @@ def reference(x, text, text_mask, image_tokens, w, heads, scale):
             getattr(base, name).load_state_dict(w[name].state_dict())
         layer.streams["to_k_ip"].weight.copy_(w["to_k_ip"].weight)
         layer.streams["to_v_ip"].weight.copy_(w["to_v_ip"].weight)
-    layer.scales["ip"] = scale
+    layer.lambdas["ip"] = scale
     with torch.no_grad():
         return layer(x, torch.cat([text, image_tokens], dim=1), text_mask)
 

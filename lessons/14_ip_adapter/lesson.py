@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from lessons.common import QUICK, ROOT, exercises_of, out_dir, save_figure, trained_run  # noqa: E402
 from lessons.grading import is_stub  # noqa: E402
-from minildm.adapters.ip_adapter import DecoupledCrossAttention, set_ip_scale  # noqa: E402
+from minildm.adapters.ip_adapter import DecoupledCrossAttention, set_ip_lambda  # noqa: E402
 from minildm.data import shapes  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402
 from minildm.train.clip import train_clip_stage  # noqa: E402
@@ -64,7 +64,7 @@ def render(color, shape, position, seed=0):
 
 def generate(prompt, image, scale, n=SEEDS):
     """n samples (different noise) of one (text, image prompt) pair at lambda = scale: [n, 3, H, W] in [0, 1]."""
-    set_ip_scale(pipe.unet, scale)
+    set_ip_lambda(pipe.unet, scale)
     tokens = prompter.extra_tokens(image)
     return pipe.generate([prompt] * n, steps=STEPS, guidance_scale=GUIDANCE, seed=0, extra_tokens=tokens)
 
@@ -101,7 +101,7 @@ else:
          "to_k_ip": layer.streams["to_k_ip"], "to_v_ip": layer.streams["to_v_ip"]}
     with torch.no_grad():
         for scale in (0.0, 1.0):
-            layer.scales["ip"] = scale
+            layer.lambdas["ip"] = scale
             want = layer(x, torch.cat([text, image_tokens], dim=1), mask)
             got = exercise(x, text, mask, image_tokens, w, layer.base.heads, scale)
             print(f"1. your decoupled_cross_attention on a trained layer, lambda = {scale}: "

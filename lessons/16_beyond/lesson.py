@@ -27,7 +27,8 @@ import torch  # noqa: E402
 
 from lessons.common import QUICK, exercise_functions, out_dir, save_figure, trained_run  # noqa: E402
 from minildm import diagnostics, evaluate, metrics  # noqa: E402
-from minildm.clip import load_clip, train_clip  # noqa: E402
+from minildm.clip import load_clip  # noqa: E402
+from minildm.train.clip import train_clip  # noqa: E402
 from minildm.data import shapes  # noqa: E402
 from minildm.feature_net import FeatureNetConfig, embed, train_feature_net  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402

@@ -24,7 +24,7 @@ from einops import rearrange, reduce, repeat
 from torch import nn
 
 from minildm.adapters.ip_adapter import (IP, DecoupledCrossAttention, ImageProjection, install_ip_adapter,
-                                        ip_adapter_parameters, set_ip_scale)
+                                        ip_adapter_parameters, set_ip_lambda)
 from minildm.data.bodies import BodiesDataset
 
 LOGVAR_RANGE = (-30.0, 20.0)  # the usual clamp of log sigma^2 (keeps exp() finite)
@@ -459,12 +459,12 @@ class BodyAdapterConfig:
     context_dim: int  # width of the UNet's cross-attention context (unet.cfg.context_dim)
     body_tokens: int = 4  # N body tokens per c_body
     ref_tokens: int = 4  # tokens of the reference-image stream (IP-Adapter's N = 4)
-    lambda_ref: float = 1.0
-    lambda_b: float = 1.0
+    ref_lambda: float = 1.0
+    body_lambda: float = 1.0
 
 
-def install_body_adapter(unet: nn.Module, ref_tokens: int = 4, body_tokens: int = 4, lambda_ref: float = 1.0,
-                         lambda_b: float = 1.0) -> list[str]:
+def install_body_adapter(unet: nn.Module, ref_tokens: int = 4, body_tokens: int = 4, ref_lambda: float = 1.0,
+                         body_lambda: float = 1.0) -> list[str]:
     """Give every cross-attention layer of the (frozen) UNet the reference and body streams:
 
         Z' = A(Q, K_t, V_t) + lambda_ref A(Q, K_ref, V_ref) + lambda_b A(Q, K_b, V_b)
@@ -475,7 +475,7 @@ def install_body_adapter(unet: nn.Module, ref_tokens: int = 4, body_tokens: int 
     cat[c_t, c_ref, c_b] (build it with ``body_context``). Returns the names of the replaced layers.
     """
     names = install_ip_adapter(unet, ref_tokens, extra_streams={BODY: body_tokens})
-    set_body_scales(unet, lambda_ref, lambda_b)
+    set_body_lambdas(unet, ref_lambda, body_lambda)
     return names
 
 
@@ -484,14 +484,14 @@ def new_body_adapter(unet: nn.Module, cfg: BodyAdapterConfig) -> BodyProjection:
     if cfg.context_dim != unet.cfg.context_dim:
         raise ValueError(f"the adapter's context_dim is {cfg.context_dim} but the UNet's cross-attention reads "
                          f"{unet.cfg.context_dim}: use BodyAdapterConfig(context_dim=unet.cfg.context_dim).")
-    install_body_adapter(unet, cfg.ref_tokens, cfg.body_tokens, cfg.lambda_ref, cfg.lambda_b)
+    install_body_adapter(unet, cfg.ref_tokens, cfg.body_tokens, cfg.ref_lambda, cfg.body_lambda)
     return BodyProjection(cfg.latent_dim, cfg.context_dim, cfg.body_tokens).to(next(unet.parameters()).device)
 
 
-def set_body_scales(unet: nn.Module, lambda_ref: float, lambda_b: float) -> None:
-    """Set lambda_ref and lambda_b in every layer (both 0: the text-only UNet exactly)."""
-    set_ip_scale(unet, lambda_ref, IP)
-    set_ip_scale(unet, lambda_b, BODY)
+def set_body_lambdas(unet: nn.Module, ref_lambda: float, body_lambda: float) -> None:
+    """Set ref_lambda and body_lambda in every layer (both 0: the text-only UNet exactly)."""
+    set_ip_lambda(unet, ref_lambda, IP)
+    set_ip_lambda(unet, body_lambda, BODY)
 
 
 def body_adapter_parameters(unet: nn.Module, body_projection: BodyProjection,
@@ -519,7 +519,7 @@ def body_context(unet: nn.Module, text: torch.Tensor, body_tokens: torch.Tensor,
     ref_tokens [B or 1, n_ref, d] or None, ref_present [B] bool or None -> [B, M + n_ref + n_b, d].
     A missing reference image (ref_tokens None, or ref_present False for a sample) becomes all-zero tokens:
     the stream's W'_k, W'_v have no bias, so K_ref = V_ref = 0 and A(Q, 0, 0) = softmax(0) 0 = 0; the
-    lambda_ref term vanishes exactly, with no mask.
+    ref_lambda term vanishes exactly, with no mask.
     """
     counts = _stream_tokens(unet)
     B, _, d = text.shape

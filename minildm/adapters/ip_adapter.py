@@ -19,7 +19,7 @@ only (the image branch has no mask: every image token is real).
 
 Extra streams (BoLID, seed 002: A(Q, K_t, V_t) + lambda_ref A(Q, K_ref, V_ref) + lambda_b A(Q, K_b, V_b)) are
 configuration, not new code: `install_ip_adapter(unet, num_tokens=4, extra_streams={"body": 4})` gives
-each layer a second pair `to_k_body`, `to_v_body` with its own scale, and the context becomes
+each layer a second pair `to_k_body`, `to_v_body` with its own lambda, and the context becomes
 cat[text, ip tokens, body tokens] (streams in installation order).
 
 A missing reference zeroes its term without any mask: W'_k and W'_v have no bias, so all-zero tokens give
@@ -59,7 +59,7 @@ class IPAdapterConfig:
     context_dim: int  # width of the UNet's cross-attention context (unet.cfg.context_dim)
     num_tokens: int = 4  # N image tokens per image (the paper's N = 4)
     drop_prob: float = 0.05  # training: drop text only, image only, and both, each with this probability
-    scale: float = 1.0  # lambda at inference (the paper uses 1.0 with an image prompt alone)
+    ip_lambda: float = 1.0  # lambda at inference (the paper uses 1.0 with an image prompt alone)
 
 
 class ImageProjection(nn.Module):
@@ -87,13 +87,13 @@ class ImageProjection(nn.Module):
 
 def decoupled_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               k_ip: torch.Tensor | Sequence[torch.Tensor], v_ip: torch.Tensor | Sequence[torch.Tensor],
-                              scale: float | Sequence[float], mask: torch.Tensor | None = None,
+                              lambdas: float | Sequence[float], mask: torch.Tensor | None = None,
                               kernel=attention) -> torch.Tensor:
     """Z = softmax(Q K^T / sqrt d) V + lambda softmax(Q K'^T / sqrt d) V'.
 
-    q [B, H, N, d]; k, v [B, H, M, d] (text); k_ip, v_ip [B, H, M', d] (image); scale = lambda;
+    q [B, H, N, d]; k, v [B, H, M, d] (text); k_ip, v_ip [B, H, M', d] (image); lambdas = lambda;
     mask [B, M] bool masks TEXT keys only (the image branch attends to all its tokens) -> Z [B, H, N, d].
-    Several extra streams: k_ip, v_ip and scale as equal-length sequences,
+    Several extra streams: k_ip, v_ip and lambdas as equal-length sequences,
     Z = A(Q, K, V) + sum_s lambda_s A(Q, K'_s, V'_s).
     kernel(q, k, v, mask) computes one attention term; `DecoupledCrossAttention` passes its base layer's
     `attend`, which takes [B, N, H*d] tensors and splits the heads itself, so the same formula serves both.
@@ -101,12 +101,12 @@ def decoupled_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     maps (the pipeline's per-prompt-token attention maps).
     """
     if isinstance(k_ip, torch.Tensor):  # one extra stream (IP-Adapter)
-        k_ip, v_ip, scale = [k_ip], [v_ip], [scale]
-    if not len(k_ip) == len(v_ip) == len(scale):
-        raise ValueError(f"give one key, one value and one scale per extra stream, "
-                         f"got {len(k_ip)}, {len(v_ip)} and {len(scale)}.")
+        k_ip, v_ip, lambdas = [k_ip], [v_ip], [lambdas]
+    if not len(k_ip) == len(v_ip) == len(lambdas):
+        raise ValueError(f"give one key, one value and one lambda per extra stream, "
+                         f"got {len(k_ip)}, {len(v_ip)} and {len(lambdas)}.")
     # sum_s lambda_s A(Q, K'_s, V'_s): no mask, every stream token is real
-    z_streams = sum(lam * kernel(q, k_s, v_s, None) for k_s, v_s, lam in zip(k_ip, v_ip, scale))
+    z_streams = sum(lam * kernel(q, k_s, v_s, None) for k_s, v_s, lam in zip(k_ip, v_ip, lambdas))
     return z_streams + kernel(q, k, v, mask)  # + A(Q, K, V), text keys masked
 
 
@@ -119,7 +119,7 @@ class DecoupledCrossAttention(nn.Module):
     base:    the layer's `Attention` (kept, frozen, not copied: to_q, the heads, to_out and its kernel are reused).
     streams: name -> number of tokens, in the order their tokens follow the text in `context`.
     Stream s has `streams[f"to_k_{s}"]`, `streams[f"to_v_{s}"]` (Linear, no bias, initialised as copies of
-    base.to_k, base.to_v) and a runtime scale `scales[s]` (lambda_s, default 1).
+    base.to_k, base.to_v) and a runtime weight `lambdas[s]` (lambda_s, default 1).
     """
 
     def __init__(self, base: Attention, streams: dict[str, int]):
@@ -130,7 +130,7 @@ class DecoupledCrossAttention(nn.Module):
             raise ValueError(f"give at least one extra stream with a positive number of tokens, got {streams}.")
         self.base = base.requires_grad_(False)
         self.stream_tokens = dict(streams)
-        self.scales = {name: 1.0 for name in streams}
+        self.lambdas = {name: 1.0 for name in streams}
         self.streams = nn.ModuleDict()
         for name in streams:
             for part, source in (("to_k", base.to_k), ("to_v", base.to_v)):
@@ -175,14 +175,14 @@ class DecoupledCrossAttention(nn.Module):
         q = base.to_q(x)  # the same Q for every term
         k_s = [self.streams[f"to_k_{name}"](c) for name, c in zip(self.stream_tokens, tokens)]  # K'_s = c_s W'_k
         v_s = [self.streams[f"to_v_{name}"](c) for name, c in zip(self.stream_tokens, tokens)]  # V'_s = c_s W'_v
-        lam_s = [self.scales[name] for name in self.stream_tokens]
+        lam_s = [self.lambdas[name] for name in self.stream_tokens]
         return decoupled_cross_attention(q, base.to_k(text), base.to_v(text), k_s, v_s, lam_s, mask, kernel=base.attend)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.base.dropout(self.base.to_out(self.attend_streams(x, context, mask)))  # one to_out for the sum
 
     def extra_repr(self) -> str:
-        return f"streams={self.stream_tokens}, scales={self.scales}"
+        return f"streams={self.stream_tokens}, lambdas={self.lambdas}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def install_ip_adapter(unet: nn.Module, num_tokens: int = 4, extra_streams: dict
 
 
 def new_ip_adapter(unet: nn.Module, cfg: IPAdapterConfig) -> ImageProjection:
-    """Install the adapter described by `cfg` into the UNet, set lambda = cfg.scale, return a fresh projection.
+    """Install the adapter described by `cfg` into the UNet, set lambda = cfg.ip_lambda, return a fresh projection.
 
     The one call a trainer (or a sampler about to `load_ip_adapter`) needs; install_ip_adapter is the primitive.
     """
@@ -233,7 +233,7 @@ def new_ip_adapter(unet: nn.Module, cfg: IPAdapterConfig) -> ImageProjection:
         raise ValueError(f"the adapter's context_dim is {cfg.context_dim} but the UNet's cross-attention reads "
                          f"{unet.cfg.context_dim}: use IPAdapterConfig(context_dim=unet.cfg.context_dim).")
     install_ip_adapter(unet, cfg.num_tokens)
-    set_ip_scale(unet, cfg.scale)
+    set_ip_lambda(unet, cfg.ip_lambda)
     return ImageProjection(cfg.d_img, cfg.context_dim, cfg.num_tokens).to(next(unet.parameters()).device)
 
 
@@ -245,10 +245,10 @@ def remove_ip_adapter(unet: nn.Module) -> None:
         setattr(unet.get_submodule(parent_name), child, layer.base)
 
 
-def set_ip_scale(unet: nn.Module, scale: float, stream: str = IP) -> None:
+def set_ip_lambda(unet: nn.Module, ip_lambda: float, stream: str = IP) -> None:
     """Set lambda of one stream in every decoupled layer (0 = that stream is off: the text-only model)."""
     for layer in _require_adapter(unet, stream).values():
-        layer.scales[stream] = float(scale)
+        layer.lambdas[stream] = float(ip_lambda)
 
 
 def ip_adapter_parameters(unet: nn.Module, projection: ImageProjection, stream: str = IP) -> list[nn.Parameter]:

@@ -1,13 +1,13 @@
-"""LoRA: low-rank adaptation of a frozen model (Hu et al. 2021; seed 000 fine-tuned Stable Diffusion with it).
+"""LoRA: low-rank adaptation of a frozen model (Hu et al. 2021, arXiv:2106.09685).
 
-Fine-tuning a big pretrained UNet on a small dataset (seed 000: Flickr8k captions) means changing millions
-of weights with a few thousand examples. LoRA keeps every pretrained weight W frozen and learns only a
-low-rank change to it:
+Fine-tuning a big pretrained UNet on a small dataset means changing millions of weights with a few thousand
+examples. LoRA keeps every pretrained weight W frozen and learns only a low-rank change to it:
 
     W' = W + (alpha / r) * B A        A: [r, d_in], B: [d_out, r], r << min(d_in, d_out)
 
-so a Linear with d_in * d_out weights trains only r * (d_in + d_out) numbers. Seed 000 tried r = 4 and
-r = 128 on the attention projections (to_q, to_k, to_v, to_out) of the UNet; those are our defaults too.
+so a Linear with d_in * d_out weights trains only r * (d_in + d_out) numbers. `inject_lora` wraps the
+attention projections (to_q, to_k, to_v, to_out) by default, the layers Stable Diffusion LoRAs adapt; the
+rank is the caller's choice (the LoRA stage's recipe uses r = 8, train/lora.py).
 
 Three details that matter:
 - A starts Kaiming-uniform (like any nn.Linear) and B starts at zero, so B A = 0 and a fresh adapter
@@ -15,10 +15,12 @@ Three details that matter:
 - The factor alpha / r keeps the size of the update roughly independent of r, so a learning rate tuned
   for one rank works for another (alpha defaults to r, i.e. factor 1).
 - After training, B A can be folded into W (`merge`): inference then costs exactly as much as the base
-  model. `scale` (sample.py --lora-scale) turns the effect up or down without retraining.
+  model. The runtime `strength` (sample.py --lora-strength) turns the effect up or down without retraining.
 
 Files: `lora_state_dict` holds only the A/B tensors plus rank, alpha, targets and layer names, so a LoRA
-file is tiny and is applied to a base model with `load_lora`, which refuses a file made for another model.
+file is small and is applied to a base model with `load_lora`, which refuses a file made for another model.
+A concept file of the LoRA stage also carries its new words (adapters/new_words.py) and is put on a loaded
+pipeline with `apply_lora` / `apply_lora_file` (bottom of this file).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from minildm.adapters.new_words import add_words
 from minildm.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -37,7 +40,7 @@ class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update.
 
     forward: x [..., d_in] -> y [..., d_out] with
-        y = base(x) + (alpha / r) * scale * B(A(dropout(x)))
+        y = base(x) + (alpha / r) * strength * B(A(dropout(x)))
     lora_A.weight: [r, d_in] (Kaiming-uniform), lora_B.weight: [d_out, r] (zeros).
     """
 
@@ -58,26 +61,26 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)  # B = 0  =>  B A = 0: a fresh adapter changes nothing
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-        self._scale = 1.0
+        self._strength = 1.0
 
     @property
-    def scale(self) -> float:
-        """Runtime strength of the adapter (1 = as trained, 0 = base model); set by sample.py --lora-scale."""
-        return self._scale
+    def strength(self) -> float:
+        """Runtime strength of the adapter (1 = as trained, 0 = base model); set by sample.py --lora-strength."""
+        return self._strength
 
-    @scale.setter
-    def scale(self, value: float) -> None:
+    @strength.setter
+    def strength(self, value: float) -> None:
         if self.merged:
-            raise ValueError("cannot change the scale of a merged LoRA layer: call unmerge() first, then merge() again.")
-        self._scale = float(value)
+            raise ValueError("cannot change the strength of a merged LoRA layer: call unmerge() first, then merge() again.")
+        self._strength = float(value)
 
     @property
     def scaling(self) -> float:
-        """The factor in front of B A: (alpha / r) * scale."""
-        return self.alpha / self.rank * self.scale
+        """The factor in front of B A: (alpha / r) * strength."""
+        return self.alpha / self.rank * self.strength
 
     def delta_weight(self) -> torch.Tensor:
-        """Delta W = (alpha / r) * scale * B A, shape [d_out, d_in] (the same shape as base.weight)."""
+        """Delta W = (alpha / r) * strength * B A, shape [d_out, d_in] (the same shape as base.weight)."""
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)  # [d_out, r] @ [r, d_in]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +92,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into the base weight, W <- W + (alpha / r) * scale * B A; forward skips A and B."""
+        """Fold the update into the base weight, W <- W + (alpha / r) * strength * B A; forward skips A and B."""
         if self.merged:
             raise ValueError("this LoRA layer is already merged: merging twice would add B A twice.")
         self.base.weight += self.delta_weight()
@@ -97,14 +100,14 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo `merge`: W <- W - (alpha / r) * scale * B A (equal to the original W up to rounding)."""
+        """Undo `merge`: W <- W - (alpha / r) * strength * B A (equal to the original W up to rounding)."""
         if not self.merged:
             raise ValueError("this LoRA layer is not merged, so there is nothing to unmerge.")
         self.base.weight -= self.delta_weight()
         self.merged = False
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, merged={self.merged}"
+        return f"rank={self.rank}, alpha={self.alpha:g}, strength={self.strength:g}, merged={self.merged}"
 
 
 def _target_of(name: str) -> str:
@@ -174,10 +177,10 @@ def unmerge_lora(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def set_lora_scale(model: nn.Module, scale: float) -> None:
-    """Set the runtime strength of every LoRA layer: W x + (alpha / r) * scale * B A x."""
+def set_lora_strength(model: nn.Module, lora_strength: float) -> None:
+    """Set the runtime strength of every LoRA layer: W x + (alpha / r) * strength * B A x."""
     for layer in _require_lora(model).values():
-        layer.scale = scale
+        layer.strength = lora_strength
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -266,3 +269,51 @@ def save_lora(model: nn.Module, path: str | os.PathLike) -> Path:
 def load_lora_file(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> list[str]:
     """Read a 'lora' checkpoint written by `save_lora` and apply it to `model` with `load_lora`."""
     return load_lora(model, load_checkpoint(path, "lora"), strict=strict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A LoRA file on a loaded pipeline: LoRA weights + new words + what it was made for
+# ----------------------------------------------------------------------------------------------------------
+def base_fingerprint(pipe) -> float:
+    """sum |theta| over the base weights of prompt encoder and UNet (float64): tells base models apart."""
+    return sum(p.detach().double().abs().sum().item()
+               for module in (pipe.text_encoder, pipe.unet) for name, p in module.named_parameters()
+               if "lora_" not in name and "new_rows" not in name)
+
+
+def adapter_state(pipe, fingerprint: float, base_words: list[str]) -> dict:
+    """Everything a base run needs to use the adapter: lora_state_dict(unet) + new words and their rows."""
+    return {**lora_state_dict(pipe.unet), "new_words": pipe.tokenizer.words[len(base_words):],
+            "word_rows": pipe.text_encoder.token_emb.new_rows.detach().cpu().clone(),
+            "base_words": list(base_words), "base_fingerprint": fingerprint}
+
+
+def apply_lora(pipe, state: dict, lora_strength: float = 1.0):
+    """Put an adapter (`adapter_state` or a LoRA file's contents) on a freshly loaded base pipe, in place.
+
+    Refuses (ValueError, model unchanged) a file made for another vocabulary, architecture or base weights.
+    lora_strength multiplies the LoRA update (0 = base UNet); the new words are always there.
+    """
+    new_words = list(state.get("new_words", []))
+    if "base_words" in state and list(state["base_words"]) != pipe.tokenizer.words:
+        raise ValueError("this LoRA file was made for a model with another vocabulary: use it with the base run "
+                         "it was trained on (train.py --stage lora --base RUN).")
+    if "base_fingerprint" in state:
+        here, there = base_fingerprint(pipe), float(state["base_fingerprint"])
+        if abs(here - there) > 1e-5 * abs(there):
+            raise ValueError("this LoRA file was made for other base weights (same architecture, different "
+                             "training): use it with the base run it was trained on.")
+    if new_words and tuple(state["word_rows"].shape) != (len(new_words), pipe.text_encoder.cfg.dim):
+        raise ValueError(f"the file's word rows have shape {list(state['word_rows'].shape)} but this prompt "
+                         f"encoder needs [{len(new_words)}, {pipe.text_encoder.cfg.dim}]: the file was made "
+                         "for another model.")
+    load_lora(pipe.unet, state)  # checks every layer's shape before it changes anything
+    if new_words:
+        add_words(pipe, new_words, state["word_rows"])
+    set_lora_strength(pipe.unet, lora_strength)
+    return pipe.eval().requires_grad_(False)
+
+
+def apply_lora_file(pipe, path: str | Path, lora_strength: float = 1.0):
+    """Read a LoRA file written by `train_lora` (kind 'lora') and `apply_lora` it to `pipe`."""
+    return apply_lora(pipe, load_checkpoint(path, "lora"), lora_strength)

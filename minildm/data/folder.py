@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from einops import rearrange
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 CAPTIONS_FILE = "captions.txt"
@@ -109,6 +109,23 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
         image.load()  # decode now: a truncated file fails here, not later
         image = ImageOps.exif_transpose(image)  # photos taken sideways carry their rotation in EXIF
         return np.array(resize_center_crop(to_rgb(image), size))
+
+
+def load_image_file(path: str | Path, size: int) -> torch.Tensor:
+    """Any image file PIL reads (PNG, JPG, ...) -> [1, 3, size, size] in [-1, 1]: RGB, the central square, resized."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"the image prompt {path} does not exist: give the path of a PNG or JPG file.")
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError):
+        raise ValueError(f"cannot read {path} as an image: give a PNG or JPG file.") from None
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 127.5 - 1.0  # [size, size, 3] in [-1, 1]
+    return rearrange(pixels, "h w c -> 1 c h w")
 
 
 def read_captions_csv(root: Path) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:

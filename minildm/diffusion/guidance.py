@@ -43,19 +43,19 @@ def drop_tokens(
     return torch.where(drop[:, None], empty_row[None, :], tokens)
 
 
-def _check_scale(scale: float) -> None:
-    if scale < 0:
-        raise ValueError(f"The guidance scale must be >= 0 (0 = unconditional, 1 = conditional), got {scale}.")
+def _check_scale(guidance_scale: float) -> None:
+    if guidance_scale < 0:
+        raise ValueError(f"The guidance scale must be >= 0 (0 = unconditional, 1 = conditional), got {guidance_scale}.")
 
 
-def guided_eps(eps_u: torch.Tensor, eps_c: torch.Tensor, scale: float) -> torch.Tensor:
+def guided_eps(eps_u: torch.Tensor, eps_c: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """eps~ = eps_u + s (eps_c - eps_u), [B, ...].
 
     Same as the seed's eq. 6 (w + 1) eps_c - w eps_u with s = w + 1, and IP-Adapter's
     w eps_c + (1 - w) eps_u with s = w.
     """
-    _check_scale(scale)
-    return eps_u + scale * (eps_c - eps_u)
+    _check_scale(guidance_scale)
+    return eps_u + guidance_scale * (eps_c - eps_u)
 
 
 def _batch_context(
@@ -84,7 +84,7 @@ def cfg_model_fn(
     mask_c: torch.Tensor | None,
     context_u: torch.Tensor,
     mask_u: torch.Tensor | None,
-    scale: float,
+    guidance_scale: float,
 ) -> EpsFn:
     """A guided eps_fn(x_t [B, ...], t [B]) -> eps~ [B, ...] for the samplers.
 
@@ -94,20 +94,20 @@ def cfg_model_fn(
     Each call runs the UNet once on the batch [uncond, cond] of size 2B; at s = 1 only the conditional
     half is run, at s = 0 only the unconditional half.
     """
-    _check_scale(scale)
+    _check_scale(guidance_scale)
 
     def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         B = x_t.shape[0]
         length = max(context_c.shape[1], context_u.shape[1])
         ctx_c, m_c = _batch_context(context_c, mask_c, B, length)
         ctx_u, m_u = _batch_context(context_u, mask_u, B, length)
-        if scale == 1:
+        if guidance_scale == 1:
             return unet(x_t, t, ctx_c, m_c)  # eps~ = eps_c
-        if scale == 0:
+        if guidance_scale == 0:
             return unet(x_t, t, ctx_u, m_u)  # eps~ = eps_u
         # one forward pass on [uncond, cond]: 2B samples
         eps = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([ctx_u, ctx_c]), torch.cat([m_u, m_c]))
         eps_u, eps_c = eps.chunk(2)  # [2B, ...] -> 2 x [B, ...]
-        return guided_eps(eps_u, eps_c, scale)
+        return guided_eps(eps_u, eps_c, guidance_scale)
 
     return eps_fn

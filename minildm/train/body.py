@@ -43,7 +43,7 @@ from einops import rearrange
 from minildm.adapters.body import (BODY, VIEW_KEYS, BodyAdapterConfig, BodyProjection, BodyVAE, BodyVAEConfig,
                                    KeypointRegressor, body_adapter_parameters, body_context, bolid_loss,
                                    new_body_adapter, predicted_x0_image, render_identities,
-                                   set_body_scales)
+                                   set_body_lambdas)
 from minildm.adapters.ip_adapter import IP, ImageProjection, drop_conditions, ip_adapter_state_dict, load_ip_adapter
 from minildm.autoencoder.vqvae import VQConfig
 from minildm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -453,7 +453,7 @@ class BodyPrompter:
         no_ref = torch.zeros(1, self.ref_projection.num_tokens, self.ref_projection.d_ctx, device=self.device)
         body = no_body if c_body is None else self.body_projection(c_body.to(self.device))
         if ref_image is None:
-            ref = no_ref.expand(body.shape[0], -1, -1)  # zero tokens: the lambda_ref term vanishes
+            ref = no_ref.expand(body.shape[0], -1, -1)  # zero tokens: the ref_lambda term vanishes
         else:
             kp, vis = self.regressor.predict(ref_image.to(self.device))
             ref = self.ref_projection(self.vae.view_features(ref_image.to(self.device), kp, vis))
@@ -472,9 +472,9 @@ def load_unet_weights(unet_weights: dict, saved: dict, path: Path) -> None:
             w.copy_(saved[name])
 
 
-def load_body_prompter(pipe: LatentDiffusion, run_dir: str | Path, lambda_b: float = 1.0,
-                       lambda_ref: float = 1.0) -> BodyPrompter:
-    """Install the run's body adapter into pipe.unet (lambda_b, lambda_ref) and load its VAE and regressor."""
+def load_body_prompter(pipe: LatentDiffusion, run_dir: str | Path, body_lambda: float = 1.0,
+                       ref_lambda: float = 1.0) -> BodyPrompter:
+    """Install the run's body adapter into pipe.unet (body_lambda, ref_lambda) and load its VAE and regressor."""
     run_dir = Path(run_dir)
     if not (run_dir / ADAPTER_FILE).is_file():
         raise CheckpointError(f"no body adapter in {run_dir}: train one with python train.py --stage body "
@@ -488,7 +488,7 @@ def load_body_prompter(pipe: LatentDiffusion, run_dir: str | Path, lambda_b: flo
     ref_projection = ImageProjection(vae.cfg.feature_dim, pipe.unet.cfg.context_dim, state["config"]["ref_tokens"])
     load_ip_adapter(pipe.unet, body_projection, state["body"])
     load_ip_adapter(pipe.unet, ref_projection.to(device), state["ref"])
-    set_body_scales(pipe.unet, lambda_ref, lambda_b)
+    set_body_lambdas(pipe.unet, ref_lambda, body_lambda)
     return BodyPrompter(vae, regressor, body_projection, ref_projection, state["train_config"]["seed"])
 
 

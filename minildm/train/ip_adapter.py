@@ -37,7 +37,7 @@ Full captions (the paper's only case) stay at 10%: they teach the image branch l
 them an image prompt + its full caption drifted (CLIP-T 0.80 in a 1500-step run without them, 0.93 with them
 at 4000 steps).
 
-At sampling time (`ImagePrompter`) the image tokens are appended after the text context of both halves of
+At sampling time (`ImagePrompter`, adapters/image_prompt.py) the image tokens are appended after the text context of both halves of
 classifier-free guidance: the conditional half gets the image prompt's tokens, the unconditional half the
 tokens of a zero embedding (the learned "no image" of training), with the empty prompt.
 """
@@ -50,31 +50,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from einops import rearrange
-from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
-from minildm.adapters.ip_adapter import (
-    ImageProjection,
-    IPAdapterConfig,
-    drop_conditions,
-    ip_adapter_parameters,
-    ip_adapter_state_dict,
-    load_ip_adapter,
-    new_ip_adapter,
-    set_ip_scale,
-)
-from minildm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from minildm.adapters.image_prompt import ADAPTER_FILE, CLIP_FILE, ImagePrompter, clip_fingerprint
+from minildm.adapters.ip_adapter import (ImageProjection, IPAdapterConfig, drop_conditions, ip_adapter_parameters,
+                                         ip_adapter_state_dict, load_ip_adapter, new_ip_adapter)
 from minildm.clip import CLIP, load_clip
 from minildm.config import count_parameters
 from minildm.data import shapes
 from minildm.diffusion.ddpm import diffusion_loss
 from minildm.pipeline import LatentDiffusion
+from minildm.progress import step_rng
 from minildm.train.clip import train_clip_stage
-from minildm.train.common import GracefulInterrupt, LossLog, learning_rate, progress, step_rng
+from minildm.train.common import Checkpoint, fit
 from minildm.train.ldm import GRID_PROMPTS, encode_latent_cache
 from minildm.viz import plot_curves, save_grid
-
-ADAPTER_FILE, CLIP_FILE = "ip_adapter.pt", "clip.pt"
 
 
 @dataclass
@@ -98,68 +87,6 @@ class IPAdapterTrainConfig:
         if len(self.caption_mix) != 4 or min(self.caption_mix) < 0 or abs(sum(self.caption_mix) - 1) > 1e-6:
             raise ValueError("caption_mix holds 4 probabilities (full caption, colour + shape, position, empty) "
                              f"that sum to 1, got {self.caption_mix}.")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Image prompts at sampling time
-# ----------------------------------------------------------------------------------------------------------
-def clip_fingerprint(clip: CLIP) -> float:
-    """One number that changes whenever the CLIP image projection changes (sum |W_i|): an adapter only
-    understands the embeddings of the CLIP it was trained with."""
-    return clip.image_proj.weight.detach().double().abs().sum().item()
-
-
-class ImagePrompter:
-    """A frozen CLIP + the trained ImageProjection: image prompts -> the `extra_tokens` of `LatentDiffusion.generate`."""
-
-    def __init__(self, clip: CLIP, projection: ImageProjection):
-        self.clip, self.projection = clip.eval(), projection.eval()
-
-    @torch.no_grad()
-    def extra_tokens(self, images: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """images [N or 1, 3, H, W] in [-1, 1], or None (text only) -> (cond [N or 1, n, d], uncond [1, n, d]).
-
-        uncond = LayerNorm(W_p 0): the tokens of a dropped image, which the adapter learned as "no image prompt".
-        """
-        device = self.projection.proj.weight.device
-        uncond = self.projection(torch.zeros(1, self.projection.d_img, device=device))  # c_i of e = 0
-        if images is None:
-            return uncond, uncond
-        return self.projection(self.clip.encode_image(images.to(device))), uncond  # c_i = LN(W_p CLIP_img(x))
-
-
-def load_image_prompter(pipe: LatentDiffusion, adapter_path: str | Path, scale: float = 1.0) -> ImagePrompter:
-    """Install the adapter of `adapter_path` (with the clip.pt beside it) into pipe.unet at lambda = scale."""
-    adapter_path = Path(adapter_path)
-    if not adapter_path.is_file():
-        raise CheckpointError(f"no IP-Adapter at {adapter_path}: train one with "
-                              f"python train.py --stage ip-adapter --base {adapter_path.parent}.")
-    state = load_checkpoint(adapter_path, "ip-adapter")
-    clip, _ = load_clip(adapter_path.parent / CLIP_FILE, pipe.device)
-    if abs(clip_fingerprint(clip) - state["clip_fingerprint"]) > 1e-3 * state["clip_fingerprint"]:
-        raise CheckpointError(f"{adapter_path.parent / CLIP_FILE} is not the CLIP that {adapter_path} was trained "
-                              "with: train the adapter again (python train.py --stage ip-adapter).")
-    projection = new_ip_adapter(pipe.unet, IPAdapterConfig(**state["config"]))
-    load_ip_adapter(pipe.unet, projection, state)
-    set_ip_scale(pipe.unet, scale)
-    return ImagePrompter(clip, projection)
-
-
-def load_image_file(path: str | Path, size: int) -> torch.Tensor:
-    """Any image file PIL reads (PNG, JPG, ...) -> [1, 3, size, size] in [-1, 1]: RGB, the central square, resized."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"the image prompt {path} does not exist: give the path of a PNG or JPG file.")
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError):
-        raise ValueError(f"cannot read {path} as an image: give a PNG or JPG file.") from None
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 127.5 - 1.0  # [size, size, 3] in [-1, 1]
-    return rearrange(pixels, "h w c -> 1 c h w")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -196,8 +123,9 @@ def caption_choices(color: str, shape: str, position: str) -> list[str]:
 
 
 def train_ip_adapter(base_dir: str | Path, device: torch.device, out_dir: str | Path | None = None,
-                     cfg: IPAdapterTrainConfig | None = None, show_progress: bool = True) -> Path:
+                     cfg: IPAdapterTrainConfig | None = None, show_progress: bool = True, resume: bool = False) -> Path:
     """Train an IP-Adapter on the frozen run `base_dir`; writes OUT/ip_adapter.pt (OUT = out_dir or base_dir).
+    Ctrl-C saves the adapter so far; resume=True continues it.
 
     The CLIP is OUT/clip.pt; when there is none, the "clip" stage trains it first.
     """
@@ -236,52 +164,52 @@ def train_ip_adapter(base_dir: str | Path, device: torch.device, out_dir: str | 
     print(f"IP-Adapter: {trainable:,} trainable parameters against the frozen UNet's {unet_params:,} "
           f"({100 * trainable / unet_params:.1f}%; the paper: 22M of ~860M, 2.6%)")
     opt = torch.optim.AdamW(ip_adapter_parameters(pipe.unet, projection), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    log = LossLog()
-    step = 0
+
+    def weights() -> dict:
+        return {**ip_adapter_state_dict(pipe.unet, projection), "config": asdict(ip_cfg), "train_config": asdict(cfg),
+                "clip_fingerprint": clip_fingerprint(clip), "base": str(base_dir)}
+
+    def load(saved: dict) -> None:
+        if abs(saved["clip_fingerprint"] - clip_fingerprint(clip)) > 1e-3 * saved["clip_fingerprint"]:
+            raise ValueError(f"{out_dir / ADAPTER_FILE} was trained with another CLIP: train again without --resume.")
+        load_ip_adapter(pipe.unet, projection, saved)
+
+    def loss_fn(step: int):
+        rng = step_rng(cfg.seed, step)
+        idx = torch.from_numpy(rng.integers(len(z0_all), size=cfg.batch_size))
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        drop_text, drop_image = drop_conditions(cfg.batch_size, cfg.drop_prob, gen)
+        kept = torch.from_numpy(rng.choice(4, size=cfg.batch_size, p=cfg.caption_mix))  # [B], caption_choices
+        tokens = texts_all[idx, kept]  # the full caption or one of its cuts
+        # the image prompt: the training image itself, or, when the text is cut to its position, a render
+        # of the same colour and shape at a random position (the text's position must win)
+        prompt_idx = torch.tensor([look_alike(i, rng) if k == POSITION_ONLY else i
+                                   for i, k in zip(idx.tolist(), kept.tolist())])
+        tokens = torch.where(drop_text[:, None], empty, tokens)  # y = "" when the text is dropped
+        e_img = torch.where(drop_image[:, None], 0.0, e_all[prompt_idx])  # e = 0 when the image is dropped
+        with torch.no_grad():
+            c_t, mask = pipe.text_encoder(tokens.to(device))  # frozen tau_theta(y)
+        context = torch.cat([c_t, projection(e_img.to(device))], dim=1)  # cat[c_t, c_i]: text, then 4 image tokens
+        t = torch.randint(0, pipe.schedule.num_timesteps, (cfg.batch_size,), generator=gen).to(device)
+        eps = torch.randn(z0_all[idx].shape, generator=gen).to(device)
+        loss = diffusion_loss(lambda x_t, t_: pipe.unet(x_t, t_, context, mask), pipe.schedule,
+                              z0_all[idx].to(device), prediction=pipe.prediction, t=t, eps=eps)
+        return loss, {"loss": loss.item()}
+
+    def seconds(step: int) -> dict:  # training time, for the benchmark table
+        return {"seconds": {"wall": time.time() - start_wall, "cpu": time.process_time() - start_cpu}}
+
     projection.train()
-    bar = progress(cfg.steps, 0, "ip-adapter", show_progress)
-    with GracefulInterrupt() as interrupt:
-        while step < cfg.steps and not interrupt.requested:
-            rng = step_rng(cfg.seed, step)
-            idx = torch.from_numpy(rng.integers(len(z0_all), size=cfg.batch_size))
-            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            drop_text, drop_image = drop_conditions(cfg.batch_size, cfg.drop_prob, gen)
-            kept = torch.from_numpy(rng.choice(4, size=cfg.batch_size, p=cfg.caption_mix))  # [B], caption_choices
-            tokens = texts_all[idx, kept]  # the full caption or one of its cuts
-            # the image prompt: the training image itself, or, when the text is cut to its position, a render
-            # of the same colour and shape at a random position (the text's position must win)
-            prompt_idx = torch.tensor([look_alike(i, rng) if k == POSITION_ONLY else i
-                                       for i, k in zip(idx.tolist(), kept.tolist())])
-            tokens = torch.where(drop_text[:, None], empty, tokens)  # y = "" when the text is dropped
-            e_img = torch.where(drop_image[:, None], 0.0, e_all[prompt_idx])  # e = 0 when the image is dropped
-            with torch.no_grad():
-                c_t, mask = pipe.text_encoder(tokens.to(device))  # frozen tau_theta(y)
-            context = torch.cat([c_t, projection(e_img.to(device))], dim=1)  # cat[c_t, c_i]: text, then 4 image tokens
-            t = torch.randint(0, pipe.schedule.num_timesteps, (cfg.batch_size,), generator=gen).to(device)
-            eps = torch.randn(z0_all[idx].shape, generator=gen).to(device)
-            loss = diffusion_loss(lambda x_t, t_: pipe.unet(x_t, t_, context, mask), pipe.schedule,
-                                  z0_all[idx].to(device), prediction=pipe.prediction, t=t, eps=eps)
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(step, cfg.steps, cfg.lr, cfg.warmup)  # warm-up, then cosine to 0
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            log.add(step, loss=loss.item())
-            bar.update(1)
-            bar.set_postfix(log.postfix("loss"))
-    bar.close()
+    run = fit(loss_fn, opt, cfg.steps, Checkpoint(out_dir / ADAPTER_FILE, "ip-adapter", weights, load,
+                                                  keep_optimizer=False),
+              lr=cfg.lr, warmup=cfg.warmup, resume=resume, desc="ip-adapter", show_progress=show_progress,
+              device=device, postfix=("loss",), finish=seconds)
+    path = out_dir / ADAPTER_FILE
     wall, cpu = time.time() - start_wall, time.process_time() - start_cpu
-    path = save_checkpoint(out_dir / ADAPTER_FILE, "ip-adapter", {
-        **ip_adapter_state_dict(pipe.unet, projection), "config": asdict(ip_cfg), "train_config": asdict(cfg),
-        "clip_fingerprint": clip_fingerprint(clip), "step": step, "log": log.state(), "base": str(base_dir),
-        "seconds": {"wall": wall, "cpu": cpu},  # training time, for the benchmark table
-    })
-    print(f"trained {step} steps in {wall:.0f} s ({cpu:.0f} s of CPU time, all threads); saved {path}")
-    plot_curves({"loss": log.history["loss"]}, out_dir / "ip_adapter_loss.png", title="IP-Adapter training loss")
-    if interrupt.requested:
-        tqdm.write(f"stopped at step {step}; the adapter so far is saved (this stage does not resume).")
-    if interrupt.requested or not cfg.preview_steps:
+    print(f"trained {run.step} steps in {wall:.0f} s ({cpu:.0f} s of CPU time, all threads); saved {path}")
+    plot_curves({"loss": run.log.history["loss"]}, out_dir / "ip_adapter_loss.png",
+                title=f"IP-Adapter training loss ({pipe.prediction} MSE)")
+    if run.interrupted or not cfg.preview_steps:
         return path
     prompts = reference_images(pipe.image_size, cfg.seed)
     prompter = ImagePrompter(clip, projection)

@@ -1,10 +1,10 @@
-"""Stage 3 (seed 000, lesson 13): teach a trained model a new word with LoRA, leaving its weights untouched.
+"""Stage "lora" (lesson 13): teach a trained model a new word with LoRA, leaving its weights untouched.
 
 The base run knows five places. Here it learns a sixth, "corner" ("a red circle in the corner", the top-left
 corner): a word its tokenizer does not have, for a place its UNet never drew anything. Two things train,
 everything else stays frozen:
 
-1. One new row of the prompt encoder's token table per new word (as in textual inversion):
+1. One new row of the prompt encoder's token table per new word (adapters/new_words.py, as in textual inversion):
        E' = [E ; e_corner]        E [V, d] frozen, e_corner [1, d] trainable
    The tokenizer gets the word as id V. e_corner starts at the mean of the rows of its kind's words (the
    positions for "corner", the colours for "orange", ...): "some place" rather than a random vector.
@@ -25,11 +25,13 @@ Data (`concept_training_set`): half of every batch shows the concept (every colo
 "a red circle in the corner"); the other half shows the base's own training prompts ("prior preservation",
 as in DreamBooth), so the update does not drift the old words. Captions are dropped to "" with p = 0.1 as in
 the base training, which keeps the unconditional branch that classifier-free guidance needs.
-Loss: the base's Algorithm 1, || eps - eps_theta(x_t, t, tau(y)) ||^2; only A, B and e_corner get gradients.
+Loss: the base's own (Algorithm 1 with the base's prediction target, v for the tiny preset: || v - v_theta ||^2);
+only A, B and e_corner get gradients.
 
 File (`adapter_state`): the UNet's `lora_state_dict` plus the new words, their rows and a fingerprint of the
-base weights: a few hundred KB next to a checkpoint of megabytes. `apply_lora` puts it on a loaded base
-(`sample.py --lora FILE`) and refuses a file made for another model.
+base weights: a few hundred KB next to a checkpoint of megabytes. `apply_lora` (adapters/lora.py) puts it on a
+loaded base (`sample.py --lora FILE`) and refuses a file made for another model. Ctrl-C saves the adapter as
+it is and --resume continues it (the optimiser state stays in the file until the last step).
 """
 from __future__ import annotations
 
@@ -38,19 +40,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 
-from minildm.adapters.lora import inject_lora, load_lora, lora_parameters, lora_state_dict, set_lora_scale
-from minildm.checkpoint import load_checkpoint, save_checkpoint
+from minildm.adapters.lora import adapter_state, base_fingerprint, inject_lora, load_lora, lora_parameters
+from minildm.adapters.new_words import add_words
 from minildm.config import Preset
 from minildm.data import shapes
 from minildm.diffusion.ddpm import diffusion_loss
 from minildm.diffusion.guidance import drop_tokens
 from minildm.pipeline import LatentDiffusion
-from minildm.text.tokenizer import Tokenizer
-from minildm.train.common import GracefulInterrupt, LossLog, learning_rate, progress, step_rng
+from minildm.progress import LossLog, step_rng
+from minildm.train.common import Checkpoint, fit
 from minildm.train.ldm import GRID_PROMPTS, encode_latent_cache
 from minildm.viz import plot_curves, save_grid
 
@@ -77,95 +77,6 @@ def lora_train_config(preset: Preset) -> LoRATrainConfig:
     if preset.name == "micro":
         return LoRATrainConfig(steps=30, batch_size=16, concept_images=32, base_images=32, warmup=2)
     return LoRATrainConfig()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# New words: one trainable embedding row each, on top of the frozen table
-# ----------------------------------------------------------------------------------------------------------
-class NewWordEmbedding(nn.Module):
-    """The base nn.Embedding (frozen) with k trainable rows appended for new words.
-
-    forward: tokens [B, L] (ids 0..V+k-1) -> [B, L, d], looked up in E' = [E ; new_rows], [V + k, d].
-    """
-
-    def __init__(self, base: nn.Embedding, new_rows: torch.Tensor):
-        super().__init__()
-        self.base = base.requires_grad_(False)  # E [V, d], the base model's words
-        self.new_rows = nn.Parameter(new_rows.detach().clone().to(base.weight))  # [k, d], the new words
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """E' = [E ; new_rows], [V + k, d]."""
-        return torch.cat([self.base.weight, self.new_rows])
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.embedding(tokens, self.weight)
-
-
-def add_words(pipe: LatentDiffusion, words: list[str], rows: torch.Tensor) -> NewWordEmbedding:
-    """Give `pipe` new words: ids V..V+k-1 in its tokenizer, rows [k, d] in its prompt encoder's token table.
-
-    Ids of the old words do not change, so old prompts tokenize exactly as before.
-    """
-    known = [w for w in words if w in pipe.tokenizer.word_to_id]
-    if known:
-        raise ValueError(f"'{known[0]}' is already a word of this model: a concept adapter adds new words only.")
-    if rows.shape != (len(words), pipe.text_encoder.cfg.dim):
-        raise ValueError(f"new word rows have shape {list(rows.shape)} but this prompt encoder needs "
-                         f"[{len(words)}, {pipe.text_encoder.cfg.dim}]: the file was made for another model.")
-    if isinstance(pipe.text_encoder.token_emb, NewWordEmbedding):
-        raise ValueError("this model already has new words: load the base run again before adding others.")
-    pipe.tokenizer = Tokenizer(pipe.tokenizer.words + list(words), pipe.tokenizer.max_len)
-    pipe.text_encoder.token_emb = NewWordEmbedding(pipe.text_encoder.token_emb, rows)
-    return pipe.text_encoder.token_emb
-
-
-def base_fingerprint(pipe: LatentDiffusion) -> float:
-    """sum |theta| over the base weights of prompt encoder and UNet (float64): tells base models apart."""
-    return sum(p.detach().double().abs().sum().item()
-               for module in (pipe.text_encoder, pipe.unet) for name, p in module.named_parameters()
-               if "lora_" not in name and "new_rows" not in name)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The adapter file: LoRA weights + new words + what it was made for
-# ----------------------------------------------------------------------------------------------------------
-def adapter_state(pipe: LatentDiffusion, fingerprint: float, base_words: list[str]) -> dict:
-    """Everything a base run needs to use the adapter: lora_state_dict(unet) + new words and their rows."""
-    return {**lora_state_dict(pipe.unet), "new_words": pipe.tokenizer.words[len(base_words):],
-            "word_rows": pipe.text_encoder.token_emb.new_rows.detach().cpu().clone(),
-            "base_words": list(base_words), "base_fingerprint": fingerprint}
-
-
-def apply_lora(pipe: LatentDiffusion, state: dict, scale: float = 1.0) -> LatentDiffusion:
-    """Put an adapter (`adapter_state` or a LoRA file's contents) on a freshly loaded base pipe, in place.
-
-    Refuses (ValueError, model unchanged) a file made for another vocabulary, architecture or base weights.
-    scale multiplies the LoRA update (0 = base UNet); the new words are always there.
-    """
-    new_words = list(state.get("new_words", []))
-    if "base_words" in state and list(state["base_words"]) != pipe.tokenizer.words:
-        raise ValueError("this LoRA file was made for a model with another vocabulary: use it with the base run "
-                         "it was trained on (train.py --stage lora --base RUN).")
-    if "base_fingerprint" in state:
-        here, there = base_fingerprint(pipe), float(state["base_fingerprint"])
-        if abs(here - there) > 1e-5 * abs(there):
-            raise ValueError("this LoRA file was made for other base weights (same architecture, different "
-                             "training): use it with the base run it was trained on.")
-    if new_words and tuple(state["word_rows"].shape) != (len(new_words), pipe.text_encoder.cfg.dim):
-        raise ValueError(f"the file's word rows have shape {list(state['word_rows'].shape)} but this prompt "
-                         f"encoder needs [{len(new_words)}, {pipe.text_encoder.cfg.dim}]: the file was made "
-                         "for another model.")
-    load_lora(pipe.unet, state)  # checks every layer's shape before it changes anything
-    if new_words:
-        add_words(pipe, new_words, state["word_rows"])
-    set_lora_scale(pipe.unet, scale)
-    return pipe.eval().requires_grad_(False)
-
-
-def apply_lora_file(pipe: LatentDiffusion, path: str | Path, scale: float = 1.0) -> LatentDiffusion:
-    """Read a LoRA file written by `train_lora` (kind 'lora') and `apply_lora` it to `pipe`."""
-    return apply_lora(pipe, load_checkpoint(path, "lora"), scale)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,11 +128,13 @@ def trainable_counts(pipe: LatentDiffusion) -> tuple[int, int]:
 
 
 def finetune_concept(pipe: LatentDiffusion, concept: str, cfg: LoRATrainConfig, device: torch.device | str = "cpu",
-                     show_progress: bool = True) -> tuple[dict, LossLog]:
+                     show_progress: bool = True, path: Path | None = None, resume: bool = False,
+                     meta: dict | None = None, finish=None) -> tuple[dict, LossLog]:
     """Teach `pipe` (a loaded base, changed in place) the concept word; returns (adapter state, loss log).
 
-    Afterwards `pipe` draws the concept (LoRA at scale 1, the word in its tokenizer); the state is what
-    `apply_lora` needs to do the same to a fresh copy of the base.
+    Afterwards `pipe` draws the concept (LoRA at strength 1, the word in its tokenizer); the state is what
+    `apply_lora` needs to do the same to a fresh copy of the base. With a path, the adapter file is written
+    there (with `meta` entries, and `finish(step)`'s at the end) and resume=True continues it.
     """
     if concept not in shapes.CONCEPTS:
         raise ValueError(f"unknown concept '{concept}': choose one of {list(shapes.CONCEPTS)}.")
@@ -243,65 +156,65 @@ def finetune_concept(pipe: LatentDiffusion, concept: str, cfg: LoRATrainConfig, 
     inject_lora(pipe.unet, cfg.targets, cfg.rank, cfg.alpha)  # A, B trainable, W frozen
     tokens_all = pipe.tokenizer.encode(captions)  # [N, L]
     empty = pipe.tokenizer.encode([""])  # [1, L]
-
-    opt = torch.optim.AdamW([{"params": lora_parameters(pipe.unet), "lr": cfg.lr},
-                             {"params": [emb.new_rows], "lr": cfg.embedding_lr}], weight_decay=0.0)
-    base_lrs = [group["lr"] for group in opt.param_groups]
-    params = [p for group in opt.param_groups for p in group["params"]]
-    log = LossLog()
+    opt = torch.optim.AdamW([{"params": lora_parameters(pipe.unet), "lr": cfg.lr, "peak_lr": cfg.lr},
+                             {"params": [emb.new_rows], "lr": cfg.embedding_lr, "peak_lr": cfg.embedding_lr}],
+                            weight_decay=0.0)
     half = cfg.batch_size // 2
+
+    def weights() -> dict:
+        return {**adapter_state(pipe, fingerprint, base_words), "first_stage_accuracy": reachable, **(meta or {})}
+
+    def load(saved: dict) -> None:
+        if list(saved["base_words"]) != base_words or saved["new_words"] != [concept]:
+            raise ValueError(f"{path} is not a '{concept}' adapter of this base run: train it again without --resume.")
+        load_lora(pipe.unet, saved)
+        with torch.no_grad():
+            emb.new_rows.copy_(saved["word_rows"])
+
+    def loss_fn(step: int):
+        rng = step_rng(cfg.seed, step)
+        idx = torch.cat([torch.from_numpy(rng.integers(n_concept, size=half)),  # half concept ...
+                         torch.from_numpy(rng.integers(n_concept, len(z0_all), size=cfg.batch_size - half))])
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        tokens = drop_tokens(tokens_all[idx], empty, cfg.p_uncond, gen).to(device)  # y = "" with prob. p
+        z0 = z0_all[idx].to(device)
+        t = torch.randint(0, pipe.schedule.num_timesteps, (len(idx),), generator=gen).to(device)
+        eps = torch.randn(z0.shape, generator=gen).to(device)
+        context, mask = pipe.text_encoder(tokens)  # tau(y): frozen encoder, trainable new row
+        loss = diffusion_loss(lambda x_t, t_: pipe.unet(x_t, t_, context, mask), pipe.schedule, z0,
+                              prediction=pipe.prediction, t=t, eps=eps)
+        return loss, {"loss": loss.item()}
+
     pipe.text_encoder.train()
     pipe.unet.train()
-    bar = progress(cfg.steps, 0, f"lora r={cfg.rank}", show_progress)
-    step = 0
-    with GracefulInterrupt() as interrupt:
-        while step < cfg.steps and not interrupt.requested:
-            rng = step_rng(cfg.seed, step)
-            idx = torch.cat([torch.from_numpy(rng.integers(n_concept, size=half)),  # half concept ...
-                             torch.from_numpy(rng.integers(n_concept, len(z0_all), size=cfg.batch_size - half))])
-            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            tokens = drop_tokens(tokens_all[idx], empty, cfg.p_uncond, gen).to(device)  # y = "" with prob. p
-            z0 = z0_all[idx].to(device)
-            t = torch.randint(0, pipe.schedule.num_timesteps, (len(idx),), generator=gen).to(device)
-            eps = torch.randn(z0.shape, generator=gen).to(device)
-            context, mask = pipe.text_encoder(tokens)  # tau(y): frozen encoder, trainable new row
-            loss = diffusion_loss(lambda x_t, t_: pipe.unet(x_t, t_, context, mask), pipe.schedule, z0,
-                                  prediction=pipe.prediction, t=t, eps=eps)
-
-            for group, lr in zip(opt.param_groups, base_lrs):
-                group["lr"] = learning_rate(step, cfg.steps, lr, cfg.warmup)  # warm-up, then cosine to 0
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            step += 1
-            log.add(step, loss=loss.item())
-            bar.update(1)
-            bar.set_postfix(log.postfix("loss"))
-    bar.close()
-    if interrupt.requested:
-        tqdm.write(f"stopped at step {step}; the adapter is saved as it is.")
+    run = fit(loss_fn, opt, cfg.steps, Checkpoint(path, "lora", weights, load, keep_optimizer=False),
+              lr=cfg.lr, warmup=cfg.warmup, resume=resume, desc=f"lora r={cfg.rank}", show_progress=show_progress,
+              device=device, max_norm=cfg.grad_clip, postfix=("loss",), finish=finish)
     pipe.eval().requires_grad_(False)
-    return {**adapter_state(pipe, fingerprint, base_words), "first_stage_accuracy": reachable}, log
+    return {**adapter_state(pipe, fingerprint, base_words), "first_stage_accuracy": reachable}, run.log
 
 
 def train_lora(preset: Preset, base_dir: str | Path, device: torch.device, concept: str = "corner",
                rank: int | None = None, alpha: float | None = None, steps: int | None = None,
-               out: str | Path | None = None, batch_size: int | None = None, show_progress: bool = True) -> Path:
+               out: str | Path | None = None, batch_size: int | None = None, show_progress: bool = True,
+               resume: bool = False) -> Path:
     """Fine-tune the base run in `base_dir` on `concept`; writes OUT/lora_<concept>_r<rank>.pt (OUT defaults to
-    base_dir), a loss plot and a sample grid; returns the path of the LoRA file."""
+    base_dir), a loss plot and a sample grid; returns the path of the LoRA file. resume: continue that file."""
     base_dir = Path(base_dir)
     recipe = lora_train_config(preset)
     cfg = replace(recipe, rank=rank or recipe.rank, alpha=alpha, steps=steps or recipe.steps,
                   batch_size=batch_size or recipe.batch_size)
     out_dir = Path(out) if out else base_dir
+    path = out_dir / f"lora_{concept}_r{cfg.rank}.pt"
     pipe = LatentDiffusion.load(base_dir, device)  # the EMA weights, which sample.py loads too
     wall, cpu = time.time(), time.process_time()
-    state, log = finetune_concept(pipe, concept, cfg, device, show_progress)
+
+    def seconds(step: int) -> dict:
+        return {"train_seconds": time.time() - wall, "train_cpu_seconds": time.process_time() - cpu}
+
+    _, log = finetune_concept(pipe, concept, cfg, device, show_progress, path, resume,
+                              meta={"concept": concept, "steps": cfg.steps, "preset": preset.name}, finish=seconds)
     wall, cpu = time.time() - wall, time.process_time() - cpu
-    path = save_checkpoint(out_dir / f"lora_{concept}_r{cfg.rank}.pt", "lora",
-                           {**state, "concept": concept, "steps": cfg.steps, "preset": preset.name,
-                            "train_seconds": wall, "train_cpu_seconds": cpu})
 
     trainable, total = trainable_counts(pipe)
     full = base_dir / "ldm.pt"
@@ -311,7 +224,7 @@ def train_lora(preset: Preset, base_dir: str | Path, device: torch.device, conce
     tqdm.write(f"{path}: {path.stat().st_size / 1e3:.0f} KB, against {weights_mb:.1f} MB of base weights "
                f"({full.stat().st_size / 1e6:.1f} MB for ldm.pt with EMA and optimizer state)")
     plot_curves({"loss": log.history["loss"]}, out_dir / f"lora_{concept}_r{cfg.rank}_loss.png",
-                title=f"LoRA fine-tuning on '{concept}' (eps MSE)")
+                title=f"LoRA fine-tuning on '{concept}' ({pipe.prediction} MSE)")
     prompts = concept_prompts(concept)[::2][:8] + GRID_PROMPTS[:4]  # 8 concept prompts, then 4 base prompts
     save_grid(pipe.generate(prompts, steps=25, guidance_scale=3.0, seed=0),
               out_dir / "samples" / f"lora_{concept}_r{cfg.rank}.png", nrow=len(prompts), upscale=2)

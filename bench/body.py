@@ -41,8 +41,9 @@ from einops import rearrange  # noqa: E402
 
 from minildm.adapters.body import set_body_lambdas  # noqa: E402
 from minildm.checkpoint import load_checkpoint  # noqa: E402
-from minildm.data.bodies import (LIMB_RATIOS, build_phrases, identity, limb_ratios, pose_caption,  # noqa: E402
-                                 pose_holds, random_view, render_body, shirt_name, true_limb_ratios)
+from minildm.data.bodies import build_phrases, identity, pose_caption, random_view, shirt_name  # noqa: E402
+from minildm.data.body_measure import LIMB_RATIOS, limb_ratios, pose_holds, true_limb_ratios  # noqa: E402
+from minildm.data.body_render import render_body  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402
 from minildm.train.body import ADAPTER_FILE, VAE_FILE, load_body_prompter, load_body_vae  # noqa: E402
 from minildm.viz import save_grid  # noqa: E402

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from minildm.data.bodies import (BACKGROUND, COCO_KEYPOINTS, COCO_SKELETON, MEAN_SHAPE, POSE_NAMES, SHAPE_RANGES,
-                                 SHIRTS, BodiesDataset, View, arm_states, build_phrases, identity, limb_ratios,
-                                 plot_identity, pose_caption, pose_holds, pose_keypoints, random_view, render_body,
-                                 shirt_name, true_limb_ratios)
+from minildm.data.bodies import (build_phrases, COCO_KEYPOINTS, COCO_SKELETON, identity, MEAN_SHAPE, pose_caption,
+                                 POSE_NAMES, random_view, SHAPE_RANGES, shirt_name, SHIRTS, View)
+from minildm.data.body_measure import arm_states, limb_ratios, pose_holds, true_limb_ratios
+from minildm.data.body_render import BACKGROUND, BodiesDataset, plot_identity, pose_keypoints, render_body
 
 K = {name: i for i, name in enumerate(COCO_KEYPOINTS)}
 

@@ -8,7 +8,8 @@ import torch
 from minildm.adapters.body import (BodyVAE, BodyVAEConfig, KeypointRegressor, gaussian_keypoint_weights,
                                    keypoint_gaussians, keypoints_to_pixels, keypoints_to_unit, kl_divergence,
                                    peak_soft_argmax, render_identities, reparameterize, weight_image)
-from minildm.data.bodies import MEAN_SHAPE, SHAPE_RANGES, BodiesDataset, identity, shape_vector
+from minildm.data.bodies import identity, MEAN_SHAPE, SHAPE_RANGES, shape_vector
+from minildm.data.body_render import BodiesDataset
 from minildm.train.body import train_keypoint_regressor
 
 

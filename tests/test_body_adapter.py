@@ -11,7 +11,7 @@ from minildm.adapters.body import (BODY, BodyAdapterConfig, BodyProjection, Body
 from minildm.adapters.ip_adapter import IP, DecoupledCrossAttention, ImageProjection
 from minildm.autoencoder.vqvae import VQVAE, VQConfig
 from minildm.clip import CLIP, CLIPConfig
-from minildm.data.bodies import BodiesDataset
+from minildm.data.body_render import BodiesDataset
 from minildm.diffusion.schedule import NoiseSchedule
 from minildm.modules.unet import UNet, UNetConfig
 

@@ -27,8 +27,8 @@ from einops import rearrange  # noqa: E402
 from lessons.common import QUICK, ROOT, exercises_of, load_module, out_dir  # noqa: E402
 from lessons.grading import mine_or_reference  # noqa: E402
 from minildm.adapters.body import BodyVAEConfig, keypoint_gaussians, render_identities  # noqa: E402
-from minildm.data.bodies import (COCO_KEYPOINTS, BodiesDataset, View, identity, pose_caption,  # noqa: E402
-                                 pose_keypoints, random_view, render_body)
+from minildm.data.bodies import COCO_KEYPOINTS, identity, pose_caption, random_view, View  # noqa: E402
+from minildm.data.body_render import BodiesDataset, pose_keypoints, render_body  # noqa: E402
 from minildm.train.body import train_body_vae  # noqa: E402
 
 OUT = out_dir(__file__)

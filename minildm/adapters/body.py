@@ -25,7 +25,7 @@ from torch import nn
 
 from minildm.adapters.ip_adapter import (IP, DecoupledCrossAttention, ImageProjection, install_ip_adapter,
                                         ip_adapter_parameters, set_ip_lambda)
-from minildm.data.bodies import BodiesDataset
+from minildm.data.body_render import BodiesDataset
 
 LOGVAR_RANGE = (-30.0, 20.0)  # the usual clamp of log sigma^2 (keeps exp() finite)
 
@@ -241,7 +241,7 @@ class BodyVAE(nn.Module):
         """Rebuild a weighted view from the body latent and an identity-free pose.
 
         z [B, D], pose_keypoints [B, K, 2] pixel (x, y) of the pose on the average body
-        (``minildm.data.bodies.pose_keypoints``) -> image [B, 3, H, W] (the weighted view in [-1, 1]).
+        (``minildm.data.body_render.pose_keypoints``) -> image [B, 3, H, W] (the weighted view in [-1, 1]).
         """
         size = self.cfg.image_size
         all_visible = torch.ones(pose_keypoints.shape[:-1], dtype=torch.bool, device=pose_keypoints.device)

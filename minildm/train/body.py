@@ -48,8 +48,8 @@ from minildm.adapters.ip_adapter import IP, ImageProjection, drop_conditions, ip
 from minildm.autoencoder.vqvae import VQConfig
 from minildm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from minildm.config import AutoencoderTrainConfig, LDMTrainConfig, Preset, micro
-from minildm.data.bodies import (POSE_NAMES, BodiesDataset, build_phrases, identity, pose_caption, random_view,
-                                 render_body, shape_vector, shirt_name)
+from minildm.data.bodies import build_phrases, identity, pose_caption, POSE_NAMES, random_view, shape_vector, shirt_name
+from minildm.data.body_render import BodiesDataset, render_body
 from minildm.modules.unet import UNetConfig
 from minildm.pipeline import LatentDiffusion
 from minildm.text.encoder import TextEncoderConfig

@@ -58,12 +58,13 @@ def main(argv=None) -> int:
         device = pick_device(args.device)
         pipe = LatentDiffusion.load(args.run, device)
         if args.lora:
-            from minildm.train.lora import apply_lora_file  # LoRA weights + the new words the file teaches
+            from minildm.adapters.lora import apply_lora_file
             apply_lora_file(pipe, args.lora, args.lora_strength)
         extra_tokens = None
         if args.body_id is not None or args.body_views:  # BoLID: cat[c_ref, c_b] after the text of both CFG halves
-            from minildm.train.body import identity_views, load_body_prompter, load_view_folder
-            from minildm.train.ip_adapter import load_image_file
+            from minildm.adapters.body import load_body_prompter, load_view_folder
+            from minildm.data.body_render import identity_views
+            from minildm.data.folder import load_image_file
             prompter = load_body_prompter(pipe, args.run, body_lambda=args.body_lambda, ref_lambda=args.ip_lambda)
             if args.body_views:  # keypoints: the run's regressor
                 c_body = prompter.c_body(load_view_folder(args.body_views, pipe.image_size))
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
             ref = load_image_file(args.image_prompt, pipe.image_size) if args.image_prompt else None
             extra_tokens = prompter.extra_tokens(c_body, ref)
         elif args.image_prompt:  # IP-Adapter: image tokens appended after the text of both guidance halves
-            from minildm.train.ip_adapter import ADAPTER_FILE, load_image_file, load_image_prompter
+            from minildm.adapters.image_prompt import ADAPTER_FILE, load_image_prompter
+            from minildm.data.folder import load_image_file
             prompter = load_image_prompter(pipe, Path(args.run) / ADAPTER_FILE, args.ip_lambda)
             extra_tokens = prompter.extra_tokens(load_image_file(args.image_prompt, pipe.image_size))
         prompts = [p for p in args.prompts for _ in range(args.n)]

@@ -45,7 +45,8 @@ from minildm.data.bodies import build_phrases, identity, pose_caption, random_vi
 from minildm.data.body_measure import LIMB_RATIOS, limb_ratios, pose_holds, true_limb_ratios  # noqa: E402
 from minildm.data.body_render import render_body  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402
-from minildm.train.body import ADAPTER_FILE, VAE_FILE, load_body_prompter, load_body_vae  # noqa: E402
+from minildm.adapters.body import ADAPTER_FILE, load_body_prompter, VAE_FILE  # noqa: E402
+from minildm.adapters.body_vae import load_body_vae  # noqa: E402
 from minildm.viz import save_grid  # noqa: E402
 
 EVAL_POSES = ("standing", "raising the left arm", "raising the right arm", "raising both arms")

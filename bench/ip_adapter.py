@@ -30,15 +30,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `python bench/x.py` works
 
 from minildm.checkpoint import load_checkpoint  # noqa: E402
-from minildm.clip import clip_i, clip_t, load_clip, save_clip, train_clip  # noqa: E402
+from minildm.clip import clip_i, clip_t, load_clip, save_clip  # noqa: E402
+from minildm.train.clip import train_clip  # noqa: E402
 from minildm.data import shapes  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402
 from minildm.train.clip import evaluate_clip, train_clip_stage  # noqa: E402
 from minildm.progress import step_rng  # noqa: E402
 from minildm.adapters.ip_adapter import set_ip_lambda  # noqa: E402
 from minildm.train.clip import CLIP_STEPS  # noqa: E402
-from minildm.train.ip_adapter import (ADAPTER_FILE, CLIP_FILE, IPAdapterTrainConfig, load_image_prompter,  # noqa: E402
-                                      parameter_counts, train_ip_adapter)
+from minildm.adapters.image_prompt import ADAPTER_FILE, CLIP_FILE, load_image_prompter  # noqa: E402
+from minildm.train.ip_adapter import IPAdapterTrainConfig, parameter_counts, train_ip_adapter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LAMBDAS = (0.5, 0.75, 1.0, 1.25, 1.5)  # image + text sweep

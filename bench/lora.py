@@ -33,8 +33,9 @@ from minildm.evaluate import generate_split, prompt_accuracy_report  # noqa: E40
 from minildm.pipeline import LatentDiffusion  # noqa: E402
 from minildm.progress import step_rng  # noqa: E402
 from minildm.train.ldm import encode_latent_cache  # noqa: E402
-from minildm.train.lora import (apply_lora_file, concept_prompts, first_stage_accuracy, lora_train_config,  # noqa: E402
-                                train_lora, trainable_counts)
+from minildm.adapters.lora import apply_lora_file  # noqa: E402
+from minildm.train.lora import (concept_prompts, first_stage_accuracy, lora_train_config, train_lora,
+                                trainable_counts)  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,12 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from minildm.adapters.body import (BodyVAE, BodyVAEConfig, KeypointRegressor, gaussian_keypoint_weights,
-                                   keypoint_gaussians, keypoints_to_pixels, keypoints_to_unit, kl_divergence,
-                                   peak_soft_argmax, render_identities, reparameterize, weight_image)
+from minildm.adapters.body_vae import (BodyVAE, BodyVAEConfig, gaussian_keypoint_weights, keypoint_gaussians,
+                                       keypoints_to_pixels, keypoints_to_unit, kl_divergence, reparameterize,
+                                       weight_image)
+from minildm.adapters.keypoint_regressor import KeypointRegressor, peak_soft_argmax
+from minildm.data.body_render import render_identities
 from minildm.data.bodies import identity, MEAN_SHAPE, SHAPE_RANGES, shape_vector
 from minildm.data.body_render import BodiesDataset
-from minildm.train.body import train_keypoint_regressor
+from minildm.train.body_models import train_keypoint_regressor
 
 
 def weights_reference(keypoints, visible, height, width, sigma):

@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from minildm.adapters.body import (BODY, BodyAdapterConfig, BodyProjection, BodyVAE, BodyVAEConfig,
-                                   KeypointRegressor, body_adapter_parameters, body_context, bolid_loss,
-                                   clip_text_loss, install_body_adapter, keypoint_id_loss, keypoints_to_pixels,
-                                   keypoints_to_unit, new_body_adapter, predicted_x0_image, reparameterize,
-                                   set_body_lambdas)
+from minildm.adapters.body import (BODY, body_adapter_parameters, body_context, BodyAdapterConfig, BodyProjection,
+                                   bolid_loss, clip_text_loss, install_body_adapter, keypoint_id_loss,
+                                   new_body_adapter, predicted_x0_image, set_body_lambdas)
+from minildm.adapters.body_vae import BodyVAE, BodyVAEConfig, keypoints_to_pixels, keypoints_to_unit, reparameterize
+from minildm.adapters.keypoint_regressor import KeypointRegressor
 from minildm.adapters.ip_adapter import IP, DecoupledCrossAttention, ImageProjection
 from minildm.autoencoder.vqvae import VQVAE, VQConfig
 from minildm.clip import CLIP, CLIPConfig

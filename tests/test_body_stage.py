@@ -14,9 +14,11 @@ from minildm.data.bodies import build_phrases, identity, shape_vector, shirt_nam
 from minildm.modules.transformer import SpatialTransformer
 from minildm.modules.unet import ResBlock, UNet
 from minildm.pipeline import LatentDiffusion
-from minildm.train.body import (ADAPTER_FILE, REGRESSOR_FILE, VAE_FILE, body_base_preset, body_stage_config,
-                                encoder_views, fit, identity_views, load_body_prompter, load_unet_weights,
-                                render_stage_data, train_body_stage, vae_views)
+from minildm.adapters.body import ADAPTER_FILE, load_body_prompter, load_unet_weights, REGRESSOR_FILE, VAE_FILE
+from minildm.data.body_render import identity_views
+from minildm.train.body import body_base_preset, body_stage_config, train_body_stage
+from minildm.train.body_data import encoder_views, render_stage_data, vae_views
+from minildm.train.common import fit
 
 
 @pytest.fixture(scope="module")

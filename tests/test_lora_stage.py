@@ -17,8 +17,9 @@ from minildm.data import shapes
 from minildm.pipeline import LatentDiffusion
 from minildm.train.autoencoder import train_autoencoder
 from minildm.train.ldm import train_ldm
-from minildm.train.lora import (LoRATrainConfig, NewWordEmbedding, add_words, apply_lora, apply_lora_file,
-                                concept_prompts, finetune_concept, train_lora, trainable_counts)
+from minildm.adapters.lora import apply_lora, apply_lora_file
+from minildm.adapters.new_words import add_words, NewWordEmbedding
+from minildm.train.lora import concept_prompts, finetune_concept, LoRATrainConfig, train_lora, trainable_counts
 
 CPU = torch.device("cpu")
 CFG = LoRATrainConfig(steps=3, batch_size=8, concept_images=16, base_images=16, warmup=1)

@@ -27,8 +27,8 @@ from minildm.adapters.ip_adapter import DecoupledCrossAttention, set_ip_lambda  
 from minildm.data import shapes  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402
 from minildm.train.clip import train_clip_stage  # noqa: E402
-from minildm.train.ip_adapter import (ADAPTER_FILE, CLIP_FILE, IPAdapterTrainConfig, load_image_prompter,  # noqa: E402
-                                      parameter_counts, train_ip_adapter)
+from minildm.adapters.image_prompt import ADAPTER_FILE, CLIP_FILE, load_image_prompter  # noqa: E402
+from minildm.train.ip_adapter import IPAdapterTrainConfig, parameter_counts, train_ip_adapter  # noqa: E402
 from minildm.viz import make_grid  # noqa: E402
 
 OUT = out_dir(__file__)

@@ -1,6 +1,6 @@
 """Grade lesson 15:  python lessons/15_body_vae/grade.py  (add -v to see what differed).
 
-Every check compares your function with the library (minildm/adapters/body.py) on inputs where the usual
+Every check compares your function with the library (minildm/adapters/body_vae.py) on inputs where the usual
 mistakes show: crowded keypoints (max, not sum), a hidden keypoint, a distance of exactly sigma, alpha at
 its ends, the variance against the standard deviation, the sign of the KL.
 REFERENCE holds the library's solutions in the exercises' signatures (tests/test_lessons_body.py checks
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 import torch  # noqa: E402
 
 from lessons.grading import Check, main  # noqa: E402
-from minildm.adapters import body as lib  # noqa: E402
+from minildm.adapters import body_vae as lib  # noqa: E402
 
 REFERENCE = {
     "gaussian_keypoint_weights": lib.gaussian_keypoint_weights,

@@ -26,10 +26,11 @@ from einops import rearrange  # noqa: E402
 
 from lessons.common import QUICK, ROOT, exercises_of, load_module, out_dir  # noqa: E402
 from lessons.grading import mine_or_reference  # noqa: E402
-from minildm.adapters.body import BodyVAEConfig, keypoint_gaussians, render_identities  # noqa: E402
+from minildm.adapters.body_vae import BodyVAEConfig, keypoint_gaussians  # noqa: E402
+from minildm.data.body_render import render_identities  # noqa: E402
 from minildm.data.bodies import COCO_KEYPOINTS, identity, pose_caption, random_view, View  # noqa: E402
 from minildm.data.body_render import BodiesDataset, pose_keypoints, render_body  # noqa: E402
-from minildm.train.body import train_body_vae  # noqa: E402
+from minildm.train.body_models import train_body_vae  # noqa: E402
 
 OUT = out_dir(__file__)
 SIGMAS = (1.5, 3.0, 6.0)  # pixels, on 64x64 people
@@ -220,7 +221,8 @@ elif not (RUN / "body_adapter.pt").is_file():
           "identity in several prompted poses (out/one_identity_poses.png).")
 else:
     from minildm.pipeline import LatentDiffusion
-    from minildm.train.body import identity_views, load_body_prompter
+    from minildm.adapters.body import load_body_prompter
+    from minildm.data.body_render import identity_views
 
     base = LatentDiffusion.load(RUN)  # ldm.pt: the text-only base model
     pipe = LatentDiffusion.load(RUN)

@@ -313,6 +313,7 @@ def plot_identity(shape: BodyShape, n_views: int, path, size: int = 64, seed: in
 
 
 VIEW_KEYS = ("image", "keypoints", "visible", "pose_keypoints")
+REFERENCE_VIEWS = 4  # views of an identity rendered for sample.py --body-id and the stage's previews
 
 
 def render_identities(data: BodiesDataset) -> dict:
@@ -323,7 +324,7 @@ def render_identities(data: BodiesDataset) -> dict:
             for key in VIEW_KEYS}
 
 
-def identity_views(index: int, n: int = 4, size: int = 32, seed: int = 0) -> dict:
+def identity_views(index: int, n: int = REFERENCE_VIEWS, size: int = 32, seed: int = 0) -> dict:
     """Identity `index` (of the stage's seed) in n fixed random views: {image [n, 3, H, W] in [-1, 1],
     keypoints [n, 17, 2], visible [n, 17]}. Indices past the training identities are people never seen."""
     if index < 0:

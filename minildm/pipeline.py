@@ -121,7 +121,7 @@ class LatentDiffusion(nn.Module):
             m.store_attention = return_attention
         try:
             if sampler == "ddim":
-                out = ddim_sample(eps_fn, self.schedule, x_T, steps, eta, spacing="trailing", generator=generator, progress=progress,
+                out = ddim_sample(eps_fn, self.schedule, x_T, steps, eta, generator=generator, progress=progress,
                                   return_trajectory=return_trajectory)
             else:
                 out = ddpm_sample(eps_fn, self.schedule, x_T, generator=generator, progress=progress,

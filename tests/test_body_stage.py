@@ -6,7 +6,6 @@ from PIL import Image
 
 import sample
 import train
-from minildm.adapters.body import set_body_lambdas
 from minildm.adapters.ip_adapter import DecoupledCrossAttention
 from minildm.autoencoder.vqvae import VQVAE
 from minildm.checkpoint import CheckpointError, load_checkpoint
@@ -14,11 +13,11 @@ from minildm.data.bodies import build_phrases, identity, shape_vector, shirt_nam
 from minildm.modules.transformer import SpatialTransformer
 from minildm.modules.unet import ResBlock, UNet
 from minildm.pipeline import LatentDiffusion
-from minildm.adapters.body import ADAPTER_FILE, load_body_prompter, load_unet_weights, REGRESSOR_FILE, VAE_FILE
+from minildm.adapters.body import (ADAPTER_FILE, REGRESSOR_FILE, VAE_FILE, load_body_prompter, load_unet_weights,
+                                   set_body_lambdas)
 from minildm.data.body_render import identity_views
 from minildm.train.body import body_base_preset, body_stage_config, train_body_stage
 from minildm.train.body_data import encoder_views, render_stage_data, vae_views
-from minildm.train.common import fit
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +72,6 @@ def test_vae_gets_its_own_further_people_and_their_true_shapes():
         assert not torch.equal(vae_shapes[n + k], torch.from_numpy(shape_vector(identity(k, cfg.seed))))
     cfg.vae_people = 0
     assert vae_views(cfg, everything, shapes)[0] is everything
-
-
-def test_fit_scales_a_groups_learning_rate():
-    """Adam's first step moves every weight by lr * g / |g| = lr: the scaled group by lr_scale * lr."""
-    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
-    groups = [{"params": [a]}, {"params": [b], "lr_scale": 0.1}]
-    fit(groups, 1, lambda step: ((a - 1).pow(2).sum() + (b - 1).pow(2).sum(), {}), 0.01, "t", {}, show_progress=False)
-    assert torch.allclose(a.detach(), torch.full((3,), 0.01), atol=1e-6)
-    assert torch.allclose(b.detach(), torch.full((3,), 0.001), atol=1e-7)
 
 
 def test_stage_writes_every_checkpoint(run):

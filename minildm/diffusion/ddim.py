@@ -26,9 +26,11 @@ SPACINGS = ("leading", "trailing")
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t [B, ...], t [B]) -> eps [B, ...]
 
 
-def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "leading", offset: int = 1) -> torch.Tensor:
+def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing", offset: int = 1) -> torch.Tensor:
     """The DDIM timesteps, a strictly decreasing LongTensor [steps] inside 0..T-1.
 
+    "trailing" is the default: minildm's own models sample with it (the first step starts from pure noise at
+    t = T - 1); Stable Diffusion v1 uses "leading" with offset 1.
     "leading" (Stable Diffusion v1): k * (T // steps) + offset for k = 0..steps-1; SD v1 uses offset = 1,
         e.g. T = 1000, steps = 50 -> 981, 961, ..., 21, 1.
     "trailing": round(k * T / steps) - 1 for k = steps..1, so the first step is always T - 1,
@@ -110,7 +112,7 @@ def ddim_sample(
     x_T: torch.Tensor,
     steps: int = 50,
     eta: float = 0.0,
-    spacing: str = "leading",
+    spacing: str = "trailing",
     offset: int = 1,
     generator: torch.Generator | None = None,
     progress: bool = True,
@@ -145,7 +147,7 @@ def ddim_invert(
     schedule: NoiseSchedule,
     x0: torch.Tensor,
     steps: int = 50,
-    spacing: str = "leading",
+    spacing: str = "trailing",
     offset: int = 1,
     progress: bool = True,
 ) -> torch.Tensor:

@@ -25,8 +25,6 @@ run never saw (identity numbers after its training identities) and fresh views o
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -39,30 +37,21 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from einops import rearrange  # noqa: E402
 
-from minildm.adapters.body import set_body_lambdas  # noqa: E402
+from machine import machine  # noqa: E402  (bench/machine.py)
+from minildm.adapters.body import ADAPTER_FILE, VAE_FILE, load_body_prompter, set_body_lambdas  # noqa: E402
+from minildm.adapters.body_vae import load_body_vae  # noqa: E402
 from minildm.checkpoint import load_checkpoint  # noqa: E402
 from minildm.data.bodies import build_phrases, identity, pose_caption, random_view, shirt_name  # noqa: E402
 from minildm.data.body_measure import LIMB_RATIOS, limb_ratios, pose_holds, true_limb_ratios  # noqa: E402
 from minildm.data.body_render import render_body  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402
-from minildm.adapters.body import ADAPTER_FILE, load_body_prompter, VAE_FILE  # noqa: E402
-from minildm.adapters.body_vae import load_body_vae  # noqa: E402
 from minildm.viz import save_grid  # noqa: E402
 
 EVAL_POSES = ("standing", "raising the left arm", "raising the right arm", "raising both arms")
+SETTINGS_NOTES = "## How the body stage's settings were chosen"
 TEXT_ONLY, BODY_STREAM = "text only (the base model)", "body stream (body_lambda = 1, no reference)"
 GALLERY, QUERY = 4, 4  # views per identity
 SAME_CLOTHES = dict(shirt=(200, 50, 50), trousers=(45, 50, 80), skin=(214, 160, 120))
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{model}, {os.cpu_count()} cores visible (shared with other jobs), {torch.get_num_threads()} torch "
-            f"thread(s), load average {os.getloadavg()[0]:.1f} at the end, torch {torch.__version__}")
 
 
 def render(shape, views, size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -260,6 +249,9 @@ def main(argv=None) -> int:
     ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    notes = out.read_text().split(SETTINGS_NOTES, 1) if out.is_file() else []
+    if len(notes) == 2:  # the hand-written section on how the stage's settings were chosen stays
+        lines += ["", SETTINGS_NOTES + notes[1].rstrip("\n")]
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out}")

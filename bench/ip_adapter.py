@@ -17,8 +17,6 @@ is trained again when the base's ldm.pt is newer or the stage's recipe changed),
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict
@@ -29,30 +27,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `python bench/x.py` works
 
+from machine import machine  # noqa: E402  (bench/machine.py)
+from minildm.adapters.image_prompt import ADAPTER_FILE, CLIP_FILE, load_image_prompter  # noqa: E402
+from minildm.adapters.ip_adapter import set_ip_lambda  # noqa: E402
 from minildm.checkpoint import load_checkpoint  # noqa: E402
 from minildm.clip import clip_i, clip_t, load_clip, save_clip  # noqa: E402
-from minildm.train.clip import train_clip  # noqa: E402
 from minildm.data import shapes  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402
-from minildm.train.clip import evaluate_clip, train_clip_stage  # noqa: E402
 from minildm.progress import step_rng  # noqa: E402
-from minildm.adapters.ip_adapter import set_ip_lambda  # noqa: E402
-from minildm.train.clip import CLIP_STEPS  # noqa: E402
-from minildm.adapters.image_prompt import ADAPTER_FILE, CLIP_FILE, load_image_prompter  # noqa: E402
+from minildm.train.clip import CLIP_STEPS, evaluate_clip, train_clip, train_clip_stage  # noqa: E402
 from minildm.train.ip_adapter import IPAdapterTrainConfig, parameter_counts, train_ip_adapter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LAMBDAS = (0.5, 0.75, 1.0, 1.25, 1.5)  # image + text sweep
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{model}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads, "
-            f"load average {os.getloadavg()[0]:.1f} at the end, torch {torch.__version__}")
 
 
 def renders(combos, seed: int) -> torch.Tensor:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,6 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `python bench/x.py` works
 
+from machine import cpu_name  # noqa: E402  (bench/machine.py)
+from minildm.adapters.lora import apply_lora_file  # noqa: E402
 from minildm.checkpoint import load_checkpoint  # noqa: E402
 from minildm.config import get_preset  # noqa: E402
 from minildm.data import shapes  # noqa: E402
@@ -33,21 +34,10 @@ from minildm.evaluate import generate_split, prompt_accuracy_report  # noqa: E40
 from minildm.pipeline import LatentDiffusion  # noqa: E402
 from minildm.progress import step_rng  # noqa: E402
 from minildm.train.ldm import encode_latent_cache  # noqa: E402
-from minildm.adapters.lora import apply_lora_file  # noqa: E402
 from minildm.train.lora import (concept_prompts, first_stage_accuracy, lora_train_config, train_lora,
                                 trainable_counts)  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def concept_accuracy(pipe, concept: str, n: int) -> float:

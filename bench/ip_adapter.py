@@ -33,6 +33,7 @@ from minildm.adapters.ip_adapter import set_ip_lambda  # noqa: E402
 from minildm.checkpoint import load_checkpoint  # noqa: E402
 from minildm.clip import clip_i, clip_t, load_clip, save_clip  # noqa: E402
 from minildm.data import shapes  # noqa: E402
+from minildm.data.describe import describe  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402
 from minildm.progress import step_rng  # noqa: E402
 from minildm.train.clip import CLIP_STEPS, evaluate_clip, train_clip, train_clip_stage  # noqa: E402
@@ -105,7 +106,7 @@ def main() -> None:
     combos = list(shapes.ALL_COMBOS)
     prompts_img = renders(combos, seed=0)
     ip_only = sample(pipe, prompter, [""] * len(combos), prompts_img, 1.0, args.steps)
-    read = [shapes.describe(x) for x in ip_only]
+    read = [describe(x) for x in ip_only]
     seen = [c not in shapes.HELD_OUT for c in combos]
 
     def rate(hits, which=None):
@@ -121,7 +122,7 @@ def main() -> None:
     multimodal = {}
     for scale in LAMBDAS:
         images = sample(pipe, prompter, ["on the left"] * len(elsewhere), red_squares, scale, args.steps, seed=100)
-        looks = [shapes.describe(x) for x in images]
+        looks = [describe(x) for x in images]
         multimodal[scale] = (np.mean([r == ("red", "square", "left") for r in looks]),
                              np.mean([r[:2] == ("red", "square") for r in looks]), np.mean([r[2] == "left" for r in looks]))
     # the same conflict for every colour and shape: a position phrase + an image of the shape elsewhere
@@ -132,11 +133,11 @@ def main() -> None:
                             for p in ("right", "bottom", "center")]
         images_elsewhere = renders(combos_elsewhere, seed=7)
         for scale in LAMBDAS:
-            looks = [shapes.describe(x) for x in sample(pipe, prompter, [phrase] * len(combos_elsewhere),
+            looks = [describe(x) for x in sample(pipe, prompter, [phrase] * len(combos_elsewhere),
                                                         images_elsewhere, scale, args.steps, seed=300)]
             general[phrase, scale] = np.mean([r == (c[0], c[1], target) for r, c in zip(looks, combos_elsewhere)])
     text_only_left = sample(pipe, prompter, ["on the left"] * 16, None, 0.0, args.steps, seed=100)
-    text_only_left_rate = np.mean([shapes.describe(x)[2] == "left" for x in text_only_left])
+    text_only_left_rate = np.mean([describe(x)[2] == "left" for x in text_only_left])
 
     # --- CLIP-T / CLIP-I (judge CLIP) ------------------------------------------------------------------------------
     captions = [shapes.caption(*c) for c in combos]

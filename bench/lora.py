@@ -30,6 +30,7 @@ from minildm.adapters.lora import apply_lora_file  # noqa: E402
 from minildm.checkpoint import load_checkpoint  # noqa: E402
 from minildm.config import get_preset  # noqa: E402
 from minildm.data import shapes  # noqa: E402
+from minildm.data.describe import prompt_accuracy  # noqa: E402
 from minildm.evaluate import generate_split, prompt_accuracy_report  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402
 from minildm.progress import step_rng  # noqa: E402
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def concept_accuracy(pipe, concept: str, n: int) -> float:
     """All three attributes right on n samples of every concept prompt (DDIM 50, guidance 3)."""
     images, prompts = generate_split(pipe, shapes.concept_combos(concept), n, desc=f"sampling '{concept}'")
-    return shapes.prompt_accuracy(images, prompts, (concept,))
+    return prompt_accuracy(images, prompts, (concept,))
 
 
 def first_stage_ceilings(pipe, n: int = 256) -> dict[str, float]:

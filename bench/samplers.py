@@ -3,7 +3,7 @@
     python bench/samplers.py --run runs/tiny [--n 1]      # writes bench/results/samplers.md
 
 Every sampler draws `n` samples for each of the 80 SEEN prompts with guidance 3 and the same seeds;
-accuracy is `shapes.describe` agreeing on colour, shape and position.
+accuracy is `describe` (minildm/data/describe.py) agreeing on colour, shape and position.
 """
 from __future__ import annotations
 

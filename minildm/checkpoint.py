@@ -69,3 +69,27 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None, map_locati
     if kind is not None and state["kind"] != kind:
         raise CheckpointError(f"{path} holds a '{state['kind']}' checkpoint, but a '{kind}' checkpoint was expected.")
     return state
+
+
+def check_entries(state, keys, what: str, made_by: str) -> None:
+    """A loader's first check: `state` is a dict holding every entry in `keys`, else ValueError
+    "this is not <what>: expected <made_by>." (a file of the wrong kind, or not a state at all)."""
+    if not isinstance(state, dict) or not set(keys) <= state.keys():
+        raise ValueError(f"this is not {what}: expected {made_by}.")
+
+
+def copy_checked(saved: dict, targets: dict, what: str, made_for: str, error: type[Exception] = ValueError) -> None:
+    """Copy saved[name] into the tensor targets[name] for every name, in place, after checking all of them: a
+    missing or unexpected tensor or a wrong shape raises `error` naming it, then `made_for` (why, and what to
+    do). Nothing is copied unless everything fits."""
+    missing, unexpected = sorted(set(targets) - set(saved)), sorted(set(saved) - set(targets))
+    if missing or unexpected:
+        name, problem = (missing[0], "is missing") if missing else (unexpected[0], "is not in this model")
+        raise error(f"{what} {name} {problem}: {made_for}.")
+    for name, target in targets.items():
+        if tuple(saved[name].shape) != tuple(target.shape):
+            raise error(f"{what} {name} has shape {list(saved[name].shape)} but this model needs "
+                        f"{list(target.shape)}: {made_for}.")
+    with torch.no_grad():
+        for name, target in targets.items():
+            target.copy_(saved[name])

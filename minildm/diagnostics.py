@@ -31,6 +31,7 @@ from einops import rearrange  # noqa: E402
 
 from minildm.checkpoint import CheckpointError  # noqa: E402
 from minildm.data import shapes  # noqa: E402
+from minildm.data.describe import describe, prompt_accuracy  # noqa: E402
 from minildm.diffusion.ddpm import as_eps_fn, diffusion_loss  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402
 from minildm.progress import step_rng  # noqa: E402
@@ -132,7 +133,7 @@ def x0_predictions(pipe: LatentDiffusion, images: torch.Tensor, captions: list[s
     For each t: x_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps, eps_theta from the conditional UNet (s = 1),
     x0_hat = (x_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t). Returns {"t": [...], "mse": [...] mean
     ||x0_hat - z_0||^2 / dim per t (latent space), "eps_mse": [...] mean ||eps_theta - eps||^2 / dim,
-    "accuracy": [...] fraction of decoded x0_hat that `shapes.describe` reads as their caption}.
+    "accuracy": [...] fraction of decoded x0_hat that `describe` reads as their caption}.
     Since x0_hat - z_0 = -sqrt((1 - abar_t) / abar_t) (eps_theta - eps), mse = (1 - abar_t) / abar_t * eps_mse:
     at large t a small eps error becomes a large x0 error (1 / abar_t ~ 10^4 near t = T, linear schedule). The figure: per image a row of decode(x_t) over a row of
     decode(x0_hat), the real image on the left.
@@ -151,7 +152,7 @@ def x0_predictions(pipe: LatentDiffusion, images: torch.Tensor, captions: list[s
         mse.append((x0_hat - z0).pow(2).mean().item())
         eps_mse.append((eps_hat - eps).pow(2).mean().item())
         decoded = pipe.decode(x0_hat).cpu()  # [K, 3, H, W] in [0, 1]
-        accuracy.append(shapes.prompt_accuracy(decoded, list(captions)))
+        accuracy.append(prompt_accuracy(decoded, list(captions)))
         noisy.append(pipe.decode(x_t).cpu())
         guesses.append(decoded)
     real = ((images.cpu() + 1) / 2).clamp(0, 1)
@@ -184,7 +185,7 @@ def guidance_sweep(pipe: LatentDiffusion, prompts=SWEEP_PROMPTS, scales=SWEEP_SC
     for s in scales:
         images = pipe.generate(list(prompts), steps=steps, guidance_scale=float(s), seed=seed).cpu()  # [P, 3, H, W]
         rows.append(images)
-        accuracy.append(shapes.prompt_accuracy(images, list(prompts)))
+        accuracy.append(prompt_accuracy(images, list(prompts)))
         brightest = rearrange(images.amax(dim=1), "n h w -> n (h w)")
         saturation.append(brightest.topk(max(1, brightest.shape[1] // 20), dim=1).values.mean().item())
     grid = make_grid(torch.cat(rows), nrow=len(prompts), upscale=2)

@@ -11,7 +11,7 @@ combinations it never saw: compositional generalisation) and prints one table:
 - IS-shapes: exp(E KL(p(y|x) || p(y))) with the classifier's 90 classes; at most 90, higher is better.
 - CLIP-T: mean cosine between the small CLIP's image and prompt embeddings (minildm/clip.py; the CLIP of
   the run, RUN/clip.pt, trained and saved there on first use). Higher is better; real shapes show the ceiling.
-- prompt accuracy: the rule-based `shapes.describe` reads each sample back; it counts only when colour,
+- prompt accuracy: the rule-based `describe` reads each sample back; it counts only when colour,
   shape and position all match the prompt. Reported separately on seen and HELD_OUT prompts.
 
 `prompt_accuracy_report` / `format_report` give the per-attribute accuracies alone (the benchmarks use them).
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from minildm.checkpoint import CheckpointError
 from minildm.clip import clip_t, load_clip
 from minildm.data import shapes
+from minildm.data.describe import attribute_accuracy, describe
 from minildm.feature_net import ShapesFeatureNet, embed, load_or_train_feature_net
 from minildm.metrics import fid_from_features, inception_score
 from minildm.pipeline import LatentDiffusion
@@ -61,7 +62,7 @@ def prompt_accuracy_report(pipe, steps: int = 50, guidance_scale: float = 3.0, n
     for split, combos in SPLIT_COMBOS:
         images, prompts = generate_split(pipe, combos, n, steps, guidance_scale, sampler, eta, seed, batch_size, progress,
                                          desc=f"sampling {split}")
-        report[split] = shapes.attribute_accuracy(images, prompts)
+        report[split] = attribute_accuracy(images, prompts)
         report[split]["samples"] = len(prompts)
     return report
 
@@ -97,8 +98,8 @@ def _scores(images: torch.Tensor, prompts: list[str], reference_features: torch.
         "fid_shapes": fid_from_features(reference_features, features),  # FD(N(mu_r, S_r), N(mu_g, S_g))
         "is_shapes": inception_score(probs)[0],  # exp(E_x KL(p(y|x) || p(y)))
         "clip_t": None,
-        "seen": shapes.attribute_accuracy(images[seen], [p for p, s in zip(prompts, seen) if s]),
-        "held_out": shapes.attribute_accuracy(images[~seen], [p for p, s in zip(prompts, seen) if not s]),
+        "seen": attribute_accuracy(images[seen], [p for p, s in zip(prompts, seen) if s]),
+        "held_out": attribute_accuracy(images[~seen], [p for p, s in zip(prompts, seen) if not s]),
     }
     if clip is not None:
         model, tokenizer = clip
@@ -126,7 +127,7 @@ def evaluation_report(pipe, feature_net: ShapesFeatureNet, clip=None, steps: int
 
     clip: None (no CLIP-T) or (CLIP model, tokenizer) as returned by `minildm.clip.load_clip`.
     Returns {"images", "fid_shapes", "is_shapes", "clip_t" (None without a CLIP), "seen": {...}, "held_out": {...}}
-    where "seen" and "held_out" are `shapes.attribute_accuracy` dicts ("color", "shape", "position", "all").
+    where "seen" and "held_out" are `attribute_accuracy` dicts ("color", "shape", "position", "all").
     """
     images, prompts = [], []
     for split, combos in SPLIT_COMBOS:

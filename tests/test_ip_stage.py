@@ -16,6 +16,7 @@ from minildm.checkpoint import CheckpointError, load_checkpoint
 from minildm.clip import CLIPConfig, save_clip
 from minildm.config import micro
 from minildm.data import shapes
+from minildm.data.describe import describe
 from minildm.pipeline import LatentDiffusion
 from minildm.train import clip as clip_stage
 from minildm.train import ip_adapter as ip_stage
@@ -134,7 +135,7 @@ def test_image_files_become_rgb_model_inputs(tmp_path):
     Image.fromarray(big).convert("L").save(tmp_path / "gray.jpg")
     x = load_image_file(tmp_path / "wide.png", 32)
     assert x.shape == (1, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
-    assert shapes.describe((x[0] + 1) / 2) == ("red", "square", "center")
+    assert describe((x[0] + 1) / 2) == ("red", "square", "center")
     gray = load_image_file(tmp_path / "gray.jpg", 32)
     assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])  # L -> RGB
     (tmp_path / "bad.png").write_text("not an image")

@@ -14,6 +14,7 @@ from minildm.adapters.lora import LoRALinear, inject_lora, merge_lora, set_lora_
 from minildm.checkpoint import load_checkpoint
 from minildm.config import micro
 from minildm.data import shapes
+from minildm.data.describe import describe, prompt_accuracy
 from minildm.pipeline import LatentDiffusion
 from minildm.train.autoencoder import train_autoencoder
 from minildm.train.ldm import train_ldm
@@ -67,9 +68,9 @@ def test_concept_words_render_caption_and_read_back_only_when_asked():
         combos = shapes.concept_combos(concept)
         assert len(combos) == n and all(concept in combo for combo in combos)
         images = (shapes.render_combos(combos, rng) + 1) / 2
-        assert all(shapes.describe(x, concepts=(concept,)) == c for x, c in zip(images, combos)), concept
-        assert all(concept not in shapes.describe(x) for x in images)  # the base checker never says it
-        assert shapes.prompt_accuracy(images, concept_prompts(concept), concepts=shapes.CONCEPTS) == 1.0
+        assert all(describe(x, concepts=(concept,)) == c for x, c in zip(images, combos)), concept
+        assert all(concept not in describe(x) for x in images)  # the base checker never says it
+        assert prompt_accuracy(images, concept_prompts(concept), concepts=shapes.CONCEPTS) == 1.0
         assert concept not in shapes.VOCAB_WORDS and all(concept not in c for c in shapes.ALL_COMBOS)
     assert concept_prompts("corner")[0] == "a red circle in the corner"
     assert concept_prompts("orange")[0] == "a orange circle on the left"
@@ -78,7 +79,7 @@ def test_concept_words_render_caption_and_read_back_only_when_asked():
     ys, xs = np.nonzero(corner.max(-1) > 127)
     assert abs(xs.mean() + 0.5 - 0.27 * 32) < 0.5 and abs(ys.mean() + 0.5 - 0.27 * 32) < 0.5
     with pytest.raises(ValueError, match="unknown concept"):
-        shapes.describe(images[0], concepts=("pink",))
+        describe(images[0], concepts=("pink",))
     with pytest.raises(ValueError, match="unknown concept"):
         shapes.concept_combos("red")
 

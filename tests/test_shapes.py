@@ -7,27 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minildm.data.shapes import (
-    ALL_COMBOS,
-    CENTER_JITTER,
-    COLORS,
-    HELD_OUT,
-    POSITIONS,
-    RADIUS,
-    RADIUS_RANGE,
-    SEEN,
-    SHAPES,
-    VOCAB_WORDS,
-    ShapesDataset,
-    _render_batch,
-    attribute_accuracy,
-    caption,
-    describe,
-    parse_caption,
-    prompt_accuracy,
-    render,
-    sample_batch,
-)
+from minildm.data.describe import attribute_accuracy, describe, prompt_accuracy
+from minildm.data.shapes import (_render_batch, ALL_COMBOS, caption, CENTER_JITTER, COLORS, HELD_OUT, parse_caption,
+                                 POSITIONS, RADIUS, RADIUS_RANGE, render, sample_batch, SEEN, SHAPES, ShapesDataset,
+                                 VOCAB_WORDS)
 
 
 def to_unit(images):

@@ -35,6 +35,7 @@ from torch.nn.utils.parametrizations import spectral_norm  # noqa: E402
 
 from lessons.common import QUICK, exercise_functions, out_dir, save_figure  # noqa: E402
 from minildm.data import shapes  # noqa: E402
+from minildm.data.describe import attribute_accuracy, describe, prompt_accuracy  # noqa: E402
 from minildm.text.tokenizer import Tokenizer  # noqa: E402
 from minildm.viz import make_grid  # noqa: E402
 
@@ -178,9 +179,9 @@ def evaluate(g: Generator) -> dict:
     seen = [shapes.caption(*c) for c in shapes.SEEN for _ in range(2)]
     held = [shapes.caption(*c) for c in shapes.HELD_OUT for _ in range(4)]
     seen_images = generate(g, seen, torch.randn(len(seen), Z_DIM, generator=gen))
-    result = shapes.attribute_accuracy(seen_images, seen)
-    result["held-out all"] = shapes.prompt_accuracy(generate(g, held, torch.randn(len(held), Z_DIM, generator=gen)), held)
-    result["coverage"] = len({shapes.describe(x) for x in seen_images} - {(None, None, None)}) / len(shapes.ALL_COMBOS)
+    result = attribute_accuracy(seen_images, seen)
+    result["held-out all"] = prompt_accuracy(generate(g, held, torch.randn(len(held), Z_DIM, generator=gen)), held)
+    result["coverage"] = len({describe(x) for x in seen_images} - {(None, None, None)}) / len(shapes.ALL_COMBOS)
     # sensitivity: how much the image changes when we change the prompt (same z) vs the noise (same prompt)
     z = torch.randn(8, Z_DIM, generator=gen)
     per_prompt = torch.stack([generate(g, [p] * 8, z) for p in PROMPTS[:6]])  # [P, Z, 3, H, W]
@@ -194,7 +195,7 @@ def evaluate_real() -> dict:
     rng = np.random.default_rng(4)
     seen = [shapes.caption(*c) for c in shapes.SEEN for _ in range(2)]
     images = [shapes.render(*shapes.parse_caption(p), size=SIZE, rng=rng) for p in seen]  # what G was asked for
-    result = {"coverage": len({shapes.describe(x) for x in images}) / len(shapes.ALL_COMBOS)}
+    result = {"coverage": len({describe(x) for x in images}) / len(shapes.ALL_COMBOS)}
     per_prompt = torch.stack([torch.stack([torch.from_numpy(shapes.render(*shapes.parse_caption(p), size=SIZE, rng=rng))
                                            for _ in range(8)]) for p in PROMPTS[:6]]).float() / 255.0  # [P, 8, H, W, 3]
     result["change with prompt"] = per_prompt.std(dim=0).mean().item()  # across prompts, same draw index

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from lessons import common  # noqa: E402
 from minildm.data import shapes  # noqa: E402
+from minildm.data.describe import prompt_accuracy  # noqa: E402
 from minildm.diffusion.ddpm import as_eps_fn  # noqa: E402
 from minildm.diffusion.guidance import cfg_model_fn  # noqa: E402
 from minildm.viz import save_grid  # noqa: E402
@@ -117,7 +118,7 @@ def main() -> None:
             start = time.process_time()
             images = pipe.decode(sample(pipe, fns, PROMPTS, steps, eta))
             seconds = time.process_time() - start
-            accuracy = shapes.prompt_accuracy(images, PROMPTS)
+            accuracy = prompt_accuracy(images, PROMPTS)
             results[eta].append((steps, accuracy, seconds))
             grids.append(images[:GRID])
             print(f"  eta {eta:g}, {steps:>2} steps: prompt accuracy {accuracy:.2f} in {seconds:.1f} s CPU")
@@ -133,8 +134,8 @@ def main() -> None:
 
     plot_pitfall(fns, T, out)
     right, wrong = sample(pipe, fns, PROMPTS, 7), sample(pipe, fns, PROMPTS, 7, buggy_prev=True)
-    print(f"  7 steps with t - T // n: prompt accuracy {shapes.prompt_accuracy(pipe.decode(wrong), PROMPTS):.2f} vs "
-          f"{shapes.prompt_accuracy(pipe.decode(right), PROMPTS):.2f} from the list; latents differ by "
+    print(f"  7 steps with t - T // n: prompt accuracy {prompt_accuracy(pipe.decode(wrong), PROMPTS):.2f} vs "
+          f"{prompt_accuracy(pipe.decode(right), PROMPTS):.2f} from the list; latents differ by "
           f"{(right - wrong).norm() / right.norm():.1%} (relative norm)")
     print(f"figures in {out}: steps_vs_accuracy.png samples_eta0_top_eta1_bottom.png eta0_vs_eta1_same_start.png "
           "prev_timestep_pitfall.png")

@@ -23,6 +23,7 @@ from einops import rearrange  # noqa: E402
 
 from lessons import common  # noqa: E402
 from minildm.data import shapes  # noqa: E402
+from minildm.data.describe import prompt_accuracy  # noqa: E402
 from minildm.diffusion.ddim import ddim_sample  # noqa: E402
 from minildm.diffusion.ddpm import as_eps_fn  # noqa: E402
 
@@ -112,7 +113,7 @@ def main() -> None:
     for s in SCALES:
         start = time.process_time()
         images = sample(pipe, fns["guided_eps"], PROMPTS, s)
-        accuracy[s] = shapes.prompt_accuracy(images, PROMPTS)
+        accuracy[s] = prompt_accuracy(images, PROMPTS)
         grids[s] = images[:GRID]
         print(f"  s = {s:>4g}: prompt accuracy {accuracy[s]:.2f}, mean pixel saturation "
               f"{(images.amax(dim=1) - images.amin(dim=1)).mean():.3f}  ({time.process_time() - start:.1f} s CPU)")

@@ -29,6 +29,7 @@ from minildm.adapters.lora import LoRALinear  # noqa: E402
 from minildm.checkpoint import save_checkpoint  # noqa: E402
 from minildm.config import micro  # noqa: E402
 from minildm.data import shapes  # noqa: E402
+from minildm.data.describe import prompt_accuracy  # noqa: E402
 from minildm.evaluate import generate_split  # noqa: E402
 from minildm.train.lora import LoRATrainConfig, finetune_concept, lora_train_config, trainable_counts  # noqa: E402
 from minildm.viz import make_grid  # noqa: E402
@@ -43,7 +44,7 @@ SHOW = ["a red circle in the corner", "a blue square in the corner", "a green tr
 def accuracy(pipe, combos, samples: int, steps: int, concepts: tuple = ()) -> float:
     """Fraction of `samples` images per combination's prompt (DDIM, guidance 3) that describe reads right."""
     images, prompts = generate_split(pipe, combos, samples, steps=steps, progress=False)
-    return shapes.prompt_accuracy(images, prompts, concepts)
+    return prompt_accuracy(images, prompts, concepts)
 
 
 @torch.no_grad()
@@ -82,7 +83,7 @@ def first_stage_figure(pipe, out: Path) -> dict:
         picks = [combos[i] for i in rng.permutation(len(combos))[:6]]
         x = shapes.render_combos(picks * 8, rng, pipe.image_size)  # [48, 3, H, W] in [-1, 1]
         rec = pipe.decode(pipe.autoencoder.encode(x) * pipe.autoencoder.scale_factor)
-        scores[concept] = shapes.prompt_accuracy(rec, [shapes.caption(*c) for c in picks * 8], (concept,))
+        scores[concept] = prompt_accuracy(rec, [shapes.caption(*c) for c in picks * 8], (concept,))
         rows += [(x[:6] + 1) / 2, rec[:6]]
     grid = make_grid(torch.cat(rows), nrow=6, upscale=3)
     fig, ax = plt.subplots(figsize=(6, 6.5))
@@ -132,7 +133,7 @@ def sweep_figures(rows: list[dict], logs: dict, out: Path) -> None:
         steps, values = zip(*log.history["loss"])
         smooth = np.convolve(values, np.ones(10) / 10, mode="valid")
         ax.plot(steps[len(steps) - len(smooth):], smooth, label=f"rank {rank}")
-    ax.set(xlabel="step", ylabel="eps MSE (10-step mean)", title="LoRA fine-tuning loss")
+    ax.set(xlabel="step", ylabel="loss: MSE of the base's target (10-step mean)", title="LoRA fine-tuning loss")
     ax.legend(fontsize=8)
     fig.tight_layout()
     common.save_figure(fig, out / "loss.png")

@@ -25,6 +25,7 @@ from lessons.common import QUICK, ROOT, exercises_of, out_dir, save_figure, trai
 from lessons.grading import is_stub  # noqa: E402
 from minildm.adapters.ip_adapter import DecoupledCrossAttention, set_ip_lambda  # noqa: E402
 from minildm.data import shapes  # noqa: E402
+from minildm.data.describe import describe  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402
 from minildm.train.clip import train_clip_stage  # noqa: E402
 from minildm.adapters.image_prompt import ADAPTER_FILE, CLIP_FILE, load_image_prompter  # noqa: E402
@@ -85,7 +86,7 @@ def show_rows(rows, path, title):
 
 def read(images):
     """describe() of each image as 'colour shape position'."""
-    return [" ".join(str(a) for a in shapes.describe(image)) for image in images]
+    return [" ".join(str(a) for a in describe(image)) for image in images]
 
 
 # --- 1. Your decoupled_cross_attention on a real layer of the trained adapter ------------------------------
@@ -115,7 +116,7 @@ for k, combo in enumerate(prompts):
     image = render(*combo, seed=k)
     samples = generate("", image, 1.0)
     rows.append((shapes.caption(*combo).removeprefix("a "), torch.cat([(image + 1) / 2, samples])))
-    hits += sum(c[:2] == combo[:2] for c in map(shapes.describe, samples))
+    hits += sum(c[:2] == combo[:2] for c in map(describe, samples))
 show_rows(rows, OUT / "image_prompts.png", "image prompt (first column) -> samples with an empty text prompt")
 print(f"2. image-only prompts: colour and shape of the prompt kept in {hits}/{len(prompts) * SEEDS} samples "
       "-> out/image_prompts.png")

@@ -30,6 +30,7 @@ from minildm import diagnostics, evaluate, metrics  # noqa: E402
 from minildm.clip import load_clip  # noqa: E402
 from minildm.train.clip import train_clip  # noqa: E402
 from minildm.data import shapes  # noqa: E402
+from minildm.data.describe import prompt_accuracy  # noqa: E402
 from minildm.feature_net import FeatureNetConfig, embed, train_feature_net  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402
 from minildm.viz import save_grid  # noqa: E402
@@ -81,7 +82,7 @@ rows = [("a second real set (the floor)", real_b, prompts),
 print(f"\n1. FID-shapes and IS-shapes against {len(real_a)} fresh real shapes (your frechet_distance)")
 print(f"   {'image set':<40}{'FID-shapes':>11}{'IS-shapes':>11}{'prompt acc.':>13}")
 for name, images, asked in rows:
-    print(f"   {name:<40}{fid(real_a, images):>11.2f}{is_score(images):>11.1f}{shapes.prompt_accuracy(images, asked):>13.3f}")
+    print(f"   {name:<40}{fid(real_a, images):>11.2f}{is_score(images):>11.1f}{prompt_accuracy(images, asked):>13.3f}")
 library = metrics.fid_from_features(embed(feature_net, real_a * 2 - 1)[0], embed(feature_net, real_b * 2 - 1)[0])
 print(f"   (the library's frechet_distance on the first row: {library:.2f})")
 print("   Each number is blind to something. FID and IS never read the prompts: the last row draws perfect shapes\n"

@@ -24,7 +24,7 @@ from minildm.adapters.body_vae import BodyVAE, check_keypoints, keypoints_to_uni
 from minildm.adapters.ip_adapter import (IP, DecoupledCrossAttention, ImageProjection, install_ip_adapter,
                                          ip_adapter_parameters, load_ip_adapter, set_ip_lambda)
 from minildm.adapters.keypoint_regressor import KeypointRegressor, load_regressor
-from minildm.checkpoint import CheckpointError, load_checkpoint
+from minildm.checkpoint import CheckpointError, copy_checked, load_checkpoint
 from minildm.data.folder import load_image_file
 
 REGRESSOR_FILE, VAE_FILE, ADAPTER_FILE = "keypoint_regressor.pt", "body_vae.pt", "body_adapter.pt"  # in a body run
@@ -272,12 +272,8 @@ class BodyPrompter:
 
 def load_unet_weights(unet_weights: dict, saved: dict, path: Path) -> None:
     """Copy a fine-tuned UNet's weights {name: tensor} into the tensors unet_weights names (in place)."""
-    if set(saved) != set(unet_weights) or any(saved[n].shape != w.shape for n, w in unet_weights.items()):
-        raise CheckpointError(f"{path} holds a UNet fine-tuned from another base model: train the body stage "
-                              "again for this run's ldm.pt.")
-    with torch.no_grad():
-        for name, w in unet_weights.items():
-            w.copy_(saved[name])
+    copy_checked(saved, unet_weights, "UNet weight", f"{path} holds a UNet fine-tuned from another base model: train "
+                 "the body stage again for this run's ldm.pt", CheckpointError)
 
 
 def load_body_prompter(pipe, run_dir: str | Path, body_lambda: float = 1.0,

@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
+from minildm.checkpoint import check_entries, copy_checked
 from minildm.modules.attention import Attention, attention
 from minildm.modules.transformer import BasicTransformerBlock
 
@@ -285,9 +286,8 @@ def load_ip_adapter(unet: nn.Module, projection: ImageProjection, state: dict) -
 
     Everything is checked before anything is copied, so a refused state leaves both unchanged.
     """
-    keys = {"stream", "num_tokens", "d_img", "context_dim", "projection", "weights"}
-    if not isinstance(state, dict) or not keys <= state.keys():
-        raise ValueError("this is not an IP-Adapter state: expected the dict made by ip_adapter_state_dict.")
+    check_entries(state, ("stream", "num_tokens", "d_img", "context_dim", "projection", "weights"),
+                  "an IP-Adapter state", "the dict made by ip_adapter_state_dict")
     stream = state["stream"]
     layers = _require_adapter(unet, stream)
     wanted = (state["num_tokens"], state["d_img"], state["context_dim"])
@@ -301,16 +301,7 @@ def load_ip_adapter(unet: nn.Module, projection: ImageProjection, state: dict) -
                          f"{tokens}: install_ip_adapter with the adapter's num_tokens.")
     expected = {f"{name}.{part}_{stream}": layer.streams[f"{part}_{stream}"].weight
                 for name, layer in layers.items() for part in ("to_k", "to_v")}
-    if set(expected) != set(state["weights"]):
-        raise ValueError("the adapter's layers do not match this UNet's cross-attention layers: "
-                         "it was trained for another UNet architecture.")
-    for key, weight in expected.items():
-        if state["weights"][key].shape != weight.shape:
-            raise ValueError(f"adapter weight {key} has shape {list(state['weights'][key].shape)} but this UNet needs "
-                             f"{list(weight.shape)}: it was trained for another UNet.")
-    with torch.no_grad():
-        for key, weight in expected.items():
-            weight.copy_(state["weights"][key])
+    copy_checked(state["weights"], expected, "adapter weight", "it was trained for another UNet")
     projection.load_state_dict(state["projection"])
 
 

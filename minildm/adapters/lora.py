@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from minildm.adapters.new_words import add_words
-from minildm.checkpoint import load_checkpoint, save_checkpoint
+from minildm.checkpoint import check_entries, load_checkpoint, save_checkpoint
 
 
 class LoRALinear(nn.Module):
@@ -224,8 +224,8 @@ def load_lora(model: nn.Module, state: dict, strict: bool = True) -> list[str]:
     present on only one side are skipped. A layer whose shapes do not fit is refused either way. Every
     check runs before the model is changed, so a refused file leaves the model as it was.
     """
-    if not isinstance(state, dict) or not {"rank", "alpha", "targets", "names", "weights"} <= state.keys():
-        raise ValueError("this is not a LoRA state: expected the dict made by lora_state_dict (or a 'lora' checkpoint).")
+    check_entries(state, ("rank", "alpha", "targets", "names", "weights"), "a LoRA state",
+                  "the dict made by lora_state_dict (or a 'lora' checkpoint)")
     weights, existing = state["weights"], _lora_layers(model)
     if any(layer.merged for layer in existing.values()):
         raise ValueError("this model's LoRA layers are merged: call unmerge_lora before loading new LoRA weights.")

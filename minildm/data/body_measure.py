@@ -1,5 +1,5 @@
 """Reading a body back from its keypoints: limb-length ratios and arm states, the checker of generated
-people (as shapes.describe is of shapes). The keypoints are the renderer's or the keypoint regressor's.
+people (as data/describe.py is of shapes). The keypoints are the renderer's or the keypoint regressor's.
 """
 import math
 

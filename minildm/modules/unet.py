@@ -1,10 +1,13 @@
-"""The noise model eps_theta(z_t, t, tau_theta(y)): a UNet with cross-attention (LDM / ADM layout).
+"""The denoiser eps_theta(z_t, t, tau_theta(y)): a UNet with cross-attention (LDM / ADM layout).
+
+It predicts whatever the preset's `prediction` says (LDMTrainConfig): eps as in the lecture, or v (the
+tiny preset) or x0; the lecture's name eps_theta stays for the network.
 
     emb = MLP(timestep_embedding(t))                       one vector per sample, added inside every ResBlock
     down path:  conv_in, then per level: num_res_blocks x [ResBlock (+ SpatialTransformer)], Downsample
     middle:     ResBlock, SpatialTransformer, ResBlock
     up path:    per level (reversed): (num_res_blocks + 1) x [concat skip, ResBlock (+ SpatialTransformer)], Upsample
-    out:        GroupNorm, SiLU, conv_out (zero-initialised)  -> eps prediction [B, C, h, w]
+    out:        GroupNorm, SiLU, conv_out (zero-initialised)  -> the prediction [B, C, h, w]
 
 Every block of the down path pushes its output on a stack; every ResBlock of the up path pops one and
 concatenates it along channels (the UNet's skip connections). A level l works at resolution h / 2^l with
@@ -12,7 +15,7 @@ model_channels * channel_mult[l] channels; `attention_levels` lists the levels t
 SpatialTransformer (in both the down and up paths), which is where the prompt enters via cross-attention.
 
 As in ADM/LDM, the last conv of every ResBlock, the proj_out of every SpatialTransformer and conv_out
-are zero-initialised: a fresh UNet predicts eps = 0 and each residual branch starts as the identity.
+are zero-initialised: a fresh UNet predicts 0 and each residual branch starts as the identity.
 """
 from __future__ import annotations
 
@@ -159,7 +162,7 @@ class UNetConfig:
 
 
 class UNet(nn.Module):
-    """eps_theta: x [B, C, h, w], t [B], context [B, L, d], context_mask [B, L] | None -> [B, C, h, w].
+    """eps_theta: x [B, C, h, w], t [B], context [B, L, d], context_mask [B, L] | None -> [B, C, h, w] (eps, v or x0).
 
     h and w must be divisible by 2^(len(channel_mult) - 1).
     """

@@ -5,6 +5,8 @@ Algorithm 1 of the lecture, in latent space:
     y   = "" with probability p_uncond    (classifier-free guidance training, p = 0.1)
     t ~ Uniform{0..T-1}, eps ~ N(0, I)
     loss = || eps - eps_theta(sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps, t, tau_theta(y)) ||^2
+(with the preset's prediction target: the tiny preset regresses v = sqrt(abar_t) eps - sqrt(1 - abar_t) z_0
+instead of eps, diffusion/ddpm.py).
 
 The EMA of the weights is what we sample from. Progress: a tqdm bar; a sample grid every
 `sample_every` steps; a loss plot; Ctrl-C saves and stops; `resume=True` continues from ldm.pt.
@@ -170,8 +172,8 @@ def train_ldm(preset: Preset, run_dir: str | Path, device: torch.device, resume:
     distributed.barrier()
     if not main:
         return path
-    title = {"eps": "eps MSE", "v": "v MSE", "x0": "x0 MSE"}[cfg.prediction]
-    plot_curves({"loss": run.log.history["loss"]}, run_dir / "ldm_loss.png", title=f"LDM training loss ({title})")
+    plot_curves({"loss": run.log.history["loss"]}, run_dir / "ldm_loss.png",
+                title=f"LDM training loss ({cfg.prediction} MSE)")
     if run.finished:
         sample_grid(run.step)
     return path

@@ -46,6 +46,7 @@ from minildm.adapters.lora import adapter_state, base_fingerprint, inject_lora, 
 from minildm.adapters.new_words import add_words
 from minildm.config import Preset
 from minildm.data import shapes
+from minildm.data.describe import prompt_accuracy
 from minildm.diffusion.ddpm import diffusion_loss
 from minildm.diffusion.guidance import drop_tokens
 from minildm.pipeline import LatentDiffusion
@@ -101,7 +102,7 @@ def first_stage_accuracy(pipe: LatentDiffusion, z0: torch.Tensor, captions: list
     z0: their scaled latents [N, c, h, w]. This bounds what any adapter of the UNet can reach: the UNet only
     makes latents, and the frozen decoder must turn them into the concept.
     """
-    return shapes.prompt_accuracy(pipe.decode(z0.to(pipe.device)).cpu(), captions, (concept,))
+    return prompt_accuracy(pipe.decode(z0.to(pipe.device)).cpu(), captions, (concept,))
 
 
 def concept_training_set(concept: str, cfg: LoRATrainConfig, size: int) -> tuple[torch.Tensor, list[str], int]:

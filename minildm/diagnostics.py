@@ -31,7 +31,7 @@ from einops import rearrange  # noqa: E402
 
 from minildm.checkpoint import CheckpointError  # noqa: E402
 from minildm.data import shapes  # noqa: E402
-from minildm.data.describe import describe, prompt_accuracy  # noqa: E402
+from minildm.data.describe import prompt_accuracy  # noqa: E402
 from minildm.diffusion.ddpm import as_eps_fn, diffusion_loss  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402
 from minildm.progress import step_rng  # noqa: E402

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from minildm.checkpoint import CheckpointError
 from minildm.clip import clip_t, load_clip
 from minildm.data import shapes
-from minildm.data.describe import attribute_accuracy, describe
+from minildm.data.describe import attribute_accuracy
 from minildm.feature_net import ShapesFeatureNet, embed, load_or_train_feature_net
 from minildm.metrics import fid_from_features, inception_score
 from minildm.pipeline import LatentDiffusion

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from minildm.modules.blocks import Downsample, ResBlock, Upsample
+
 
 @dataclass
 class VQConfig:
@@ -110,45 +112,6 @@ class VQConfig:
 # ----------------------------------------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------------------------------------
-class ResBlock(nn.Module):
-    """h = conv(SiLU(GN(conv(SiLU(GN(x)))))); out = skip(x) + h  (skip = 1x1 conv when widths differ)."""
-
-    def __init__(self, in_ch: int, out_ch: int, groups: int):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.skip(x) + h
-
-
-class Downsample(nn.Module):
-    """Halve the side with a 3x3 stride-2 conv: [B, C, H, W] -> [B, C, H/2, W/2]."""
-
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Double the side: nearest-neighbour upsampling, then a 3x3 conv: [B, C, H, W] -> [B, C, 2H, 2W]."""
-
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 class Encoder(nn.Module):
     """x [B, in_channels, H, W] -> z [B, z_channels, H/f, W/f]."""
 
@@ -159,12 +122,13 @@ class Encoder(nn.Module):
         blocks, ch = [], widths[0]
         for level, width in enumerate(widths):
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(ch, width, cfg.norm_groups))
+                blocks.append(ResBlock(ch, width, norm_groups=cfg.norm_groups, zero_init=False))
                 ch = width
             if level < len(widths) - 1:
                 blocks.append(Downsample(ch))
         self.down = nn.Sequential(*blocks)
-        self.mid = nn.Sequential(ResBlock(ch, ch, cfg.norm_groups), ResBlock(ch, ch, cfg.norm_groups))
+        self.mid = nn.Sequential(ResBlock(ch, ch, norm_groups=cfg.norm_groups, zero_init=False),
+                                 ResBlock(ch, ch, norm_groups=cfg.norm_groups, zero_init=False))
         self.norm_out = nn.GroupNorm(cfg.norm_groups, ch)
         self.conv_out = nn.Conv2d(ch, cfg.z_channels, 3, padding=1)
 
@@ -181,11 +145,12 @@ class Decoder(nn.Module):
         widths = [cfg.channels * m for m in cfg.channel_mult]
         ch = widths[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
-        self.mid = nn.Sequential(ResBlock(ch, ch, cfg.norm_groups), ResBlock(ch, ch, cfg.norm_groups))
+        self.mid = nn.Sequential(ResBlock(ch, ch, norm_groups=cfg.norm_groups, zero_init=False),
+                                 ResBlock(ch, ch, norm_groups=cfg.norm_groups, zero_init=False))
         blocks = []
         for level in reversed(range(len(widths))):
             for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResBlock(ch, widths[level], cfg.norm_groups))
+                blocks.append(ResBlock(ch, widths[level], norm_groups=cfg.norm_groups, zero_init=False))
                 ch = widths[level]
             if level > 0:
                 blocks.append(Upsample(ch))

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from minildm.modules.attention import KERNELS
+from minildm.modules.blocks import Downsample, ResBlock, Upsample
 from minildm.modules.transformer import SpatialTransformer
 
 
@@ -45,53 +46,6 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
-
-
-class ResBlock(nn.Module):
-    """h = conv1(SiLU(GN x)) + W_t emb;  h = conv2(dropout(SiLU(GN h)));  out = skip(x) + h.
-
-    x [B, C_in, h, w], emb [B, time_dim] -> [B, C_out, h, w]; skip is a 1x1 conv when C_in != C_out.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, time_dim: int, dropout: float = 0.0, norm_groups: int = 32):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(norm_groups, in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_proj = nn.Linear(time_dim, out_channels)  # W_t: the timestep shifts every channel
-        self.norm2 = nn.GroupNorm(norm_groups, out_channels)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)  # a fresh ResBlock is skip(x)
-        nn.init.zeros_(self.conv2.bias)
-        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_proj(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.skip(x) + h
-
-
-class Downsample(nn.Module):
-    """[B, C, h, w] -> [B, C, h/2, w/2] with a stride-2 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """[B, C, h, w] -> [B, C, 2h, 2w]: nearest-neighbour upsampling, then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.Sequential):

@@ -14,7 +14,7 @@ from einops import rearrange  # noqa: F401  ("b m (h d) -> b h m d" splits the h
 
 
 def decoupled_cross_attention(x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None,
-                              image_tokens: torch.Tensor, w: dict, heads: int, scale: float) -> torch.Tensor:
+                              image_tokens: torch.Tensor, w: dict, heads: int, ip_lambda: float) -> torch.Tensor:
     """One cross-attention layer of a UNet with an IP-Adapter (Ye et al. 2023, eq. 5):
 
         Z = softmax(Q K^T / sqrt(d)) V  +  lambda * softmax(Q K'^T / sqrt(d)) V'
@@ -30,7 +30,7 @@ def decoupled_cross_attention(x: torch.Tensor, text: torch.Tensor, text_mask: to
                         "to_k_ip", "to_v_ip" (Cc -> H*d, the adapter's new projections W'_k, W'_v),
                         "to_out" (H*d -> C, with a bias)
         heads         H; each head has d = (H*d) / H channels
-        scale         lambda, the weight of the image prompt (0 gives back the text-only layer)
+        ip_lambda     lambda, the weight of the image prompt (0 gives back the text-only layer)
     Output:
         [B, N, C]
     """

@@ -18,7 +18,7 @@ from minildm.modules.attention import Attention  # noqa: E402
 C, CC, HEADS, DIM_HEAD = 12, 10, 2, 4  # query width, context width, heads, channels per head
 
 
-def reference(x, text, text_mask, image_tokens, w, heads, scale):
+def reference(x, text, text_mask, image_tokens, w, heads, ip_lambda):
     """The library's decoupled layer with the weights of `w` (same signature as the exercise)."""
     base = Attention(x.shape[-1], text.shape[-1], heads, w["to_q"].out_features // heads)
     layer = DecoupledCrossAttention(base, {"ip": image_tokens.shape[1]})
@@ -27,7 +27,7 @@ def reference(x, text, text_mask, image_tokens, w, heads, scale):
             getattr(base, name).load_state_dict(w[name].state_dict())
         layer.streams["to_k_ip"].weight.copy_(w["to_k_ip"].weight)
         layer.streams["to_v_ip"].weight.copy_(w["to_v_ip"].weight)
-    layer.lambdas["ip"] = scale
+    layer.lambdas["ip"] = ip_lambda
     with torch.no_grad():
         return layer(x, torch.cat([text, image_tokens], dim=1), text_mask)
 
@@ -62,16 +62,16 @@ def close(got, want, atol=1e-5):
     assert torch.allclose(got, want, atol=atol), f"largest difference {(got - want).abs().max().item():.3g}"
 
 
-def run(fn, x, text, mask, image, w, scale):
+def run(fn, x, text, mask, image, w, ip_lambda):
     with torch.no_grad():
-        return fn(x, text, mask, image, w, HEADS, scale)
+        return fn(x, text, mask, image, w, HEADS, ip_lambda)
 
 
 def check_matches_the_layer(fn):
     w = weights()
     x, text, mask, image = inputs()
-    for scale in (0.7, 1.5):
-        close(run(fn, x, text, mask, image, w, scale), reference(x, text, mask, image, w, HEADS, scale))
+    for ip_lambda in (0.7, 1.5):
+        close(run(fn, x, text, mask, image, w, ip_lambda), reference(x, text, mask, image, w, HEADS, ip_lambda))
     close(run(fn, x, text, None, image, w, 1.0), reference(x, text, None, image, w, HEADS, 1.0))
 
 
@@ -109,8 +109,8 @@ def check_image_branch_reads_image_tokens(fn):
     """K' = image_tokens W'_k and V' = image_tokens W'_v (same number of text and image tokens, so shapes fit)."""
     w = weights(seed=8)
     x, text, _, image = inputs(m=4, n=4, seed=9)
-    for scale in (1.0, 2.0):
-        close(run(fn, x, text, None, image, w, scale), reference(x, text, None, image, w, HEADS, scale))
+    for ip_lambda in (1.0, 2.0):
+        close(run(fn, x, text, None, image, w, ip_lambda), reference(x, text, None, image, w, HEADS, ip_lambda))
 
 
 def check_two_softmaxes(fn):

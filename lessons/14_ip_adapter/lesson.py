@@ -63,9 +63,9 @@ def render(color, shape, position, seed=0):
     return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
-def generate(prompt, image, scale, n=SEEDS):
-    """n samples (different noise) of one (text, image prompt) pair at lambda = scale: [n, 3, H, W] in [0, 1]."""
-    set_ip_lambda(pipe.unet, scale)
+def generate(prompt, image, ip_lambda, n=SEEDS):
+    """n samples (different noise) of one (text, image prompt) pair at lambda = ip_lambda: [n, 3, H, W] in [0, 1]."""
+    set_ip_lambda(pipe.unet, ip_lambda)
     tokens = prompter.extra_tokens(image)
     return pipe.generate([prompt] * n, steps=STEPS, guidance_scale=GUIDANCE, seed=0, extra_tokens=tokens)
 
@@ -101,11 +101,11 @@ else:
     w = {"to_q": layer.base.to_q, "to_k": layer.base.to_k, "to_v": layer.base.to_v, "to_out": layer.base.to_out,
          "to_k_ip": layer.streams["to_k_ip"], "to_v_ip": layer.streams["to_v_ip"]}
     with torch.no_grad():
-        for scale in (0.0, 1.0):
-            layer.lambdas["ip"] = scale
+        for ip_lambda in (0.0, 1.0):
+            layer.lambdas["ip"] = ip_lambda
             want = layer(x, torch.cat([text, image_tokens], dim=1), mask)
-            got = exercise(x, text, mask, image_tokens, w, layer.base.heads, scale)
-            print(f"1. your decoupled_cross_attention on a trained layer, lambda = {scale}: "
+            got = exercise(x, text, mask, image_tokens, w, layer.base.heads, ip_lambda)
+            print(f"1. your decoupled_cross_attention on a trained layer, lambda = {ip_lambda}: "
                   f"largest difference to the library {(got - want).abs().max().item():.2e}")
 
 # --- 2. Image prompts alone (text "", lambda = 1, as the paper samples them) -------------------------------
@@ -124,21 +124,21 @@ print(f"2. image-only prompts: colour and shape of the prompt kept in {hits}/{le
 # --- 3. Image + text: a red square (in the center) with a position in words --------------------------------
 red_square = render("red", "square", "center", seed=7)
 rows = []
-for scale in (0.5, 1.25):
+for ip_lambda in (0.5, 1.25):
     for where in ("on the left", "on the right", "on the top", "on the bottom"):
-        samples = generate(where, red_square, scale)
-        rows.append((f'"{where}", lambda {scale}', torch.cat([(red_square + 1) / 2, samples])))
-        print(f"3. image of a red square + \"{where}\", lambda = {scale}: {', '.join(read(samples))}")
+        samples = generate(where, red_square, ip_lambda)
+        rows.append((f'"{where}", lambda {ip_lambda}', torch.cat([(red_square + 1) / 2, samples])))
+        print(f"3. image of a red square + \"{where}\", lambda = {ip_lambda}: {', '.join(read(samples))}")
 show_rows(rows, OUT / "image_and_text.png",
           "image prompt (first column) + text prompt: the image should give colour and shape, the text the position")
 print("   -> out/image_and_text.png")
 
 # --- 4. The lambda sweep: text "a blue circle on the left" + image of a red square --------------------------
 rows = []
-for scale in (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5):
-    samples = generate("a blue circle on the left", red_square, scale)
-    rows.append((f"lambda = {scale}", samples))
-    print(f"4. lambda = {scale:<4}: {', '.join(read(samples))}")
+for ip_lambda in (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5):
+    samples = generate("a blue circle on the left", red_square, ip_lambda)
+    rows.append((f"lambda = {ip_lambda}", samples))
+    print(f"4. lambda = {ip_lambda:<4}: {', '.join(read(samples))}")
 show_rows(rows, OUT / "lambda_sweep.png",
           'text "a blue circle on the left" + image of a red square: lambda = 0 is the text-only model')
 print("   -> out/lambda_sweep.png (lambda = 0 is exactly the base model; large lambda lets the image take over)")

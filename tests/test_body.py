@@ -9,9 +9,8 @@ from minildm.adapters.body_vae import (BodyVAE, BodyVAEConfig, gaussian_keypoint
                                        keypoints_to_pixels, keypoints_to_unit, kl_divergence, reparameterize,
                                        weight_image)
 from minildm.adapters.keypoint_regressor import KeypointRegressor, peak_soft_argmax
-from minildm.data.body_render import render_identities
-from minildm.data.bodies import identity, MEAN_SHAPE, SHAPE_RANGES, shape_vector
-from minildm.data.body_render import BodiesDataset
+from minildm.data.bodies import MEAN_SHAPE, SHAPE_RANGES, identity, shape_vector
+from minildm.data.body_render import BodiesDataset, render_identities
 from minildm.train.body_models import train_keypoint_regressor
 
 

@@ -6,6 +6,8 @@ from PIL import Image
 
 import sample
 import train
+from minildm.adapters.body import (ADAPTER_FILE, REGRESSOR_FILE, VAE_FILE, load_body_prompter, load_unet_weights,
+                                   set_body_lambdas)
 from minildm.adapters.ip_adapter import DecoupledCrossAttention
 from minildm.autoencoder.vqvae import VQVAE
 from minildm.checkpoint import CheckpointError, load_checkpoint
@@ -13,8 +15,6 @@ from minildm.data.bodies import build_phrases, identity, shape_vector, shirt_nam
 from minildm.modules.transformer import SpatialTransformer
 from minildm.modules.unet import ResBlock, UNet
 from minildm.pipeline import LatentDiffusion
-from minildm.adapters.body import (ADAPTER_FILE, REGRESSOR_FILE, VAE_FILE, load_body_prompter, load_unet_weights,
-                                   set_body_lambdas)
 from minildm.data.body_render import identity_views
 from minildm.train.body import body_base_preset, body_stage_config, train_body_stage
 from minildm.train.body_data import encoder_views, render_stage_data, vae_views

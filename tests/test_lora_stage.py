@@ -10,7 +10,8 @@ from PIL import Image
 
 import sample
 import train
-from minildm.adapters.lora import LoRALinear, inject_lora, merge_lora, set_lora_strength
+from minildm.adapters.lora import LoRALinear, apply_lora, apply_lora_file, inject_lora, merge_lora, set_lora_strength
+from minildm.adapters.new_words import NewWordEmbedding, add_words
 from minildm.checkpoint import load_checkpoint
 from minildm.config import micro
 from minildm.data import shapes
@@ -18,9 +19,7 @@ from minildm.data.describe import describe, prompt_accuracy
 from minildm.pipeline import LatentDiffusion
 from minildm.train.autoencoder import train_autoencoder
 from minildm.train.ldm import train_ldm
-from minildm.adapters.lora import apply_lora, apply_lora_file
-from minildm.adapters.new_words import add_words, NewWordEmbedding
-from minildm.train.lora import concept_prompts, finetune_concept, LoRATrainConfig, train_lora, trainable_counts
+from minildm.train.lora import LoRATrainConfig, concept_prompts, finetune_concept, trainable_counts
 
 CPU = torch.device("cpu")
 CFG = LoRATrainConfig(steps=3, batch_size=8, concept_images=16, base_images=16, warmup=1)

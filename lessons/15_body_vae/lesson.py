@@ -27,9 +27,8 @@ from einops import rearrange  # noqa: E402
 from lessons.common import QUICK, ROOT, exercises_of, load_module, out_dir  # noqa: E402
 from lessons.grading import mine_or_reference  # noqa: E402
 from minildm.adapters.body_vae import BodyVAEConfig, keypoint_gaussians  # noqa: E402
-from minildm.data.body_render import render_identities  # noqa: E402
-from minildm.data.bodies import COCO_KEYPOINTS, identity, pose_caption, random_view, View  # noqa: E402
-from minildm.data.body_render import BodiesDataset, pose_keypoints, render_body  # noqa: E402
+from minildm.data.bodies import COCO_KEYPOINTS, View, identity, pose_caption, random_view  # noqa: E402
+from minildm.data.body_render import BodiesDataset, pose_keypoints, render_body, render_identities  # noqa: E402
 from minildm.train.body_models import train_body_vae  # noqa: E402
 
 OUT = out_dir(__file__)

@@ -93,3 +93,12 @@ def copy_checked(saved: dict, targets: dict, what: str, made_for: str, error: ty
     with torch.no_grad():
         for name, target in targets.items():
             target.copy_(saved[name])
+
+
+OLD_NAMES = {"scale": "ip_lambda", "lambda_b": "body_lambda", "lambda_ref": "ref_lambda"}  # adapter configs, renamed
+
+
+def current_names(config: dict) -> dict:
+    """An adapter config as saved, with the names of files written before the "scale" renames brought up to date
+    (IP-Adapter's lambda was `scale`, BoLID's `lambda_b` / `lambda_ref`): trained runs keep loading."""
+    return {OLD_NAMES.get(k, k): v for k, v in config.items()}

@@ -63,3 +63,22 @@ def test_plain_torch_file_without_header_is_refused(tmp_path):
     torch.save({"w": torch.zeros(2)}, path)
     with pytest.raises(CheckpointError, match="not a minildm checkpoint"):
         load_checkpoint(path)
+
+
+def test_loader_helpers_say_what_is_wrong_and_change_nothing():
+    from minildm.checkpoint import check_entries, copy_checked, current_names
+
+    with pytest.raises(ValueError, match="this is not a LoRA state: expected the dict"):
+        check_entries({"rank": 4}, ("rank", "weights"), "a LoRA state", "the dict made by lora_state_dict")
+    check_entries({"rank": 4, "weights": {}}, ("rank", "weights"), "a LoRA state", "the dict")  # complete: no error
+    targets = {"a": torch.zeros(2), "b": torch.zeros(3)}
+    for saved, words in (({"a": torch.ones(2)}, "weight b is missing"),
+                         ({"a": torch.ones(2), "b": torch.ones(3), "c": torch.ones(1)}, "weight c is not in this model"),
+                         ({"a": torch.ones(2), "b": torch.ones(4)}, r"weight b has shape \[4\] but this model needs \[3\]")):
+        with pytest.raises(ValueError, match=words + ": made for another model"):
+            copy_checked(saved, targets, "weight", "made for another model")
+        assert all(t.eq(0).all() for t in targets.values())  # refused: nothing copied
+    copy_checked({"a": torch.ones(2), "b": torch.full((3,), 2.0)}, targets, "weight", "made for another model")
+    assert targets["a"].eq(1).all() and targets["b"].eq(2).all()
+    assert current_names({"scale": 1.5, "lambda_b": 2.0, "lambda_ref": 0.5, "num_tokens": 4}) == {
+        "ip_lambda": 1.5, "body_lambda": 2.0, "ref_lambda": 0.5, "num_tokens": 4}

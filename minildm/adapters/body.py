@@ -24,7 +24,7 @@ from minildm.adapters.body_vae import BodyVAE, check_keypoints, keypoints_to_uni
 from minildm.adapters.ip_adapter import (IP, DecoupledCrossAttention, ImageProjection, install_ip_adapter,
                                          ip_adapter_parameters, load_ip_adapter, set_ip_lambda)
 from minildm.adapters.keypoint_regressor import KeypointRegressor, load_regressor
-from minildm.checkpoint import CheckpointError, copy_checked, load_checkpoint
+from minildm.checkpoint import CheckpointError, copy_checked, current_names, load_checkpoint
 from minildm.data.folder import load_image_file
 
 REGRESSOR_FILE, VAE_FILE, ADAPTER_FILE = "keypoint_regressor.pt", "body_vae.pt", "body_adapter.pt"  # in a body run
@@ -288,7 +288,7 @@ def load_body_prompter(pipe, run_dir: str | Path, body_lambda: float = 1.0,
         load_unet_weights(dict(pipe.unet.named_parameters()), state["unet"], run_dir / ADAPTER_FILE)
     device = pipe.device
     vae, regressor = load_body_vae(run_dir / VAE_FILE, device), load_regressor(run_dir / REGRESSOR_FILE, device)
-    body_projection = new_body_adapter(pipe.unet, BodyAdapterConfig(**state["config"]))
+    body_projection = new_body_adapter(pipe.unet, BodyAdapterConfig(**current_names(state["config"])))
     ref_projection = ImageProjection(vae.cfg.feature_dim, pipe.unet.cfg.context_dim, state["config"]["ref_tokens"])
     load_ip_adapter(pipe.unet, body_projection, state["body"])
     load_ip_adapter(pipe.unet, ref_projection.to(device), state["ref"])

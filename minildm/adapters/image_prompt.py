@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from minildm.adapters.ip_adapter import ImageProjection, IPAdapterConfig, load_ip_adapter, new_ip_adapter, set_ip_lambda
-from minildm.checkpoint import CheckpointError, load_checkpoint
+from minildm.checkpoint import CheckpointError, current_names, load_checkpoint
 from minildm.clip import CLIP, load_clip
 
 ADAPTER_FILE, CLIP_FILE = "ip_adapter.pt", "clip.pt"
@@ -53,7 +53,7 @@ def load_image_prompter(pipe, adapter_path: str | Path, ip_lambda: float = 1.0) 
     if abs(clip_fingerprint(clip) - state["clip_fingerprint"]) > 1e-3 * state["clip_fingerprint"]:
         raise CheckpointError(f"{adapter_path.parent / CLIP_FILE} is not the CLIP that {adapter_path} was trained "
                               "with: train the adapter again (python train.py --stage ip-adapter).")
-    projection = new_ip_adapter(pipe.unet, IPAdapterConfig(**state["config"]))
+    projection = new_ip_adapter(pipe.unet, IPAdapterConfig(**current_names(state["config"])))
     load_ip_adapter(pipe.unet, projection, state)
     set_ip_lambda(pipe.unet, ip_lambda)
     return ImagePrompter(clip, projection)

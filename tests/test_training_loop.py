@@ -19,6 +19,7 @@ from minildm.autoencoder.losses import VQGANLoss
 from minildm.checkpoint import load_checkpoint
 from minildm.config import micro
 from minildm.data.body_render import BodiesDataset, render_identities
+from minildm.pipeline import LatentDiffusion
 from minildm.train import body_adapter, clip as clip_stage, ip_adapter, ldm, lora
 from minildm.train.autoencoder import train_autoencoder
 from minildm.train.body import ADAPTER_FILE, body_stage_config, train_body_stage
@@ -27,7 +28,7 @@ from minildm.train.clip import train_clip_stage
 from minildm.train.common import Checkpoint, fit
 from minildm.train.ip_adapter import IPAdapterTrainConfig, train_ip_adapter
 from minildm.train.ldm import train_ldm
-from minildm.train.lora import train_lora
+from minildm.train.lora import finetune_concept, lora_train_config
 
 CPU = torch.device("cpu")
 STOP = 3  # the loss function raises on its 3rd call: steps 0 and 1 are done, the checkpoint says step 2
@@ -162,8 +163,12 @@ def test_ldm_stops_and_resumes_bit_for_bit(monkeypatch, tmp_path, preset, base_r
 
 
 def test_lora_stops_and_resumes_bit_for_bit(monkeypatch, tmp_path, preset, base_run):
+    cfg = replace(lora_train_config(preset), steps=4)
+
     def train_fn(out, resume):
-        return train_lora(preset, base_run, CPU, steps=4, out=out, show_progress=False, resume=resume)
+        path = out / "lora_corner.pt"
+        finetune_concept(LatentDiffusion.load(base_run), "corner", cfg, CPU, False, path, resume)
+        return path
 
     reference, _ = stop_and_resume(monkeypatch, tmp_path, train_fn, lora, "diffusion_loss", "lora")
     assert "optimizer" not in reference  # a finished adapter file is small

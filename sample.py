@@ -25,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale s (1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora", default=None, help="a LoRA file from train.py --stage lora")
-    p.add_argument("--lora-strength", type=float, default=1.0)
+    p.add_argument("--lora-strength", type=float, default=1.0, help="the LoRA update times this (0 = base model, 1 = as trained)")
     p.add_argument("--image-prompt", default=None,
                    help="an image file (PNG, JPG, ...) as image prompt, read by the run's IP-Adapter (ip_adapter.pt)")
     p.add_argument("--ip-lambda", type=float, default=1.0, help="IP-Adapter lambda: weight of the image prompt (0 = text only)")

@@ -6,6 +6,9 @@
 
 A run directory written by `python train.py` holds `autoencoder.pt` and `ldm.pt`; `LatentDiffusion.load`
 reads both (EMA weights by default) and `generate` returns images in [0, 1].
+`LatentDiffusion.from_stable_diffusion` builds the same class from Stable Diffusion v1.x weights (a KL
+autoencoder, CLIP's text transformer and SD's UNet); `generate(init_images=..., strength=...)` is SDEdit's
+image-to-image (Meng et al. 2022, arXiv:2108.01073): encode, noise to the strength's timestep, denoise.
 """
 from __future__ import annotations
 
@@ -14,9 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from minildm.autoencoder.kl import DiagonalGaussian
 from minildm.autoencoder.vqvae import VQConfig, VQVAE
 from minildm.checkpoint import CheckpointError, load_checkpoint
-from minildm.diffusion.ddim import ddim_sample
+from minildm.diffusion.ddim import ddim_sample, ddim_timesteps
 from minildm.diffusion.ddpm import as_eps_fn, ddpm_sample
 from minildm.diffusion.guidance import cfg_model_fn
 from minildm.diffusion.schedule import NoiseSchedule
@@ -43,6 +47,28 @@ class LatentDiffusion(nn.Module):
         super().__init__()
         self.autoencoder, self.tokenizer, self.text_encoder, self.unet = autoencoder, tokenizer, text_encoder, unet
         self.schedule, self.image_size, self.prediction = schedule, image_size, prediction
+        # DDIM conventions: minildm's models use "trailing" and land on clean data (t_prev = -1);
+        # SD v1 uses "leading" + offset 1 and lands on abar_0 (t_prev = 0), see from_stable_diffusion
+        self.ddim = {"spacing": "trailing", "offset": 1, "final_timestep": -1}
+
+    @classmethod
+    def from_stable_diffusion(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                              tokenizer=None) -> "LatentDiffusion":
+        """Stable Diffusion v1.x (a .safetensors / .ckpt file or a diffusers folder) on minildm's modules.
+
+        tokenizer: a callable (list[str], max_length=77) -> LongTensor [B, 77], needed when no vocab.json /
+        merges.txt sit next to a single file. Raises SDLoadError with one sentence for anything else.
+        """
+        from minildm.stable_diffusion import load_components
+
+        parts = load_components(path, tokenizer)
+        sched = parts["scheduler"]
+        schedule = NoiseSchedule(sched["num_train_timesteps"], "scaled_linear", sched["beta_start"], sched["beta_end"])
+        model = cls(parts["autoencoder"], parts["tokenizer"], parts["text_encoder"], parts["unet"], schedule,
+                    image_size=512, prediction="eps")
+        model.ddim = {"spacing": sched["timestep_spacing"], "offset": sched["steps_offset"],
+                      "final_timestep": -1 if sched["set_alpha_to_one"] else 0}
+        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> "LatentDiffusion":
@@ -62,13 +88,28 @@ class LatentDiffusion(nn.Module):
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
-    def latent_shape(self) -> tuple[int, int, int]:
-        f = self.autoencoder.cfg.downsample_factor
-        return (self.autoencoder.cfg.z_channels, self.image_size // f, self.image_size // f)
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
 
-    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """list of B prompts -> (context [B, L, d], mask [B, L])."""
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        f = self.autoencoder.cfg.downsample_factor
+        height, width = height or self.image_size, width or self.image_size
+        unet_f = f * 2 ** (len(self.unet.cfg.channel_mult) - 1)
+        if height % unet_f or width % unet_f:
+            raise ValueError(f"height and width must be multiples of {unet_f} (autoencoder f = {f} times the "
+                             f"UNet's downsampling), got {height}x{width}.")
+        return (self.autoencoder.cfg.z_channels, height // f, width // f)
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """list of B prompts -> (context [B, L, d], mask [B, L] or None = attend to every position)."""
         return self.text_encoder(self.tokenizer.encode(prompts).to(self.device))
+
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] -> scaled latents z_0 * scale_factor (a posterior sample for KL)."""
+        z = self.autoencoder.encode(images.to(self.device, self.dtype) * 2 - 1)
+        z = z.sample(generator) if isinstance(z, DiagonalGaussian) else z
+        return z * self.autoencoder.scale_factor
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents [B, c, h, w] -> images [B, 3, H, W] in [0, 1]."""
@@ -78,7 +119,9 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: list[str] | str, steps: int = 50, guidance_scale: float = 3.0, sampler: str = "ddim",
                  eta: float = 0.0, seed: int = 0, progress: bool = False, return_trajectory: bool = False,
-                 return_attention: bool = False, extra_tokens: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 return_attention: bool = False, extra_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 height: int | None = None, width: int | None = None, negative_prompts: list[str] | str | None = None,
+                 latents: torch.Tensor | None = None, init_images: torch.Tensor | None = None, strength: float = 0.8):
         """prompts -> images [N, 3, H, W] in [0, 1]. Same seed and prompts -> same images.
 
         guidance_scale: the CFG scale s of eps_u + s (eps_c - eps_u) (1 = plain conditional model, 0 = unconditional).
@@ -88,6 +131,11 @@ class LatentDiffusion(nn.Module):
         extra_tokens: optional (cond [N or 1, n, d], uncond [1, n, d]) appended after the text context of the
         conditional and the unconditional half (IP-Adapter's image tokens: the UNet's decoupled cross-attention
         splits them off by count; the text mask still covers the text only).
+        height, width: image size (default image_size); negative_prompts: the unconditional half's text, one
+        for all or one per prompt (default ""); latents: the starting noise x_T [N, c, height/f, width/f].
+        init_images [N, 3, H, W] in [0, 1]: image-to-image (DDIM only). z_0 = E(x) * scale_factor, then
+        x_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) n at the (steps - int(steps * strength))-th DDIM timestep
+        (Property 1), and DDIM runs the remaining int(steps * strength) steps: strength 1 ignores the image.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         T = self.schedule.num_timesteps
@@ -102,17 +150,40 @@ class LatentDiffusion(nn.Module):
         if not prompts:
             raise ValueError("give at least one prompt (the empty prompt \"\" samples unconditionally).")
 
+        negative = [negative_prompts] if isinstance(negative_prompts, str) else list(negative_prompts or [""])
+        if len(negative) not in (1, len(prompts)):
+            raise ValueError(f"give one negative prompt or one per prompt ({len(prompts)}), got {len(negative)}.")
+
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        x_T = torch.randn((len(prompts), *self.latent_shape()), generator=generator).to(self.device)
+        shape = (len(prompts), *self.latent_shape(height, width))
+        skip = 0
+        if init_images is not None:  # SDEdit: start from the noised latents of the given images
+            if sampler != "ddim" or not 0 < strength <= 1 or int(steps * strength) < 1:
+                raise ValueError(f"image-to-image needs sampler ddim and 0 < strength <= 1 with int(steps * strength) "
+                                 f">= 1, got {sampler}, strength {strength}, steps {steps}.")
+            if init_images.ndim != 4 or init_images.shape[0] != len(prompts):
+                raise ValueError(f"init_images must be [{len(prompts)}, 3, H, W] in [0, 1] (one per prompt), "
+                                 f"got {tuple(init_images.shape)}.")
+            z0 = self.encode_images(init_images, generator)
+            skip = steps - int(steps * strength)
+            t_start = int(ddim_timesteps(T, steps, self.ddim["spacing"], self.ddim["offset"])[skip])
+            noise = torch.randn(z0.shape, generator=generator).to(self.device, self.dtype)
+            x_T = self.schedule.q_sample(z0, t_start, noise).to(self.dtype)  # x_t = sqrt(abar) z_0 + sqrt(1 - abar) n
+        elif latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must be x_T of shape {shape}, got {tuple(latents.shape)}.")
+            x_T = latents.to(self.device, self.dtype)
+        else:
+            x_T = torch.randn(shape, generator=generator).to(self.device, self.dtype)
         context_c, mask_c = self.encode_prompts(prompts)
-        context_u, mask_u = self.encode_prompts([""])
+        context_u, mask_u = self.encode_prompts(negative)
         if extra_tokens is not None:  # both halves have max_len text tokens, so cfg_model_fn pads nothing after them
             extra_c, extra_u = extra_tokens
             if extra_c.shape[0] not in (1, len(prompts)) or extra_u.shape[0] != 1:
                 raise ValueError(f"extra_tokens must be (cond [1 or {len(prompts)}, n, d], uncond [1, n, d]), "
                                  f"got {tuple(extra_c.shape)} and {tuple(extra_u.shape)}.")
             context_c = torch.cat([context_c, extra_c.to(context_c).expand(len(prompts), -1, -1)], dim=1)
-            context_u = torch.cat([context_u, extra_u.to(context_u)], dim=1)
+            context_u = torch.cat([context_u, extra_u.to(context_u).expand(context_u.shape[0], -1, -1)], dim=1)
         model_fn = cfg_model_fn(self.unet, context_c, mask_c, context_u, mask_u, guidance_scale)
         eps_fn = as_eps_fn(model_fn, self.schedule, self.prediction)
 
@@ -122,7 +193,7 @@ class LatentDiffusion(nn.Module):
         try:
             if sampler == "ddim":
                 out = ddim_sample(eps_fn, self.schedule, x_T, steps, eta, generator=generator, progress=progress,
-                                  return_trajectory=return_trajectory)
+                                  return_trajectory=return_trajectory, skip_steps=skip, **self.ddim)
             else:
                 out = ddpm_sample(eps_fn, self.schedule, x_T, generator=generator, progress=progress,
                                   return_trajectory=return_trajectory)

@@ -117,17 +117,26 @@ def ddim_sample(
     generator: torch.Generator | None = None,
     progress: bool = True,
     return_trajectory: bool = False,
+    final_timestep: int = -1,
+    skip_steps: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """DDIM sampling from x_T ~ N(0, I) [B, ...] to x_0 [B, ...] in `steps` model calls.
 
     eps_fn(x_t [B, ...], t [B]) -> eps [B, ...]. Noise is drawn from `generator` only for steps with sigma > 0.
-    With return_trajectory, also returns [x_T, ..., x_0] (steps + 1 tensors).
+    final_timestep: where the last step lands: -1 = clean data (abar = 1), 0 = abar_0 (SD v1).
+    skip_steps: start k entries into the timestep list, x_T being x_t at that entry (SDEdit's image-to-image:
+    the chain runs steps - k model calls).
+    With return_trajectory, also returns [x_T, ..., x_0] (steps - skip_steps + 1 tensors).
     """
     timesteps = ddim_timesteps(schedule.num_timesteps, steps, spacing, offset).tolist()
+    if final_timestep not in (-1, 0) or not 0 <= skip_steps < steps:
+        raise ValueError(f"final_timestep must be -1 or 0 and skip_steps in 0..{steps - 1}, "
+                         f"got {final_timestep} and {skip_steps}.")
+    timesteps = timesteps[skip_steps:]
     # The previous timestep is the next entry of the list (and -1 after the last one), never t - T // steps:
     # diffusers' DDIMScheduler computes prev = t - T // steps, which disagrees with the list whenever the
     # spacing is not an exact multiple (e.g. trailing, T = 1000, steps = 3: list 999, 666, 332, but 666 - 333 = 333).
-    timesteps_prev = timesteps[1:] + [-1]
+    timesteps_prev = timesteps[1:] + [final_timestep]
     x = x_T
     trajectory = [x]
     for t, t_prev in tqdm(list(zip(timesteps, timesteps_prev)), desc="DDIM", disable=not progress):

@@ -3,7 +3,7 @@
 SpatialTransformer treats every pixel of a UNet feature map phi_i(z_t) [B, C, h, w] as a token and lets
 it attend to the prompt:
 
-    x   = proj_in(GroupNorm(phi))                         1x1 conv, C -> d * n_h
+    x   = proj_in(GroupNorm(phi))                         1x1 conv (or Linear per token, SD v2), C -> d * n_h
     x   = rearrange(x, "b c h w -> b (h w) c")            h*w tokens
     repeat depth times (BasicTransformerBlock):
         x += SelfAttn(LN1 x)                              attn1: Q, K, V from the pixels
@@ -71,23 +71,30 @@ class SpatialTransformer(nn.Module):
     """phi [B, C, h, w], context [B, M, context_dim], mask [B, M] | None -> [B, C, h, w] (residual)."""
 
     def __init__(self, channels: int, context_dim: int, heads: int = 4, dim_head: int = 32, depth: int = 1,
-                 dropout: float = 0.0, norm_groups: int = 32, kernel: str = "naive"):
+                 dropout: float = 0.0, norm_groups: int = 32, kernel: str = "naive", proj_linear: bool = False):
         super().__init__()
         inner = heads * dim_head  # d * n_h in the slide's table
+        self.proj_linear = proj_linear  # the same map either way: a 1x1 conv is a Linear applied at every pixel
         self.norm = nn.GroupNorm(norm_groups, channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, inner, kernel_size=1)
+        self.proj_in = nn.Linear(channels, inner) if proj_linear else nn.Conv2d(channels, inner, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(inner, context_dim, heads, dim_head, dropout, kernel) for _ in range(depth)]
         )
-        self.proj_out = nn.Conv2d(inner, channels, kernel_size=1)
+        self.proj_out = nn.Linear(inner, channels) if proj_linear else nn.Conv2d(inner, channels, kernel_size=1)
         nn.init.zeros_(self.proj_out.weight)  # zero-init: a fresh SpatialTransformer is the identity
         nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, phi: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         h, w = phi.shape[-2:]
-        x = self.proj_in(self.norm(phi))
-        x = rearrange(x, "b c h w -> b (h w) c")  # every pixel is a query token
+        x = self.norm(phi)
+        if self.proj_linear:  # every pixel is a query token
+            x = self.proj_in(rearrange(x, "b c h w -> b (h w) c"))
+        else:
+            x = rearrange(self.proj_in(x), "b c h w -> b (h w) c")
         for block in self.transformer_blocks:
             x = block(x, context, mask)
-        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
-        return phi + self.proj_out(x)
+        if self.proj_linear:
+            x = rearrange(self.proj_out(x), "b (h w) c -> b c h w", h=h, w=w)
+        else:
+            x = self.proj_out(rearrange(x, "b (h w) c -> b c h w", h=h, w=w))
+        return phi + x

@@ -71,8 +71,12 @@ class UNetConfig:
     num_res_blocks: int = 2  # ResBlocks per level in the down path (the up path has one more)
     attention_levels: tuple = (1, 2)  # levels with a SpatialTransformer after each ResBlock
     mid_attention: bool = True  # SpatialTransformer between the two middle ResBlocks
-    heads: int = 4
-    dim_head: int = 32
+    # Attention layout per level (channels C of the level): both set -> heads x dim_head at every level
+    # (minildm's presets); dim_head None -> `heads` heads of width C / heads (SD v1: 8 heads of 40, 80, 160);
+    # heads None -> heads = C / dim_head (SD v2: 64-wide heads, 5 / 10 / 20 of them).
+    heads: int | None = 4
+    dim_head: int | None = 32
+    proj_linear: bool = False  # SpatialTransformer proj_in / proj_out as Linear on tokens (SD v2) or 1x1 conv (SD v1)
     context_dim: int = 128  # width of tau_theta(y)
     transformer_depth: int = 1  # BasicTransformerBlocks per SpatialTransformer
     dropout: float = 0.0
@@ -94,6 +98,21 @@ class UNetConfig:
             )
         if self.kernel not in KERNELS:
             raise ValueError(f"Unknown attention kernel {self.kernel!r}; choose one of {KERNELS}.")
+        if self.heads is None and self.dim_head is None:
+            raise ValueError("give heads, dim_head or both (SD v1: heads=8, dim_head=None; SD v2: heads=None, dim_head=64).")
+        for lvl in self.attention_levels + ((len(self.channel_mult) - 1,) if self.mid_attention else ()):
+            self.attention_layout(self.model_channels * self.channel_mult[lvl])
+
+    def attention_layout(self, channels: int) -> tuple[int, int]:
+        """(heads, dim_head) of a SpatialTransformer on `channels` channels (see the fields' comment)."""
+        heads, dim_head = self.heads, self.dim_head
+        if heads is None or dim_head is None:
+            split = dim_head if heads is None else heads
+            if channels % split:
+                raise ValueError(f"{channels} channels do not split into heads of {split}: "
+                                 f"pick heads / dim_head dividing every attended level's channels.")
+            heads, dim_head = (channels // dim_head, dim_head) if heads is None else (heads, channels // heads)
+        return heads, dim_head
 
     @classmethod
     def seed000(cls, in_channels: int = 4, context_dim: int = 256) -> "UNetConfig":
@@ -132,8 +151,9 @@ class UNet(nn.Module):
             return ResBlock(c_in, c_out, time_dim, cfg.dropout, cfg.norm_groups)
 
         def spatial(c):
-            return SpatialTransformer(c, cfg.context_dim, cfg.heads, cfg.dim_head, cfg.transformer_depth,
-                                      cfg.dropout, cfg.norm_groups, cfg.kernel)
+            heads, dim_head = cfg.attention_layout(c)
+            return SpatialTransformer(c, cfg.context_dim, heads, dim_head, cfg.transformer_depth,
+                                      cfg.dropout, cfg.norm_groups, cfg.kernel, cfg.proj_linear)
 
         # down path: remember each block's output channels for the skip connections
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
@@ -190,7 +210,7 @@ class UNet(nn.Module):
                 f"context must be [B, L, {self.cfg.context_dim}] (the prompt encoder output), "
                 f"got {tuple(context.shape)}."
             )
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels))
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
         skips = []
         h = x
         for block in self.input_blocks:

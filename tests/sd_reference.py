@@ -21,10 +21,11 @@ SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linea
 
 def byte_vocab(folder: Path) -> Path:
     """A tiny CLIP-style BPE vocabulary (bytes, bytes + </w>, a few merges, the two special tokens)."""
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    merges = [("a", "</w>"), ("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"), ("r", "e"), ("d", "</w>")]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]  # GPT-2's byte -> unicode table, in byte order
+    table = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(shifted)}
+    chars = [table[b] for b in sorted(printable)] + [table[b] for b in shifted]
+    merges = [("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"), ("r", "e"), ("re", "d</w>")]
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
@@ -35,7 +36,7 @@ def byte_vocab(folder: Path) -> Path:
 def hf_tokenizer(folder: Path):
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
 
 
 def ids_fn(tok):
@@ -75,7 +76,7 @@ def components(seed: int = 0):
     return unet, vae, text
 
 
-def write_folder(root: Path, unet, vae, text, tokenizer_folder: Path | None = None) -> Path:
+def write_folder(root: Path, unet, vae, text) -> Path:
     """The diffusers folder layout of SD v1.x: unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
     from diffusers import DDIMScheduler
 
@@ -83,7 +84,7 @@ def write_folder(root: Path, unet, vae, text, tokenizer_folder: Path | None = No
     vae.save_pretrained(root / "vae", safe_serialization=False)
     text.save_pretrained(root / "text_encoder", safe_serialization=False)
     DDIMScheduler(**SCHEDULER).save_pretrained(root / "scheduler")
-    byte_vocab(root / "tokenizer") if tokenizer_folder is None else None
+    byte_vocab(root / "tokenizer")
     return root
 
 
@@ -91,7 +92,7 @@ def original_state_dict(unet, vae, text) -> dict[str, torch.Tensor]:
     """The original single-file layout (CompVis names and prefixes, plus the buffers real files carry)."""
     sd = {K.UNET_PREFIX + k: v for k, v in K.unet_diffusers_to_original(unet.state_dict()).items()}
     sd.update({K.VAE_PREFIX + k: v for k, v in K.vae_diffusers_to_original(vae.state_dict()).items()})
-    sd.update({K.TEXT_PREFIX + k: v for k, v in text.state_dict().items()})
+    sd.update({K.TEXT_PREFIX + "text_model." + k.removeprefix("text_model."): v for k, v in text.state_dict().items()})
     sd[K.TEXT_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
     sd["betas"] = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
     sd["alphas_cumprod"] = torch.cumprod(1 - sd["betas"], 0)
@@ -108,3 +109,43 @@ def check_original_layout(sd: dict, unet, vae) -> None:
     back = convert_ldm_vae_checkpoint(sd, dict(vae.config))
     assert set(back) == set(vae.state_dict()), set(back) ^ set(vae.state_dict())
     assert all(torch.equal(back[k].reshape(v.shape), v) for k, v in vae.state_dict().items())
+
+
+def install_stand_ins() -> None:
+    """Until minildm.text.clip_text and minildm.safetensors exist on this branch, stand in for them with
+    transformers' CLIPTextModel and the safetensors package (same API names), so the loader can be tested."""
+    import importlib
+    import sys
+    import types
+
+    try:
+        importlib.import_module("minildm.text.clip_text")
+    except ImportError:
+        from transformers import CLIPTextConfig as HFConfig
+        from transformers import CLIPTextModel
+
+        class CLIPTextTransformer(CLIPTextModel):
+            def forward(self, ids):
+                pos = torch.arange(ids.shape[1], device=ids.device)[None]
+                return super().forward(input_ids=ids, position_ids=pos).last_hidden_state
+
+        class CLIPTextConfig:
+            @staticmethod
+            def from_state_dict(sd):
+                vocab, width = sd["embeddings.token_embedding.weight"].shape
+                layers = len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")})
+                return HFConfig(vocab_size=vocab, hidden_size=width, num_attention_heads=width // 64,
+                                intermediate_size=sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
+                                num_hidden_layers=layers, max_position_embeddings=77, hidden_act="quick_gelu")
+
+        mod = types.ModuleType("minildm.text.clip_text")
+        mod.CLIPTextTransformer, mod.CLIPTextConfig = CLIPTextTransformer, CLIPTextConfig
+        mod.clip_text_state_dict_from_hf = lambda sd, prefix="text_model.": {k.removeprefix(prefix): v for k, v in sd.items()}
+        sys.modules["minildm.text.clip_text"] = mod
+    try:
+        importlib.import_module("minildm.safetensors")
+    except ImportError:
+        from safetensors.torch import load_file
+        mod = types.ModuleType("minildm.safetensors")
+        mod.load_safetensors = lambda path, device="cpu": load_file(str(path), device=str(device))
+        sys.modules["minildm.safetensors"] = mod

@@ -133,9 +133,10 @@ def vae_original_to_minildm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def text_original_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """cond_stage_model.transformer.* (prefix already removed) -> transformers' CLIPTextModel names.
+    """cond_stage_model.transformer.* (prefix removed) or a text_encoder/ file -> `text_model.*` names.
 
-    Files converted with transformers < 4.31 lack the `text_model.` level; position_ids are a constant buffer.
+    Old single files and files saved by transformers >= 5 lack the `text_model.` level; position_ids are a
+    constant buffer, not weights.
     """
     out = {}
     for name, tensor in sd.items():

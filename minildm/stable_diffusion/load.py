@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from minildm.autoencoder.kl import AutoencoderKL, KLConfig
+from minildm.checkpoint import CheckpointError
 from minildm.modules.unet import UNet, UNetConfig
 from minildm.stable_diffusion import keys as K
 
@@ -54,6 +55,8 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
                 sd = torch.load(path, map_location="cpu", weights_only=True)
     except SDLoadError:
         raise
+    except CheckpointError as e:  # the safetensors reader's own one-sentence errors
+        raise SDLoadError(str(e)) from None
     except Exception as e:  # truncated download, random bytes, a pickle with arbitrary objects
         raise SDLoadError(f"{path} is truncated or damaged ({type(e).__name__}: {str(e)[:120]}): "
                           "download it again and compare its size / SHA256 with the published one.") from None
@@ -184,9 +187,9 @@ def build_text_encoder(sd: dict, where: str) -> nn.Module:
     from minildm.text.clip_text import CLIPTextConfig, CLIPTextTransformer, clip_text_state_dict_from_hf
 
     sd = clip_text_state_dict_from_hf({k: v for k, v in sd.items() if not k.endswith("position_ids")}, prefix="text_model.")
-    cfg = CLIPTextConfig.from_state_dict(sd)
-    with torch.device("meta"):
-        model = CLIPTextTransformer(cfg)
+    # built on the CPU, not on meta: its constant buffers (position ids, causal mask) are not in the file;
+    # the 123M initial parameters are freed as the file's tensors are assigned
+    model = CLIPTextTransformer(CLIPTextConfig.from_state_dict(sd))
     return load_into(model, sd, "text encoder", where)
 
 
@@ -215,7 +218,7 @@ def read_folder(root: Path) -> dict:
             raise SDLoadError(f"{root / 'unet'} has a different number of heads per level ({heads}): SD 2.x, not v1.x.")
         heads = heads[0]
     return {"unet": K.unet_diffusers_to_original(unet_raw), "vae": K.vae_diffusers_to_original(read_tensors(_folder_weights(root / "vae"))),
-            "text": text, "heads": int(heads), "scale_factor": vae_cfg.get("scaling_factor", 0.18215)}
+            "text": K.text_original_to_hf(text), "heads": int(heads), "scale_factor": vae_cfg.get("scaling_factor", 0.18215)}
 
 
 def read_checkpoint(path: str | Path) -> dict:

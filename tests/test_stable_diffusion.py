@@ -1,0 +1,142 @@
+"""Stable Diffusion v1 through minildm's own modules, against diffusers / transformers at small random configs.
+
+Parity: the same random weights saved as a diffusers folder and as an original single file, loaded by
+minildm, must give diffusers' UNet output, the VAE posterior and decode, CLIP's hidden states (1e-5, fp32)
+and StableDiffusionPipeline / StableDiffusionImg2ImgPipeline's images (1e-4; DDIM "leading" + offset 1,
+last step to abar_0, guidance 7.5). Plus: files that are not SD v1.x are refused with one sentence.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="parity tests need the [parity] extra (diffusers)")
+pytest.importorskip("transformers", reason="parity tests need the [parity] extra (transformers)")
+
+import sd_reference as ref  # noqa: E402
+from minildm.pipeline import LatentDiffusion  # noqa: E402
+from minildm.stable_diffusion import SDLoadError  # noqa: E402
+from minildm.stable_diffusion import keys as K  # noqa: E402
+
+ref.install_stand_ins()
+PROMPTS = ["a cat", "the red cat"]
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    """(diffusers components, folder path, single-file path, hf tokenizer)."""
+    root = tmp_path_factory.mktemp("sd")
+    unet, vae, text = ref.components()
+    folder = ref.write_folder(root / "folder", unet, vae, text)
+    state = ref.original_state_dict(unet, vae, text)
+    ref.check_original_layout(state, unet, vae)
+    single = root / "single" / "model.ckpt"
+    single.parent.mkdir()
+    torch.save({"state_dict": state, "global_step": 1}, single)
+    return (unet, vae, text), folder, single, ref.hf_tokenizer(folder / "tokenizer")
+
+
+def load(path, tok):
+    return LatentDiffusion.from_stable_diffusion(path, tokenizer=ref.ids_fn(tok))
+
+
+@pytest.mark.parametrize("layout", ["folder", "single"])
+def test_components_match_reference(sd, layout):
+    (unet, vae, text), folder, single, tok = sd
+    pipe = load(folder if layout == "folder" else single, tok)
+    assert pipe.unet.cfg.heads == 8 and pipe.unet.cfg.dim_head is None
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, ref.TEXT_WIDTH, generator=g)
+    t = torch.tensor([1, 981])
+    with torch.no_grad():
+        assert (pipe.unet(x, t, c) - unet(x, t, encoder_hidden_states=c).sample).abs().max() < 1e-5
+        img = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+        post, mine = vae.encode(img).latent_dist, pipe.autoencoder.encode(img)
+        assert (post.mean - mine.mean).abs().max() < 1e-5 and (post.logvar - mine.logvar).abs().max() < 1e-5
+        assert (vae.decode(x).sample - pipe.autoencoder.decode(x)).abs().max() < 1e-5
+        ids = ref.ids_fn(tok)(PROMPTS)
+        hidden, mask = pipe.text_encoder(ids)
+        assert mask is None and (hidden - text(ids).last_hidden_state).abs().max() < 1e-5
+
+
+def diffusers_pipe(components, tok, img2img=False):
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    unet, vae, text = components
+    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    pipe = cls(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=DDIMScheduler(**ref.SCHEDULER),
+               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_text_to_image_matches_stable_diffusion_pipeline(sd):
+    components, folder, _, tok = sd
+    pipe = load(folder, tok)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    ours = pipe.generate(PROMPTS, steps=3, guidance=7.5, height=16, width=16, latents=latents,
+                         negative_prompts=["", "a dog"])
+    theirs = diffusers_pipe(components, tok)(PROMPTS, height=16, width=16, num_inference_steps=3, guidance_scale=7.5,
+                                             negative_prompt=["", "a dog"], latents=latents, output_type="pt").images
+    assert ours.shape == theirs.shape == (2, 3, 16, 16)
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_image_to_image_matches_img2img_pipeline(sd):
+    components, folder, _, tok = sd
+    pipe = load(folder, tok)
+    init = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    ours = pipe.generate(PROMPTS, steps=4, guidance=7.5, init_images=init, strength=0.5, seed=3)
+    theirs = diffusers_pipe(components, tok, img2img=True)(PROMPTS, image=init, strength=0.5, num_inference_steps=4,
+                                                           guidance_scale=7.5, generator=torch.Generator().manual_seed(3),
+                                                           output_type="pt").images
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_last_step_to_abar_one_is_caught(sd):
+    """The common SD sampler mistake (last DDIM step to abar = 1, not abar_0) is visible at this tolerance."""
+    components, folder, _, tok = sd
+    pipe = load(folder, tok)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    theirs = diffusers_pipe(components, tok)(PROMPTS[:1], height=16, width=16, num_inference_steps=3,
+                                             guidance_scale=7.5, latents=latents, output_type="pt").images
+    assert 0.05 < ((theirs > 0) & (theirs < 1)).float().mean()  # not a saturated image: the comparison means something
+    pipe.ddim["final_timestep"] = -1
+    wrong = pipe.generate(PROMPTS[:1], steps=3, guidance=7.5, height=16, width=16, latents=latents)
+    assert (wrong - theirs).abs().max() > 1e-3
+
+
+def corrupt(sd_path, tmp_path, edit, name="bad.ckpt"):
+    state = torch.load(sd_path, weights_only=True)["state_dict"]
+    edit(state)
+    path = tmp_path / name
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda s: s.update({K.UNET_PREFIX + "input_blocks.0.0.weight": torch.zeros(32, 9, 3, 3)}), "inpainting"),
+    (lambda s: s.update({"cond_stage_model.model.ln_final.weight": torch.zeros(1024)}), "SD 2.x"),
+    (lambda s: s.update({"conditioner.embedders.0.transformer.x": torch.zeros(1)}), "SDXL"),
+    (lambda s: [s.pop(k) for k in [k for k in s if k.startswith(K.VAE_PREFIX)]], "first_stage_model"),
+    (lambda s: s.pop(K.UNET_PREFIX + "out.2.bias"), "missing"),
+    (lambda s: s.update({K.UNET_PREFIX + "out.2.bias": torch.zeros(5)}), "wrong shape"),
+    (lambda s: s.update({"some_other_model.weight": torch.zeros(1)}), "outside"),
+])
+def test_not_sd_v1_is_refused_in_one_sentence(sd, tmp_path, edit, words):
+    path = corrupt(sd[2], tmp_path, edit)
+    with pytest.raises(SDLoadError, match=words) as info:
+        load(path, sd[3])
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_lora_and_truncated_files_are_refused(sd, tmp_path):
+    lora = tmp_path / "lora.ckpt"
+    torch.save({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)}, lora)
+    with pytest.raises(SDLoadError, match="LoRA"):
+        load(lora, sd[3])
+    data = sd[2].read_bytes()
+    half = tmp_path / "half.ckpt"
+    half.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SDLoadError, match="truncated"):
+        load(half, sd[3])

@@ -1,7 +1,10 @@
 """Sample images from a trained run:  python sample.py "a red circle on the left"
+or from Stable Diffusion v1.x weights:  python sample.py --sd v1-5-pruned-emaonly.safetensors "a photo of a cat"
 
 Writes a PNG grid (one row per prompt, --n images each) and prints where it went.
 Same --seed, same prompts, same settings -> the same image.
+With --sd: DDIM 50 steps and guidance 7.5 by default, 512x512, fp16 on CUDA; --init-image/--strength for
+image-to-image; --dry-run prints parameters, activation memory and an estimated time without loading weights.
 """
 from __future__ import annotations
 
@@ -18,11 +21,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='one or more prompts; "" is the unconditional prompt (default: "a red circle on the left", '
                         'or "" with --image-prompt)')
     p.add_argument("--run", default="runs/tiny", help="run directory written by train.py")
-    p.add_argument("--n", type=int, default=4, help="images per prompt")
+    p.add_argument("--n", type=int, default=None, help="images per prompt (default 4; 1 with --sd)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (DDIM); DDPM always uses all T")
     p.add_argument("--sampler", default="ddim", help="ddim or ddpm")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale s (1 = off)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale s (1 = off; "
+                   "default 3 for minildm runs, 7.5 with --sd)")
+    p.add_argument("--sd", default=None, help="Stable Diffusion v1.x weights: a .safetensors/.ckpt file or a diffusers folder")
+    p.add_argument("--tokenizer", default=None, help="(--sd) folder with vocab.json and merges.txt, if not next to the file")
+    p.add_argument("--height", type=int, default=None, help="(--sd) image height, a multiple of 64 (default 512)")
+    p.add_argument("--width", type=int, default=None, help="(--sd) image width, a multiple of 64 (default 512)")
+    p.add_argument("--negative", default=None, help="negative prompt: the unconditional half of guidance (default \"\")")
+    p.add_argument("--init-image", default=None, help="image-to-image (SDEdit): start from this image, resized to the output size")
+    p.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much noise to add (1 = ignore the image)")
+    p.add_argument("--dtype", default="auto", help="(--sd) float32, float16 or bfloat16 (auto: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--dry-run", action="store_true", help="(--sd) print parameters, activation memory and an estimated "
+                   "time for 512x512 on a 24 GB GPU, then exit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora", default=None, help="a LoRA file from train.py --stage lora")
     p.add_argument("--lora-strength", type=float, default=1.0, help="the LoRA update times this (0 = base model, 1 = as trained)")
@@ -39,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="output PNG (default: RUN/samples/<prompt>.png)")
     args = p.parse_args(argv)
-    if args.n < 1:
+    args.guidance = args.guidance if args.guidance is not None else (7.5 if args.sd or args.dry_run else 3.0)
+    if args.n is not None and args.n < 1:
         p.error(f"--n must be at least 1, got {args.n}.")
     if args.body_id is not None and args.body_views:
         p.error("give either --body-id or --body-views, not both.")
@@ -47,8 +62,67 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def sample_sd(args) -> int:
+    """python sample.py --sd PATH "prompt": Stable Diffusion v1.x on minildm's modules."""
+    import resource
+    import time
+
+    from minildm.pipeline import LatentDiffusion
+    from minildm.stable_diffusion import SDLoadError
+    from minildm.train.common import pick_device
+    from minildm.viz import save_grid
+
+    if args.dry_run:
+        from minildm.stable_diffusion.estimate import print_estimate
+        print_estimate(height=args.height or 512, width=args.width or 512, steps=args.steps)
+        return 0
+    try:
+        device = pick_device(args.device)
+        dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+        if args.dtype != "auto" and args.dtype not in dtypes:
+            raise ValueError(f"--dtype must be auto, {', '.join(dtypes)}; got {args.dtype}.")
+        dtype = dtypes.get(args.dtype, torch.float16 if device.type == "cuda" else torch.float32)
+        if dtype != torch.float32 and device.type == "cpu":
+            raise ValueError(f"--dtype {args.dtype} is for CUDA; on the CPU use float32.")
+        tokenizer = None
+        if args.tokenizer:
+            from minildm.text.bpe import BPETokenizer
+            tokenizer = BPETokenizer.from_folder(args.tokenizer)
+        start = time.perf_counter()
+        pipe = LatentDiffusion.from_stable_diffusion(args.sd, device=device, dtype=dtype, tokenizer=tokenizer)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+        print(f"loaded {args.sd} in {time.perf_counter() - start:.1f} s, peak RSS so far {peak:.2f} GiB")
+        n = args.n or 1
+        prompts = [p for p in args.prompts for _ in range(n)]
+        init = None
+        if args.init_image:
+            from PIL import Image
+            import numpy as np
+            h, w = args.height or 512, args.width or 512
+            img = Image.open(args.init_image).convert("RGB").resize((w, h), Image.BICUBIC)
+            init = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div(255)[None].repeat(len(prompts), 1, 1, 1)
+        start = time.perf_counter()
+        images = pipe.generate(prompts, steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed,
+                               progress=True, height=args.height, width=args.width, negative_prompts=args.negative,
+                               init_images=init, strength=args.strength)
+        calls = args.steps - (args.steps - int(args.steps * args.strength) if init is not None else 0)
+        seconds = time.perf_counter() - start
+        print(f"sampled {len(prompts)} image(s) in {seconds:.1f} s ({calls} DDIM steps, {seconds / calls:.2f} s per step "
+              f"including the text encoder and decoder)")
+    except (ValueError, SDLoadError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    slug = "_".join(args.prompts)[:60].replace(" ", "-").replace("/", "-") or "unconditional"
+    out = Path(args.out) if args.out else Path("runs/sd/samples") / f"{slug}_seed{args.seed}.png"
+    save_grid(images.float(), out, nrow=n, upscale=1)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.sd or args.dry_run:
+        return sample_sd(args)
     from minildm.checkpoint import CheckpointError
     from minildm.pipeline import LatentDiffusion
     from minildm.device import pick_device
@@ -78,6 +152,7 @@ def main(argv=None) -> int:
             from minildm.data.folder import load_image_file
             prompter = load_image_prompter(pipe, Path(args.run) / ADAPTER_FILE, args.ip_lambda)
             extra_tokens = prompter.extra_tokens(load_image_file(args.image_prompt, pipe.image_size))
+        args.n = args.n or 4
         prompts = [p for p in args.prompts for _ in range(args.n)]
         images = pipe.generate(prompts, steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
                                eta=args.eta, seed=args.seed, progress=True, extra_tokens=extra_tokens)

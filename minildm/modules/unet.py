@@ -134,6 +134,14 @@ class UNetConfig:
         )
 
 
+    @classmethod
+    def sd_v1(cls) -> "UNetConfig":
+        """Stable Diffusion v1.x's UNet (859.5M parameters): 8 heads per level, CLIP ViT-L/14 context of 768."""
+        return cls(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                   attention_levels=(0, 1, 2), mid_attention=True, heads=8, dim_head=None, context_dim=768,
+                   norm_groups=32, kernel="sdpa")
+
+
 class UNet(nn.Module):
     """eps_theta: x [B, C, h, w], t [B], context [B, L, d], context_mask [B, L] | None -> [B, C, h, w] (eps, v or x0).
 

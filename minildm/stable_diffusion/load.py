@@ -186,10 +186,13 @@ def build_text_encoder(sd: dict, where: str) -> nn.Module:
     """transformers-named CLIP text weights (text_model.*) -> minildm's CLIPTextTransformer."""
     from minildm.text.clip_text import CLIPTextConfig, CLIPTextTransformer, clip_text_state_dict_from_hf
 
-    sd = clip_text_state_dict_from_hf({k: v for k, v in sd.items() if not k.endswith("position_ids")}, prefix="text_model.")
-    # built on the CPU, not on meta: its constant buffers (position ids, causal mask) are not in the file;
-    # the 123M initial parameters are freed as the file's tensors are assigned
-    model = CLIPTextTransformer(CLIPTextConfig.from_state_dict(sd))
+    try:
+        sd = clip_text_state_dict_from_hf(sd, prefix="text_model.")
+        cfg = CLIPTextConfig.from_state_dict(sd)
+    except CheckpointError as e:
+        raise SDLoadError(f"{where}: {e}") from None
+    with torch.device("meta"):
+        model = CLIPTextTransformer(cfg)
     return load_into(model, sd, "text encoder", where)
 
 

@@ -144,3 +144,58 @@ def text_original_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not name.endswith("position_ids"):
             out[name] = tensor
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The way back: minildm's modules -> the original single-file names (to write an SD-layout file, e.g. the
+# random-weight one of lesson 17 and bench/sd_random.py)
+# ---------------------------------------------------------------------------------------------------------
+_RESBLOCK_BACK = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_proj": "emb_layers.1", "norm2": "out_layers.0",
+                  "conv2": "out_layers.3", "skip": "skip_connection"}
+_TRANSFORMER_BACK = {"to_out": "to_out.0", "ff.proj_in": "ff.net.0.proj", "ff.proj_out": "ff.net.2"}
+_TEXT_BACK = [(r"token_embedding\.weight", "embeddings.token_embedding.weight"),
+              (r"position_embedding$", "embeddings.position_embedding.weight"),
+              (r"layers\.(\d+)\.attn\.to_(q|k|v)\.", r"encoder.layers.\1.self_attn.\2_proj."),
+              (r"layers\.(\d+)\.attn\.to_out\.", r"encoder.layers.\1.self_attn.out_proj."),
+              (r"layers\.(\d+)\.norm(1|2)\.", r"encoder.layers.\1.layer_norm\2."),
+              (r"layers\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
+              (r"final_norm\.", "final_layer_norm.")]
+
+
+def unet_minildm_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """minildm UNet names -> CompVis names (the inverse of `unet_original_to_minildm`)."""
+    out = {}
+    for name, tensor in sd.items():
+        m = re.match(r"((?:input_blocks|output_blocks)\.\d+\.\d+|middle_block\.\d+)\.(.*)", name)
+        if m:
+            layer, inner = m.groups()
+            if f"{layer}.proj_in.weight" in sd:  # a SpatialTransformer
+                t = re.match(r"(transformer_blocks\.\d+\.(?:attn[12]\.)?)(.*)", inner)
+                inner = t.group(1) + _rename_prefix(t.group(2), _TRANSFORMER_BACK) if t else inner
+            elif f"{layer}.conv1.weight" in sd:  # a ResBlock
+                inner = _rename_prefix(inner, _RESBLOCK_BACK)
+            elif layer.startswith("input_blocks"):  # a Downsample: CompVis calls its conv `op`
+                inner = _rename_prefix(inner, {"conv": "op"})
+            name = f"{layer}.{inner}"
+        out[name] = tensor
+    return out
+
+
+def text_minildm_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """minildm CLIPTextTransformer names -> transformers' `text_model.*` names."""
+    out = {}
+    for name, tensor in sd.items():
+        for pattern, repl in _TEXT_BACK:
+            if re.match(pattern, name):
+                name = re.sub(pattern, repl, name, count=1)
+                break
+        out["text_model." + name] = tensor
+    return out
+
+
+def original_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """minildm's UNet, AutoencoderKL and CLIPTextTransformer -> one original single-file state dict."""
+    sd = {UNET_PREFIX + k: v for k, v in unet_minildm_to_original(unet.state_dict()).items()}
+    sd.update({VAE_PREFIX + k: v for k, v in vae.state_dict().items()})
+    sd.update({TEXT_PREFIX + k: v for k, v in text_minildm_to_hf(text.state_dict()).items()})
+    return sd

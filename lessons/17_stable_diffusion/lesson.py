@@ -41,9 +41,9 @@ COMPONENTS = [
     ("scale factor 0.18215 on z", "AutoencoderKL.scale_factor", "10 (latent diffusion)"),
     ("noise schedule, scaled_linear 0.00085..0.012", "minildm/diffusion/schedule.py", "07 (the forward process)"),
     ("eps-prediction UNet with cross-attention", "minildm/modules/unet.py", "08 (training), 09 (cross-attention)"),
-    ("DDIM, leading + offset 1, last step to abar_0", "minildm/diffusion/ddim.py", "11 (DDIM), this lesson"),
+    ("DDIM, leading + offset 1, last step to abar_0", "minildm/diffusion/ddim.py", "11 (DDIM), 17"),
     ("classifier-free guidance s = 7.5", "minildm/diffusion/guidance.py", "12 (guidance)"),
-    ("image-to-image (SDEdit)", "LatentDiffusion.generate(init_images=...)", "this lesson"),
+    ("image-to-image (SDEdit)", "LatentDiffusion.generate(init_images=...)", "17 (this one)"),
 ]
 
 

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("diffusers", reason="parity tests need the [parity] extra (diffusers)")
 pytest.importorskip("transformers", reason="parity tests need the [parity] extra (transformers)")
-pytest.importorskip("minildm.text.clip_text", reason="needs minildm's CLIP text transformer (minildm/text/clip_text.py)")
+pytest.importorskip("minildm.text.clip_text", reason="parity tests need minildm's CLIP text transformer (minildm/text/clip_text.py)")
 
 import sd_reference as ref  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402

@@ -80,9 +80,9 @@ def write_folder(root: Path, unet, vae, text) -> Path:
     """The diffusers folder layout of SD v1.x: unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
     from diffusers import DDIMScheduler
 
-    unet.save_pretrained(root / "unet", safe_serialization=False)
-    vae.save_pretrained(root / "vae", safe_serialization=False)
-    text.save_pretrained(root / "text_encoder", safe_serialization=False)
+    unet.save_pretrained(root / "unet")  # .safetensors files, read by minildm's own reader
+    vae.save_pretrained(root / "vae", safe_serialization=False)  # a .bin (torch pickle), the older folders' format
+    text.save_pretrained(root / "text_encoder")
     DDIMScheduler(**SCHEDULER).save_pretrained(root / "scheduler")
     byte_vocab(root / "tokenizer")
     return root

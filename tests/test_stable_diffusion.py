@@ -16,6 +16,7 @@ pytest.importorskip("minildm.text.clip_text", reason="parity tests need minildm'
 
 import sd_reference as ref  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402
+from minildm.safetensors import save_safetensors  # noqa: E402
 from minildm.stable_diffusion import SDLoadError  # noqa: E402
 from minildm.stable_diffusion import keys as K  # noqa: E402
 
@@ -33,6 +34,7 @@ def sd(tmp_path_factory):
     single = root / "single" / "model.ckpt"
     single.parent.mkdir()
     torch.save({"state_dict": state, "global_step": 1}, single)
+    save_safetensors(state, single.with_suffix(".safetensors"))
     return (unet, vae, text), folder, single, ref.hf_tokenizer(folder / "tokenizer")
 
 
@@ -40,10 +42,10 @@ def load(path, tok):
     return LatentDiffusion.from_stable_diffusion(path, tokenizer=ref.ids_fn(tok))
 
 
-@pytest.mark.parametrize("layout", ["folder", "single"])
+@pytest.mark.parametrize("layout", ["folder", "ckpt", "safetensors"])
 def test_components_match_reference(sd, layout):
     (unet, vae, text), folder, single, tok = sd
-    pipe = load(folder if layout == "folder" else single, tok)
+    pipe = load({"folder": folder, "ckpt": single, "safetensors": single.with_suffix(".safetensors")}[layout], tok)
     assert pipe.unet.cfg.heads == 8 and pipe.unet.cfg.dim_head is None
     g = torch.Generator().manual_seed(0)
     x, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, ref.TEXT_WIDTH, generator=g)
@@ -72,7 +74,8 @@ def diffusers_pipe(components, tok, img2img=False):
 
 def test_text_to_image_matches_stable_diffusion_pipeline(sd):
     components, folder, _, tok = sd
-    pipe = load(folder, tok)
+    pipe = LatentDiffusion.from_stable_diffusion(folder)  # minildm's BPE tokenizer reads the folder's tokenizer/
+    assert pipe.tokenizer.encode(PROMPTS).tolist() == ref.ids_fn(tok)(PROMPTS).tolist()
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     ours = pipe.generate(PROMPTS, steps=3, guidance=7.5, height=16, width=16, latents=latents,
                          negative_prompts=["", "a dog"])
@@ -130,6 +133,11 @@ def test_not_sd_v1_is_refused_in_one_sentence(sd, tmp_path, edit, words):
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
+def test_single_file_without_vocabulary_asks_for_one(sd):
+    with pytest.raises(SDLoadError, match="vocab.json and merges.txt"):
+        LatentDiffusion.from_stable_diffusion(sd[2])
+
+
 def test_lora_and_truncated_files_are_refused(sd, tmp_path):
     lora = tmp_path / "lora.ckpt"
     torch.save({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)}, lora)
@@ -139,4 +147,9 @@ def test_lora_and_truncated_files_are_refused(sd, tmp_path):
     half = tmp_path / "half.ckpt"
     half.write_bytes(data[: len(data) // 2])
     with pytest.raises(SDLoadError, match="truncated"):
+        load(half, sd[3])
+    data = sd[2].with_suffix(".safetensors").read_bytes()
+    half = tmp_path / "half.safetensors"
+    half.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SDLoadError, match=str(half)):
         load(half, sd[3])

@@ -68,7 +68,10 @@ class LatentDiffusion(nn.Module):
                     image_size=512, prediction="eps")
         model.ddim = {"spacing": sched["timestep_spacing"], "offset": sched["steps_offset"],
                       "final_timestep": -1 if sched["set_alpha_to_one"] else 0}
-        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        for part in (model.autoencoder, model.text_encoder, model.unet):  # not the schedule: its float64 tables stay
+            part.to(device=device, dtype=dtype)
+        model.schedule.to(device)
+        return model.eval().requires_grad_(False)
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> "LatentDiffusion":

@@ -153,3 +153,14 @@ def test_lora_and_truncated_files_are_refused(sd, tmp_path):
     half.write_bytes(data[: len(data) // 2])
     with pytest.raises(SDLoadError, match=str(half)):
         load(half, sd[3])
+
+
+def test_bfloat16_keeps_the_schedule_in_float64(sd):
+    """dtype= converts the networks only: the schedule's float64 tables would lose abar near t = 0 in 16 bits."""
+    components, folder, _, tok = sd
+    pipe = LatentDiffusion.from_stable_diffusion(folder, dtype=torch.bfloat16)
+    assert pipe.unet.time_embed[0].weight.dtype == torch.bfloat16 and pipe.schedule.alphas_cumprod.dtype == torch.float64
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    low = pipe.generate(PROMPTS[:1], steps=3, guidance=7.5, height=16, width=16, latents=latents)
+    full = load(folder, tok).generate(PROMPTS[:1], steps=3, guidance=7.5, height=16, width=16, latents=latents)
+    assert low.dtype == torch.bfloat16 and (low.float() - full).abs().mean() < 0.05

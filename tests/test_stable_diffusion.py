@@ -164,3 +164,28 @@ def test_bfloat16_keeps_the_schedule_in_float64(sd):
     low = pipe.generate(PROMPTS[:1], steps=3, guidance=7.5, height=16, width=16, latents=latents)
     full = load(folder, tok).generate(PROMPTS[:1], steps=3, guidance=7.5, height=16, width=16, latents=latents)
     assert low.dtype == torch.bfloat16 and (low.float() - full).abs().mean() < 0.05
+
+
+def test_sd_v2_attention_layout_matches_reference():
+    """Fixed head width (heads = C / 32 here, SD v2 uses 64) and Linear proj_in / proj_out, against diffusers."""
+    from dataclasses import replace
+
+    from diffusers import UNet2DConditionModel
+
+    from minildm.modules.unet import UNet
+    from minildm.stable_diffusion.load import unet_config_from_state_dict
+
+    torch.manual_seed(0)
+    ref_unet = UNet2DConditionModel(
+        sample_size=8, layers_per_block=1, block_out_channels=(32, 64, 64), cross_attention_dim=48,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(1, 2, 2), use_linear_projection=True, norm_num_groups=32).eval()  # heads per level
+    sd = K.unet_original_to_minildm(K.unet_diffusers_to_original(ref_unet.state_dict()))
+    cfg = replace(unet_config_from_state_dict(sd), heads=None, dim_head=32)
+    assert cfg.proj_linear and [cfg.attention_layout(c) for c in (32, 64)] == [(1, 32), (2, 32)]
+    ours = UNet(cfg).eval()
+    ours.load_state_dict(sd)
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 48)
+    with torch.no_grad():
+        assert (ours(x, t, c) - ref_unet(x, t, encoder_hidden_states=c).sample).abs().max() < 1e-5

@@ -133,7 +133,6 @@ class UNetConfig:
             context_dim=context_dim,
         )
 
-
     @classmethod
     def sd_v1(cls) -> "UNetConfig":
         """Stable Diffusion v1.x's UNet (859.5M parameters): 8 heads per level, CLIP ViT-L/14 context of 768."""

@@ -189,3 +189,12 @@ def test_sd_v2_attention_layout_matches_reference():
     x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 48)
     with torch.no_grad():
         assert (ours(x, t, c) - ref_unet(x, t, encoder_hidden_states=c).sample).abs().max() < 1e-5
+
+
+def test_old_vae_attention_names_map_like_the_new(sd):
+    """Older diffusers VAE folders name the mid-block attention query / key / value / proj_attn."""
+    vae_sd = sd[0][1].state_dict()
+    old = {k.replace("to_q.", "query.").replace("to_k.", "key.").replace("to_v.", "value.").replace("to_out.0.", "proj_attn."): v for k, v in vae_sd.items()}
+    assert any(".query." in k for k in old)
+    new, legacy = K.vae_diffusers_to_original(vae_sd), K.vae_diffusers_to_original(old)
+    assert set(new) == set(legacy) and all(torch.equal(new[k], legacy[k]) for k in new)

@@ -67,9 +67,9 @@ def sample_sd(args) -> int:
     import resource
     import time
 
+    from minildm.device import pick_device
     from minildm.pipeline import LatentDiffusion
     from minildm.stable_diffusion import SDLoadError
-    from minildm.train.common import pick_device
     from minildm.viz import save_grid
 
     if args.dry_run:
@@ -102,7 +102,7 @@ def sample_sd(args) -> int:
             img = Image.open(args.init_image).convert("RGB").resize((w, h), Image.BICUBIC)
             init = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div(255)[None].repeat(len(prompts), 1, 1, 1)
         start = time.perf_counter()
-        images = pipe.generate(prompts, steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed,
+        images = pipe.generate(prompts, steps=args.steps, guidance_scale=args.guidance, eta=args.eta, seed=args.seed,
                                progress=True, height=args.height, width=args.width, negative_prompts=args.negative,
                                init_images=init, strength=args.strength)
         calls = args.steps - (args.steps - int(args.steps * args.strength) if init is not None else 0)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from minildm.autoencoder.kl import AutoencoderKL, KLConfig  # noqa: E402
 from minildm.autoencoder.vqvae import VQVAE, VQConfig  # noqa: E402
 from minildm.data import shapes  # noqa: E402
-from minildm.train.common import step_rng  # noqa: E402
+from minildm.progress import step_rng  # noqa: E402
 
 
 def psnr(x, y) -> float:

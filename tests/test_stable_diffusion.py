@@ -77,7 +77,7 @@ def test_text_to_image_matches_stable_diffusion_pipeline(sd):
     pipe = LatentDiffusion.from_stable_diffusion(folder)  # minildm's BPE tokenizer reads the folder's tokenizer/
     assert pipe.tokenizer.encode(PROMPTS).tolist() == ref.ids_fn(tok)(PROMPTS).tolist()
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    ours = pipe.generate(PROMPTS, steps=3, guidance=7.5, height=16, width=16, latents=latents,
+    ours = pipe.generate(PROMPTS, steps=3, guidance_scale=7.5, height=16, width=16, latents=latents,
                          negative_prompts=["", "a dog"])
     theirs = diffusers_pipe(components, tok)(PROMPTS, height=16, width=16, num_inference_steps=3, guidance_scale=7.5,
                                              negative_prompt=["", "a dog"], latents=latents, output_type="pt").images
@@ -89,7 +89,7 @@ def test_image_to_image_matches_img2img_pipeline(sd):
     components, folder, _, tok = sd
     pipe = load(folder, tok)
     init = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    ours = pipe.generate(PROMPTS, steps=4, guidance=7.5, init_images=init, strength=0.5, seed=3)
+    ours = pipe.generate(PROMPTS, steps=4, guidance_scale=7.5, init_images=init, strength=0.5, seed=3)
     theirs = diffusers_pipe(components, tok, img2img=True)(PROMPTS, image=init, strength=0.5, num_inference_steps=4,
                                                            guidance_scale=7.5, generator=torch.Generator().manual_seed(3),
                                                            output_type="pt").images
@@ -105,7 +105,7 @@ def test_last_step_to_abar_one_is_caught(sd):
                                              guidance_scale=7.5, latents=latents, output_type="pt").images
     assert 0.05 < ((theirs > 0) & (theirs < 1)).float().mean()  # not a saturated image: the comparison means something
     pipe.ddim["final_timestep"] = -1
-    wrong = pipe.generate(PROMPTS[:1], steps=3, guidance=7.5, height=16, width=16, latents=latents)
+    wrong = pipe.generate(PROMPTS[:1], steps=3, guidance_scale=7.5, height=16, width=16, latents=latents)
     assert (wrong - theirs).abs().max() > 1e-3
 
 
@@ -161,8 +161,8 @@ def test_bfloat16_keeps_the_schedule_in_float64(sd):
     pipe = LatentDiffusion.from_stable_diffusion(folder, dtype=torch.bfloat16)
     assert pipe.unet.time_embed[0].weight.dtype == torch.bfloat16 and pipe.schedule.alphas_cumprod.dtype == torch.float64
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    low = pipe.generate(PROMPTS[:1], steps=3, guidance=7.5, height=16, width=16, latents=latents)
-    full = load(folder, tok).generate(PROMPTS[:1], steps=3, guidance=7.5, height=16, width=16, latents=latents)
+    low = pipe.generate(PROMPTS[:1], steps=3, guidance_scale=7.5, height=16, width=16, latents=latents)
+    full = load(folder, tok).generate(PROMPTS[:1], steps=3, guidance_scale=7.5, height=16, width=16, latents=latents)
     assert low.dtype == torch.bfloat16 and (low.float() - full).abs().mean() < 0.05
 
 

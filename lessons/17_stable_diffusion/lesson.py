@@ -113,7 +113,7 @@ def main() -> None:
           f"{[pipe.unet.cfg.attention_layout(pipe.unet.cfg.model_channels * m) for m in pipe.unet.cfg.channel_mult]}")
 
     x_T = torch.randn(len(PROMPTS), *pipe.latent_shape(size, size), generator=torch.Generator().manual_seed(0))
-    images = pipe.generate(PROMPTS, steps=steps, guidance=GUIDANCE, height=size, width=size, latents=x_T)
+    images = pipe.generate(PROMPTS, steps=steps, guidance_scale=GUIDANCE, height=size, width=size, latents=x_T)
     z0 = ddim_by_hand(pipe, fns, PROMPTS, steps, x_T)
     diff = (pipe.decode(z0) - images).abs().max().item()
     print(f"\nDDIM {steps} steps with your sd_timesteps vs pipeline.generate: max |difference| {diff:.2e}"
@@ -123,7 +123,7 @@ def main() -> None:
     rows = [images[:1]]
     for strength in strengths:
         run = fns["img2img_timesteps"](fns["sd_timesteps"](pipe.schedule.num_timesteps, steps, 1)[0], strength)
-        ours = pipe.generate(PROMPTS[1:], steps=steps, guidance=GUIDANCE, init_images=images[:1], strength=strength, seed=1)
+        ours = pipe.generate(PROMPTS[1:], steps=steps, guidance_scale=GUIDANCE, init_images=images[:1], strength=strength, seed=1)
         print(f"  image-to-image strength {strength:.2f}: your list runs {len(run)} of {steps} steps from t = "
               f"{int(run[0])}; the pipeline ran {int(steps * strength)}")
         rows.append(ours)

@@ -100,16 +100,21 @@ def main(argv=None) -> int:
             if main_rank:
                 log = folder.write_skipped(run_dir / "skipped_files.txt")
                 print(folder.summary() + (f" (listed in {log})" if folder.skipped else ""))
+        scene_data = None
+        if args.data == "shapes" and preset.name == "scenes":  # two objects per picture (minildm/data/scenes.py)
+            from minildm.data import scenes
+            scene_data = scenes.training_set(preset.ldm.cache_size, preset.ldm.seed, preset.image_size)
         if args.stage in ("all", "autoencoder"):
             from minildm.train.autoencoder import train_autoencoder
             train_autoencoder(preset, run_dir, device, resume=args.resume, steps=args.steps if args.stage != "all" else None,
                               batch_size=args.batch_size if args.stage != "all" else None,
-                              images=folder.images if folder else None, precision=precision, compile=args.compile)
+                              images=folder.images if folder else scene_data[0] if scene_data else None, precision=precision,
+                              compile=args.compile)
         if args.stage in ("all", "ldm"):
             from minildm.train.ldm import train_ldm
             train_ldm(preset, run_dir, device, resume=args.resume, steps=args.steps if args.stage != "all" else None,
                       batch_size=args.batch_size if args.stage != "all" else None,
-                      data=(folder.images, folder.captions) if folder else None, precision=precision,
+                      data=(folder.images, folder.captions) if folder else scene_data, precision=precision,
                       compile=args.compile)
         if args.stage == "lora":
             from minildm.train.lora import train_lora

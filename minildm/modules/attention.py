@@ -165,14 +165,20 @@ class Attention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.store_attention = False
         self.last_attention: torch.Tensor | None = None
+        # probs_hook(module, P [B, H, N, M]) -> P: read (with gradients) or replace the attention probabilities
+        # (attention_maps.py: map capture, Attend-and-Excite, Prompt-to-Prompt); naive kernel, like store_attention
+        self.probs_hook = None
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:
         """Projected q [B,N,inner], k/v [B,M,inner], mask [B,M] | None -> [B, N, inner] (heads merged)."""
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
-        if self.store_attention:
+        if self.store_attention or self.probs_hook is not None:
             probs = attention_probs(q, k, mask)
-            self.last_attention = probs.detach()
+            if self.probs_hook is not None:
+                probs = self.probs_hook(self, probs)
+            if self.store_attention:
+                self.last_attention = probs.detach()
             out = einsum(probs.to(v.dtype), v, "b h n m, b h m d -> b h n d")
         elif self.kernel == "naive":
             out = attention(q, k, v, mask)

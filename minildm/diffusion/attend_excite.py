@@ -59,7 +59,7 @@ def text_maps(maps: torch.Tensor, n_tokens: torch.Tensor, temperature: float = 1
 def attend_and_excite(pipe, prompts: list[str], object_words: list[list[str]], steps: int = 50,
                       guidance_scale: float = 3.0, seed: int = 0, alpha: float = 20.0, excite_fraction: float = 0.5,
                       side: int | None = None, sigma: float = 0.5, refine: dict[float, float] | None = None,
-                      max_refine: int = 5) -> torch.Tensor:
+                      max_refine: int = 5, loss_fn=excite_loss) -> torch.Tensor:
     """Sample prompts with Attend-and-Excite; returns images [B, 3, H, W] in [0, 1].
 
     object_words[b]: the words of prompt b to excite (e.g. its two shape words). The same seed gives the same
@@ -67,7 +67,8 @@ def attend_and_excite(pipe, prompts: list[str], object_words: list[list[str]], s
     excite_fraction: the first fraction of steps that update z (the paper: 25 of 50). side: resolution of
     the maps (default: the finest with cross-attention). refine: {fraction of the steps: threshold}; at
     those steps the update repeats (at most max_refine times) until every token's peak reaches the
-    threshold (the paper: steps 0, 10, 20 of 50 with 0.05, 0.5, 0.8).
+    threshold (the paper: steps 0, 10, 20 of 50 with 0.05, 0.5, 0.8). loss_fn(maps [B, S, h, w], sigma) -> [B]:
+    `excite_loss` (lesson 18 passes the learner's).
     """
     if len(object_words) != len(prompts):
         raise ValueError(f"give the object words of every prompt: {len(prompts)} prompts, {len(object_words)} lists.")
@@ -103,7 +104,7 @@ def attend_and_excite(pipe, prompts: list[str], object_words: list[list[str]], s
             levels = maps.per_level()
             a = text_maps(levels[side or max(levels)], n_tokens)  # [B, L, h, w]
             objects = a[torch.arange(len(z))[:, None], index]  # [B, S, h, w]
-            loss = excite_loss(objects, sigma)  # [B]
+            loss = loss_fn(objects, sigma)  # [B]
             grad, = torch.autograd.grad(loss.sum(), z)  # samples are independent: the sum's grad is each one's
         return loss.detach(), grad
 

@@ -23,13 +23,27 @@ from minildm.diffusion.guidance import cfg_model_fn
 from minildm.modules.attention_maps import AttentionMaps
 
 
+def swap_maps(probs: torch.Tensor, n: int) -> torch.Tensor:
+    """Edit(M, M*) for the first steps: the edited prompts' conditional maps become the sources' (a new tensor).
+
+    probs [R, H, N, L] of one cross-attention layer, the UNet batch being [sources (n); targets (n)]:
+    R = 2n without guidance, or R = 4n = [uncond src, uncond tgt, cond src, cond tgt] under classifier-free
+    guidance, where only the conditional half is edited (the unconditional maps read the empty prompt).
+    """
+    cond = 0 if len(probs) == 2 * n else 2 * n  # first row of the conditional half
+    out = probs.clone()
+    out[cond + n:cond + 2 * n] = probs[cond:cond + n]  # the edit reads the source's maps
+    return out
+
+
 def word_swap(pipe, sources: list[str], targets: list[str], steps: int = 50, guidance_scale: float = 3.0,
-              seed: int = 0, inject_fraction: float = 0.4) -> tuple[torch.Tensor, torch.Tensor]:
+              seed: int = 0, inject_fraction: float = 0.4, swap=swap_maps) -> tuple[torch.Tensor, torch.Tensor]:
     """(source images, edited images), each [B, 3, H, W] in [0, 1]: targets[b] is sources[b] with words swapped.
 
     The source images equal pipe.generate(sources, steps, guidance_scale, seed=seed) (same x_T, same DDIM);
     inject_fraction: the first fraction of steps in which the edit uses the source's cross-attention maps
     (0 = no injection: the edited prompt sampled from the same noise; 1 = every step).
+    swap(probs, n) -> probs: the edit of one layer's maps (`swap_maps`; lesson 18 passes the learner's).
     """
     n = len(sources)
     if len(targets) != n or n == 0:
@@ -53,13 +67,7 @@ def word_swap(pipe, sources: list[str], targets: list[str], steps: int = 50, gui
     step = 0
 
     def edit(name: str, probs: torch.Tensor) -> torch.Tensor:
-        """probs [R, H, N, L]; R = 2n (guidance 0 or 1) or 4n = [uncond src, uncond tgt, cond src, cond tgt]."""
-        if step >= n_inject or guidance_scale == 0:
-            return probs
-        cond = 0 if len(probs) == 2 * n else 2 * n  # first row of the conditional half
-        probs = probs.clone()
-        probs[cond + n:cond + 2 * n] = probs[cond:cond + n]  # the edit reads the source's maps
-        return probs
+        return swap(probs, n) if step < n_inject and guidance_scale != 0 else probs
 
     with torch.no_grad(), AttentionMaps(pipe.unet, edit=edit, record=False):
         for step, (t, t_prev) in enumerate(zip(timesteps, timesteps[1:] + [-1])):

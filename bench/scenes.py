@@ -149,7 +149,8 @@ def main() -> int:
         format_scenes_report(columns), "",
         "binding errors = colours swapped + one colour on both + shapes swapped. Attend-and-Excite: alpha "
         f"{args.alpha} x sqrt(linspace(1, 0.5)), the first half of the steps, refinement at 0 / 20 / 40% of the "
-        "steps to peaks 0.05 / 0.5 / 0.8 (at most 5 extra updates), maps at 8x8 (the finest cross-attention).", "",
+        "steps to peaks 0.05 / 0.5 / 0.8 (at most 5 extra updates), maps at the finest cross-attention level (4x4 "
+        "for the scenes preset).", "",
         f"## Word swap (Prompt-to-Prompt), seen prompts x {args.edit_seeds} seeds, maps injected for the first "
         f"{args.inject:.0%} of the steps", "",
         "| edit | sampling | sources read right | edited attribute changed | everything else kept |",

@@ -80,14 +80,14 @@ def tiny() -> Preset:
 
 
 def scenes() -> Preset:
-    """Two objects per 32x32 picture (minildm/data/scenes.py): the tiny recipe (v-prediction, deterministic
-    DDIM) on 8000 scenes of the 78 seen pairings; `python train.py --preset scenes` on 2 CPU cores."""
+    """Two objects per 32x32 picture (minildm/data/scenes.py): the tiny recipe (autoencoder 1200 steps, LDM
+    2000 steps with v-prediction) on 8000 scenes of the 78 seen pairings, trained by
+    `python train.py --preset scenes` (CPU cost in bench/results/scenes.md)."""
     p = tiny()
     p.name = "scenes"
     p.text = replace(p.text, max_len=16)  # "a red circle on the left and a blue square on the right" is 12 words
     # the tiny UNet (cross-attention at 4x4 and 2x2): attention at 8x8 as well doubles the CPU cost of a step
     # (0.61 against 0.28 CPU s at batch 64), which the 15-minute budget cannot pay for 3000 steps
-    p.ldm = replace(p.ldm, steps=3000)
     return p
 
 

@@ -87,7 +87,7 @@ def scenes() -> Preset:
     p.name = "scenes"
     p.text = replace(p.text, max_len=16)  # "a red circle on the left and a blue square on the right" is 12 words
     # the tiny UNet (cross-attention at 4x4 and 2x2): attention at 8x8 as well doubles the CPU cost of a step
-    # (0.61 against 0.28 CPU s at batch 64), which the 15-minute budget cannot pay for 3000 steps
+    # (0.61 against 0.28 CPU s at batch 64, measured): 2000 such steps alone would take 20 CPU minutes
     return p
 
 

@@ -3,6 +3,7 @@ Prompt-to-Prompt word swaps.
 
     python bench/scenes.py --run runs/scenes [--steps 25] [--n 4]       # writes bench/results/scenes.md
 
+0. The ceiling: fresh renders of the same prompts through the autoencoder, D(E(x)), read by the same judge.
 1. Plain DDIM (trailing, guidance 3) on the 78 seen-pairing prompts and the 48 held-out-pairing prompts
    (minildm.evaluate.scene_prompts), n samples each: both objects right, and each binding error.
 2. Attend-and-Excite (Chefer et al. 2023) at the same seeds (same x_T per sample), exciting the two shape
@@ -23,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `python bench/x.py` works
@@ -44,6 +46,14 @@ def machine() -> str:
         pass
     return (f"{model}, {os.cpu_count()} cores visible (shared with other jobs), {torch.get_num_threads()} torch "
             f"thread(s), load average {os.getloadavg()[0]:.1f} at the end, torch {torch.__version__}")
+
+
+def _scene(prompt: str) -> tuple:
+    """The scene a caption describes (objects in the layout's order)."""
+    want = scenes.parse_caption(prompt)
+    layout = next(i for i, lay in enumerate(scenes.LAYOUTS) if set(lay) == set(want))
+    first, second = scenes.LAYOUTS[layout]
+    return want[first], want[second], layout
 
 
 def edits(prompts: list[str], kind: str) -> list[tuple[str, str, str, str]]:
@@ -126,10 +136,15 @@ def main() -> int:
                                      alpha=args.alpha)
         return sample
 
+    def round_trip(prompts, seed):  # the ceiling: fresh renders of the prompts through the autoencoder, D(E(x))
+        x = scenes.render_scenes([_scene(p) for p in prompts], np.random.default_rng(seed)).to(pipe.device)
+        with torch.no_grad():
+            return ((pipe.autoencoder(x)[0] + 1) / 2).clamp(0, 1)
+
     shapes_of = lambda p: [w for w in p.split() if w in scenes.SHAPES]  # noqa: E731
     attributes_of = lambda p: [w for w in p.split() if w in scenes.SHAPES or w in scenes.COLORS]  # noqa: E731
     columns = {}
-    for name, sample in (("plain DDIM", plain), ("A&E, shape words", excite(shapes_of)),
+    for name, sample in (("renders through the autoencoder", round_trip), ("plain DDIM", plain), ("A&E, shape words", excite(shapes_of)),
                          ("A&E, colour + shape words", excite(attributes_of))):
         t0 = time.time()
         columns[name] = scenes_report(sample, args.n)

@@ -90,11 +90,10 @@ def plot_maps(pipe, out: Path) -> None:
     fig.suptitle(f'cross-attention per word and level: "{MAP_PROMPT}"', fontsize=8)
     fig.tight_layout()
     common.save_figure(fig, out / "attention_maps.png")
-    left, right = (slice(None), slice(0, a.shape[-1] // 2)), (slice(None), slice(a.shape[-1] // 2, None))
-    finest = levels[max(levels)][0]
+    finest = levels[max(levels)][0]  # [L, h, w]
     for i in shown:
         m = finest[i + 1]
-        print(f"    {words[i]:<7} attention on the left half {m[left].sum() / m.sum():.2f}")
+        print(f"    {words[i]:<7} share of its map on the left half {m[:, :m.shape[1] // 2].sum() / m.sum():.2f}")
 
 
 def show_grid(rows: dict[str, torch.Tensor], titles: list[str], path: Path) -> None:

@@ -118,7 +118,7 @@ def main() -> int:
     p.add_argument("--n", type=int, default=4, help="samples per prompt")
     p.add_argument("--alpha", type=float, default=20.0, help="Attend-and-Excite step size")
     p.add_argument("--inject", type=float, default=0.4, help="word swap: fraction of steps with injected maps")
-    p.add_argument("--edit-seeds", type=int, default=2)
+    p.add_argument("--edit-seeds", type=int, default=2, help="seeds per word swap (0: no word-swap table)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "scenes.md"))
     args = p.parse_args()
@@ -150,7 +150,7 @@ def main() -> int:
         columns[name] = scenes_report(sample, args.n)
         print(f"{name}: {time.time() - t0:.0f} s", flush=True)
         print(format_scenes_report({name: columns[name]}), flush=True)
-    swaps = word_swap_table(pipe, args.steps, args.edit_seeds, args.inject)
+    swaps = word_swap_table(pipe, args.steps, args.edit_seeds, args.inject) if args.edit_seeds else {}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     lines = [
         "# Two objects in one picture: binding, Attend-and-Excite, word swap", "",

@@ -105,7 +105,7 @@ def show_grid(rows: dict[str, torch.Tensor], titles: list[str], path: Path) -> N
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
             if r == 0:
-                axes[r, c].set_title(titles[c], fontsize=5)
+                axes[r, c].set_title(titles[c], fontsize=6)
         axes[r, 0].set_ylabel(label, fontsize=7)
     fig.tight_layout()
     common.save_figure(fig, path)
@@ -131,7 +131,7 @@ def main() -> None:
     words = [[w for w in p.split() if w in scenes.SHAPES] for p in prompts]
     excited = attend_and_excite(pipe, prompts, words, STEPS, 3.0, seed=0, loss_fn=fns["excite_loss"])
     print_verdicts("Attend-and-Excite (your excite_loss), same seeds", verdicts(excited, prompts, score))
-    short = [p.replace(" on the", "").replace(" and", ",") for p in prompts[:8]]
+    short = [p.replace(" on the", "").replace(" and ", "\n") for p in prompts[:8]]
     show_grid({"plain": plain[:8], "A&E": excited[:8]}, short, out / "attend_and_excite.png")
 
     sources = prompts[:8]
@@ -141,7 +141,7 @@ def main() -> None:
     print(f"  word swap (your swap_maps): source == plain sampling at seed 1: "
           f"{torch.allclose(src, pipe.generate(sources, STEPS, 3.0, seed=1), atol=1e-5)}")
     show_grid({"source": src, "swap, maps kept": edit, "swap, no maps": fresh},
-              [t.replace(" on the", "").replace(" and", ",") for t in targets], out / "word_swap.png")
+              [t.replace(" on the", "").replace(" and ", "\n") for t in targets], out / "word_swap.png")
     print(f"figures in {out}: attention_maps.png attend_and_excite.png word_swap.png")
 
 

@@ -124,7 +124,7 @@ def test_text_maps_drop_the_start_token_and_padding():
 
 def test_attend_and_excite_with_zero_step_is_plain_sampling_and_moves_otherwise(pipe):
     prompts = [PROMPT]
-    plain = pipe.generate(prompts, steps=4, guidance=3.0, seed=3)
+    plain = pipe.generate(prompts, steps=4, guidance_scale=3.0, seed=3)
     same = attend_and_excite(pipe, prompts, [["circle", "square"]], steps=4, seed=3, alpha=0.0)
     assert torch.allclose(plain, same, atol=1e-6)
     moved = attend_and_excite(pipe, prompts, [["circle", "square"]], steps=4, seed=3, alpha=50.0)
@@ -137,7 +137,7 @@ def test_word_swap_with_the_same_prompt_reproduces_the_source_exactly(pipe):
     prompts = [PROMPT, "a green triangle on the top and a cyan circle on the bottom"]
     src, edit = word_swap(pipe, prompts, prompts, steps=5, seed=4)
     assert torch.equal(src, edit)
-    assert torch.allclose(src, pipe.generate(prompts, steps=5, guidance=3.0, seed=4), atol=1e-5)
+    assert torch.allclose(src, pipe.generate(prompts, steps=5, guidance_scale=3.0, seed=4), atol=1e-5)
     swapped = [p.replace("red", "green") for p in prompts[:1]]
     src1, edit1 = word_swap(pipe, prompts[:1], swapped, steps=5, seed=4)
     _, no_inject = word_swap(pipe, prompts[:1], swapped, steps=5, seed=4, inject_fraction=0.0)

@@ -13,7 +13,7 @@ Every object of a held-out pair appears in training with other partners, in ever
 draws "a red square on the left and a blue circle on the right" when training only ever showed the red
 square next to other objects has bound each colour to its own shape from the words alone.
 
-The judge `describe_scene` reads each object back with the single-shape checker (`shapes.describe`) run on
+The judge `describe_scene` reads each object back with the single-shape checker (`describe.describe`) run on
 the image masked to one connected blob; `score_scene` names the error: right, colours swapped, one colour
 on both, an object missing, shapes swapped, or other.
 
@@ -29,6 +29,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
+from minildm.data import describe as checker
 from minildm.data import shapes
 
 COLORS, SHAPES = tuple(shapes.COLORS), shapes.SHAPES
@@ -141,10 +142,10 @@ def _blobs(mask: np.ndarray) -> list[np.ndarray]:
     left = mask.copy()
     out = []
     while left.any():
-        blob = shapes._largest_blob(left)
+        blob = checker._largest_blob(left)
         grown = blob
         while True:  # grow through diagonal neighbours too (a thin soft edge can be diagonal only)
-            nxt = shapes._dilate(grown) & left
+            nxt = checker._dilate(grown) & left
             if nxt.sum() == grown.sum():
                 break
             grown = nxt
@@ -157,21 +158,21 @@ def describe_scene(image: Union[torch.Tensor, np.ndarray]) -> dict:
     """Read the objects of a scene back: {position: (colour, shape)}, at most two entries.
 
     image: float tensor [3, H, W] in [0, 1] or uint8 array [H, W, 3]. Foreground = pixels brighter than a
-    third of the brightest object's level (blurred as in `shapes.describe`); the two largest blobs of at
-    least MIN_OBJECT_PIXELS are objects; each is read by `shapes.describe` on the image masked to the blob
+    third of the brightest object's level (blurred as in `describe.describe`); the two largest blobs of at
+    least MIN_OBJECT_PIXELS are objects; each is read by `describe.describe` on the image masked to the blob
     grown by two pixels (its soft edge). Two objects read at the same position keep the larger.
     """
-    rgb = shapes._as_hwc_float(image)
-    brightness = shapes._smooth(rgb.max(axis=-1))
+    rgb = checker._as_hwc_float(image)
+    brightness = checker._smooth(rgb.max(axis=-1))
     peak = float(np.partition(brightness.ravel(), int(0.99 * brightness.size))[int(0.99 * brightness.size)])
-    if peak < shapes.MIN_PEAK:
+    if peak < checker.MIN_PEAK:
         return {}
     found = {}
     for blob in _blobs(brightness >= peak / 3)[:2]:
         if blob.sum() < MIN_OBJECT_PIXELS:
             break
-        keep = shapes._dilate(shapes._dilate(blob))
-        color, shape, position = shapes.describe((rgb * keep[..., None] * 255).round().astype(np.uint8))
+        keep = checker._dilate(checker._dilate(blob))
+        color, shape, position = checker.describe((rgb * keep[..., None] * 255).round().astype(np.uint8))
         if color is not None and position not in found:
             found[position] = (color, shape)
     return found

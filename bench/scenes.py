@@ -126,6 +126,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     pipe = LatentDiffusion.load(args.run)
     start = time.time()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
 
     def plain(prompts, seed):
         return pipe.generate(prompts, args.steps, args.guidance, seed=seed)
@@ -151,7 +152,6 @@ def main() -> int:
         print(f"{name}: {time.time() - t0:.0f} s", flush=True)
         print(format_scenes_report({name: columns[name]}), flush=True)
     swaps = word_swap_table(pipe, args.steps, args.edit_seeds, args.inject) if args.edit_seeds else {}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     lines = [
         "# Two objects in one picture: binding, Attend-and-Excite, word swap", "",
         f"Run `{args.run}` (preset scenes, `python train.py --preset scenes`); DDIM {args.steps} steps (trailing, "

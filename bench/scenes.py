@@ -158,7 +158,7 @@ def main() -> int:
         f"eta 0), guidance {args.guidance}, {args.n} samples per prompt, the same seeds (same x_T) in every column. "
         f"Judge: `scenes.describe_scene` (right on 0.999 of fresh renders, tests/test_scenes.py).",
         f"Command: `python bench/scenes.py --run {args.run} --steps {args.steps} --n {args.n} --alpha {args.alpha} "
-        f"--inject {args.inject}`; commit {commit}; {time.time() - start:.0f} s.",
+        f"--inject {args.inject} --edit-seeds {args.edit_seeds}`; commit {commit}; {time.time() - start:.0f} s.",
         f"Machine: {machine()}.", "",
         "## Both objects right, and the binding errors (fractions of all samples)", "",
         format_scenes_report(columns), "",

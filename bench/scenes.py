@@ -156,7 +156,7 @@ def main() -> int:
         "# Two objects in one picture: binding, Attend-and-Excite, word swap", "",
         f"Run `{args.run}` (preset scenes, `python train.py --preset scenes`); DDIM {args.steps} steps (trailing, "
         f"eta 0), guidance {args.guidance}, {args.n} samples per prompt, the same seeds (same x_T) in every column. "
-        f"Judge: `scenes.describe_scene` (right on 0.999 of fresh renders, tests/test_scenes.py).",
+        f"Judge: `scenes.describe_scene` (right on at least 0.99 of fresh renders, tests/test_scenes.py).",
         f"Command: `python bench/scenes.py --run {args.run} --steps {args.steps} --n {args.n} --alpha {args.alpha} "
         f"--inject {args.inject} --edit-seeds {args.edit_seeds}`; commit {commit}; {time.time() - start:.0f} s.",
         f"Machine: {machine()}.", "",

@@ -7,7 +7,7 @@ from lessons.grading import grade
 
 
 def test_every_lesson_has_a_grader():
-    assert len(ALL_LESSONS) == 17, ALL_LESSONS
+    assert len(ALL_LESSONS) == 18, ALL_LESSONS
 
 
 @pytest.mark.parametrize("name", ALL_LESSONS)

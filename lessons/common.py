@@ -32,8 +32,9 @@ def save_figure(fig, path: Path) -> None:
     print(f"  wrote {path}")
 
 
-def save_rows_over_t(rows: dict[str, Any], timesteps: tuple[int, ...], path: Path) -> None:
-    """A grid figure: one row per label of images [len(timesteps), 3, H, W] in [0, 1], one column per t."""
+def save_rows_over_t(rows: dict[str, Any], timesteps: tuple[int, ...], path: Path, title: str = "") -> None:
+    """A grid figure: one row per label of images [len(timesteps), 3, H, W] in [0, 1], one column per t; `title`
+    names what drew it (e.g. the model_label of a trained run)."""
     import matplotlib.pyplot as plt
     from einops import rearrange
 
@@ -48,6 +49,8 @@ def save_rows_over_t(rows: dict[str, Any], timesteps: tuple[int, ...], path: Pat
                 ax.set_title(f"t = {t}", fontsize=8)
             if c == 0:
                 ax.set_ylabel(label, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -79,13 +82,30 @@ def start(lesson_file: str, title: str) -> tuple[Path, dict[str, Any]]:
 
 TINY_RUN = ROOT / "runs" / "tiny"  # what `python train.py` makes
 MICRO_RUN = ROOT / "lessons" / ".cache" / "micro"  # trained here in seconds when there is no TINY_RUN
+TRAIN_TIME = "about 8 minutes on 2 free CPU cores, 20-40 on a busy machine"  # README "Numbers" table
+
+
+def model_label(run: Path) -> str:
+    """What drew a figure, for its title: "runs/tiny" or "micro model (quick mode)" / "micro model (no runs/tiny)"."""
+    if run == TINY_RUN:
+        return "runs/tiny"
+    return "micro model (quick mode)" if QUICK else "micro model (no runs/tiny yet)"
 
 
 def trained_run() -> Path:
     """The run folder of a trained LatentDiffusion to look at: runs/tiny when `python train.py` has made it;
-    otherwise (or in quick mode) a micro model trained here in seconds into lessons/.cache/micro (blurry)."""
+    otherwise (or in quick mode) a micro model trained here in seconds into lessons/.cache/micro (blurry).
+    Says in one sentence which one it is, and what to run when it is the micro model."""
     if not QUICK and (TINY_RUN / "ldm.pt").is_file():
+        print(f"  using the trained model in {TINY_RUN.relative_to(ROOT)} (figures say \"runs/tiny\")")
         return TINY_RUN
+    if QUICK:
+        print("  quick mode: a micro model trained in seconds draws the figures; its samples are blobs that "
+              "show none of the effects the README describes (those need runs/tiny, run without --quick)")
+    else:
+        print(f"  this lesson needs a trained model and there is no {TINY_RUN.relative_to(ROOT)} yet: run "
+              f"`python train.py` first ({TRAIN_TIME}), then this lesson again. Until then a micro model "
+              "trained in seconds draws the figures: blobs, labelled \"micro model\".")
     if not (MICRO_RUN / "ldm.pt").is_file():
         import torch
 
@@ -93,7 +113,7 @@ def trained_run() -> Path:
         from minildm.train.autoencoder import train_autoencoder
         from minildm.train.ldm import train_ldm
 
-        print(f"no trained model in {TINY_RUN} (python train.py makes one): training a micro model into {MICRO_RUN}")
+        print(f"  training the micro model into {MICRO_RUN.relative_to(ROOT)}")
         preset = micro()
         train_autoencoder(preset, MICRO_RUN, torch.device("cpu"), show_progress=False)
         train_ldm(preset, MICRO_RUN, torch.device("cpu"), show_progress=False)
@@ -101,7 +121,24 @@ def trained_run() -> Path:
 
 
 def trained_pipeline():
-    """The LatentDiffusion of `trained_run()`."""
+    """The LatentDiffusion of `trained_run()`, with `.label` (model_label) for the figures' titles."""
     from minildm.pipeline import LatentDiffusion
 
-    return LatentDiffusion.load(trained_run())
+    run = trained_run()
+    pipe = LatentDiffusion.load(run)
+    pipe.label = model_label(run)
+    return pipe
+
+
+def save_labelled_grid(images, path: Path, nrow: int, label: str, title: str = "") -> None:
+    """A grid of images [N, 3, H, W] in [0, 1] as a PNG whose title names the model that drew it."""
+    import matplotlib.pyplot as plt
+
+    from minildm.viz import make_grid
+
+    grid = make_grid(images, nrow=nrow, upscale=2)
+    fig, ax = plt.subplots(figsize=(grid.shape[1] / 100, grid.shape[0] / 100 + 0.35))
+    ax.imshow(grid, interpolation="nearest")
+    ax.axis("off")
+    ax.set_title(f"{title} ({label})" if title else label, fontsize=8)
+    save_figure(fig, path)

@@ -110,7 +110,7 @@ def main() -> None:
             z_t = fns["q_sample"](abar[kind], z0, t, eps_latent)
             rows[f"pixel x_t\n{kind}"] = (x_t + 1) / 2
             rows[f"latent z_t\n{kind}, decoded"] = pipe.decode(z_t.float())
-    common.save_rows_over_t(rows, SHOW_T, out / "forward_pixel_latent.png")
+    common.save_rows_over_t(rows, SHOW_T, out / "forward_pixel_latent.png", f"latents: the autoencoder of {pipe.label}")
 
     # Property 1 keeps the variance: Var[z_t] = abar Var[z_0] + (1 - abar) = 1 when Var[z_0] = 1
     n = 64 if common.QUICK else 512

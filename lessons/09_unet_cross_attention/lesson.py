@@ -54,7 +54,7 @@ def plot_embedding(emb: torch.Tensor, out: Path) -> None:
     common.save_figure(fig, out / "timestep_embedding.png")
 
 
-def plot_maps(images: torch.Tensor, maps: torch.Tensor, words: list[list[str]], out: Path) -> None:
+def plot_maps(images: torch.Tensor, maps: torch.Tensor, words: list[list[str]], out: Path, label: str) -> None:
     """images [n, 3, H, W] in [0, 1]; maps [n, L, h, w]; words: the real tokens of each prompt."""
     cols = 1 + max(len(w) for w in words)
     fig, axes = plt.subplots(len(words), cols, figsize=(1.35 * cols, 1.5 * len(words)))
@@ -71,7 +71,7 @@ def plot_maps(images: torch.Tensor, maps: torch.Tensor, words: list[list[str]], 
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle("cross-attention weight of each pixel (finest attended level, last step) on each prompt token",
+    fig.suptitle(f"cross-attention weight of each pixel (finest attended level, last step) on each prompt token ({label})",
                  fontsize=9)
     fig.tight_layout()
     common.save_figure(fig, out / "cross_attention_maps.png")
@@ -114,7 +114,7 @@ def main() -> None:
 
     tokens = pipe.tokenizer.encode(PROMPTS)
     words = [[pipe.tokenizer.words[i] for i in row.tolist() if i != 0] for row in tokens]
-    plot_maps(images, maps, words, out)
+    plot_maps(images, maps, words, out, pipe.label)
     for prompt, row, prompt_words in zip(PROMPTS, maps, words):
         share = row[: len(prompt_words)].flatten(1).mean(dim=1)
         print(f"  {prompt!r}: mean weight per token " + " ".join(f"{w}={s:.2f}" for w, s in zip(prompt_words, share)))

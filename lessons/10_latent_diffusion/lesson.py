@@ -78,7 +78,8 @@ def explain_step(pipe: LatentDiffusion, out: Path) -> None:
         show(axes[r, 3], eps[0, 0], "eps, ch 0", "RdBu")
         show(axes[r, 4], eps_hat[0, 0], f"eps_theta, ch 0\nloss {mse:.3f}", "RdBu")
         show(axes[r, 5], pipe.decode(z0_hat)[0], "D(z0_hat / s)")
-    fig.suptitle(f"one LDM training step for {prompt!r}: the loss compares eps_theta with eps", fontsize=9)
+    fig.suptitle(f"one LDM training step for {prompt!r}: the loss compares eps_theta with eps ({pipe.label})",
+                 fontsize=9)
     fig.tight_layout()
     common.save_figure(fig, out / "ldm_training_step.png")
 
@@ -152,7 +153,7 @@ def plot_trajectory(pipe: LatentDiffusion, out: Path) -> None:
             label = "z_0" if k == SAMPLE_STEPS else f"z_t, t = {timesteps[k]}"  # the noise level it now sits at
             show(axes[r, c], trajectory[k][r], f"after {k} steps\n{label}" if r == 0 else "")
         axes[r, 0].set_ylabel(prompt.replace(" on the", "\non the").replace(" in the", "\nin the"), fontsize=6)
-    fig.suptitle(f"D(z_t / s) along {SAMPLE_STEPS} DDIM steps (guidance 3)", fontsize=9)
+    fig.suptitle(f"D(z_t / s) along {SAMPLE_STEPS} DDIM steps (guidance 3, {pipe.label})", fontsize=9)
     fig.tight_layout()
     common.save_figure(fig, out / "trajectory.png")
 

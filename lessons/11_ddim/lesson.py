@@ -25,7 +25,6 @@ from minildm.data import shapes  # noqa: E402
 from minildm.data.describe import prompt_accuracy  # noqa: E402
 from minildm.diffusion.ddpm import as_eps_fn  # noqa: E402
 from minildm.diffusion.guidance import cfg_model_fn  # noqa: E402
-from minildm.viz import save_grid  # noqa: E402
 
 STEP_COUNTS = (5, 10, 25, 50)
 PROMPTS = [shapes.caption(*combo) for combo in shapes.SEEN[:: 10 if common.QUICK else 3]]  # 8 or 27 prompts
@@ -57,7 +56,30 @@ def sample(pipe, fns, prompts: list[str], steps: int, eta: float = 0.0, seed: in
     return x
 
 
-def plot_accuracy(results: dict, out: Path) -> None:
+def sweep(pipe, fns) -> tuple[dict, list[torch.Tensor]]:
+    """Prompt accuracy of every (eta, steps): ({eta: [(steps, accuracy, CPU seconds)]}, the first GRID images of
+    each). bench/lesson_numbers.py calls this too, so the README's table is what this lesson prints."""
+    results, grids = {0.0: [], 1.0: []}, []
+    for eta in results:
+        for steps in STEP_COUNTS:
+            start = time.process_time()
+            images = pipe.decode(sample(pipe, fns, PROMPTS, steps, eta))
+            seconds = time.process_time() - start
+            accuracy = prompt_accuracy(images, PROMPTS)
+            results[eta].append((steps, accuracy, seconds))
+            grids.append(images[:GRID])
+            print(f"  eta {eta:g}, {steps:>2} steps: prompt accuracy {accuracy:.2f} in {seconds:.1f} s CPU")
+    return results, grids
+
+
+def pitfall_accuracy(pipe, fns) -> tuple[float, float, float]:
+    """7 steps landing on t - T // n vs on the list: (accuracy wrong, accuracy right, relative latent difference)."""
+    right, wrong = sample(pipe, fns, PROMPTS, 7), sample(pipe, fns, PROMPTS, 7, buggy_prev=True)
+    return (prompt_accuracy(pipe.decode(wrong), PROMPTS), prompt_accuracy(pipe.decode(right), PROMPTS),
+            ((right - wrong).norm() / right.norm()).item())
+
+
+def plot_accuracy(results: dict, out: Path, label: str) -> None:
     """results: eta -> list of (steps, accuracy, seconds)."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
     for eta, rows in results.items():
@@ -65,7 +87,7 @@ def plot_accuracy(results: dict, out: Path) -> None:
         ax1.plot(steps, acc, "o-", label=f"eta = {eta:g}")
         ax2.plot(steps, sec, "o-", label=f"eta = {eta:g}")
     ax1.set(xscale="log", xlabel="DDIM steps", ylabel="prompt accuracy", ylim=(-0.02, 1.02),
-            title=f"describe() agrees with the prompt ({len(PROMPTS)} prompts)")
+            title=f"describe() agrees with the prompt ({len(PROMPTS)} prompts, {label})")
     ax2.set(xscale="log", xlabel="DDIM steps", ylabel="CPU seconds", title="sampling cost")
     for ax in (ax1, ax2):
         ax.set_xticks(STEP_COUNTS, [str(s) for s in STEP_COUNTS])
@@ -112,31 +134,23 @@ def main() -> None:
     library = pipe.generate(PROMPTS[:2], steps=10, guidance_scale=GUIDANCE, eta=0.0, seed=0)
     print(f"  your sampler vs pipeline.generate (10 steps, eta 0): max |difference| {(mine - library).abs().max():.2e}")
 
-    results, grids = {0.0: [], 1.0: []}, []
-    for eta in results:
-        for steps in STEP_COUNTS:
-            start = time.process_time()
-            images = pipe.decode(sample(pipe, fns, PROMPTS, steps, eta))
-            seconds = time.process_time() - start
-            accuracy = prompt_accuracy(images, PROMPTS)
-            results[eta].append((steps, accuracy, seconds))
-            grids.append(images[:GRID])
-            print(f"  eta {eta:g}, {steps:>2} steps: prompt accuracy {accuracy:.2f} in {seconds:.1f} s CPU")
-    plot_accuracy(results, out)
-    save_grid(torch.cat(grids), out / "samples_eta0_top_eta1_bottom.png", nrow=GRID, upscale=2)
+    results, grids = sweep(pipe, fns)
+    plot_accuracy(results, out, pipe.label)
+    common.save_labelled_grid(torch.cat(grids), out / "samples_eta0_top_eta1_bottom.png", GRID, pipe.label,
+                              "rows: 5, 10, 25, 50 steps at eta 0, then at eta 1")
 
     # eta = 0 is a deterministic map z_T -> z_0; eta = 1 draws fresh noise each step
     a, b = (pipe.decode(sample(pipe, fns, PROMPTS[:GRID], 25, eta=0.0, noise_seed=s)) for s in (1, 2))
     c, d = (pipe.decode(sample(pipe, fns, PROMPTS[:GRID], 25, eta=1.0, noise_seed=s)) for s in (1, 2))
     print(f"  same z_T, two noise seeds: eta 0 max |difference| {(a - b).abs().max():.2e}, "
           f"eta 1 max |difference| {(c - d).abs().max():.2f}")
-    save_grid(torch.cat([a, b, c, d]), out / "eta0_vs_eta1_same_start.png", nrow=GRID, upscale=2)
+    common.save_labelled_grid(torch.cat([a, b, c, d]), out / "eta0_vs_eta1_same_start.png", GRID, pipe.label,
+                              "same z_T: eta 0 twice, eta 1 twice")
 
     plot_pitfall(fns, T, out)
-    right, wrong = sample(pipe, fns, PROMPTS, 7), sample(pipe, fns, PROMPTS, 7, buggy_prev=True)
-    print(f"  7 steps with t - T // n: prompt accuracy {prompt_accuracy(pipe.decode(wrong), PROMPTS):.2f} vs "
-          f"{prompt_accuracy(pipe.decode(right), PROMPTS):.2f} from the list; latents differ by "
-          f"{(right - wrong).norm() / right.norm():.1%} (relative norm)")
+    wrong, right, relative = pitfall_accuracy(pipe, fns)
+    print(f"  7 steps with t - T // n: prompt accuracy {wrong:.2f} vs {right:.2f} from the list; latents differ by "
+          f"{relative:.1%} (relative norm)")
     print(f"figures in {out}: steps_vs_accuracy.png samples_eta0_top_eta1_bottom.png eta0_vs_eta1_same_start.png "
           "prev_timestep_pitfall.png")
 

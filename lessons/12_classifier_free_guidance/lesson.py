@@ -74,7 +74,22 @@ def sample(pipe, guided_eps, prompts: list[str], scale: float, seed: int = 0) ->
     return pipe.decode(ddim_sample(eps_fn, pipe.schedule, z_T, STEPS, spacing="trailing", progress=False))
 
 
-def plot_sweep(grids: dict, accuracy: dict, out: Path) -> None:
+def sweep(pipe, guided_eps) -> tuple[dict, dict, dict]:
+    """Every scale of SCALES on PROMPTS: ({s: first GRID images}, {s: prompt accuracy}, {s: mean saturation}).
+    bench/lesson_numbers.py calls this too, so the README's table is what this lesson prints."""
+    grids, accuracy, saturation = {}, {}, {}
+    for s in SCALES:
+        start = time.process_time()
+        images = sample(pipe, guided_eps, PROMPTS, s)
+        accuracy[s] = prompt_accuracy(images, PROMPTS)
+        saturation[s] = (images.amax(dim=1) - images.amin(dim=1)).mean().item()
+        grids[s] = images[:GRID]
+        print(f"  s = {s:>4g}: prompt accuracy {accuracy[s]:.2f}, mean pixel saturation {saturation[s]:.3f}  "
+              f"({time.process_time() - start:.1f} s CPU)")
+    return grids, accuracy, saturation
+
+
+def plot_sweep(grids: dict, accuracy: dict, out: Path, label: str) -> None:
     fig, axes = plt.subplots(len(grids), GRID, figsize=(1.2 * GRID, 1.3 * len(grids)))
     for r, (s, images) in enumerate(grids.items()):
         for c in range(GRID):
@@ -86,14 +101,14 @@ def plot_sweep(grids: dict, accuracy: dict, out: Path) -> None:
                 ax.set_ylabel(f"s = {s:g}\nacc {accuracy[s]:.2f}", fontsize=8)
             if r == 0:
                 ax.set_title(PROMPTS[c].replace("a ", "", 1).replace(" on the", "\n").replace(" in the", "\n"), fontsize=6)
-    fig.suptitle(f"guidance sweep, DDIM {STEPS} steps, same z_T per column", fontsize=9)
+    fig.suptitle(f"guidance sweep, DDIM {STEPS} steps, same z_T per column ({label})", fontsize=9)
     fig.tight_layout()
     common.save_figure(fig, out / "guidance_sweep.png")
 
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     ax.plot(list(accuracy), list(accuracy.values()), "o-")
     ax.set(xlabel="guidance scale s", ylabel="prompt accuracy", ylim=(-0.02, 1.02),
-           title=f"describe() agrees with the prompt ({len(PROMPTS)} prompts)")
+           title=f"describe() agrees with the prompt ({len(PROMPTS)} prompts, {label})")
     ax.axvline(1, color="gray", ls="--", lw=0.8)
     fig.tight_layout()
     common.save_figure(fig, out / "accuracy_vs_guidance.png")
@@ -109,15 +124,8 @@ def main() -> None:
     library = pipe.generate(PROMPTS[:2], steps=STEPS, guidance_scale=3.0, seed=0)
     print(f"  your guided sampler vs pipeline.generate(guidance_scale=3): max |difference| {(check - library).abs().max():.2e}")
 
-    grids, accuracy = {}, {}
-    for s in SCALES:
-        start = time.process_time()
-        images = sample(pipe, fns["guided_eps"], PROMPTS, s)
-        accuracy[s] = prompt_accuracy(images, PROMPTS)
-        grids[s] = images[:GRID]
-        print(f"  s = {s:>4g}: prompt accuracy {accuracy[s]:.2f}, mean pixel saturation "
-              f"{(images.amax(dim=1) - images.amin(dim=1)).mean():.3f}  ({time.process_time() - start:.1f} s CPU)")
-    plot_sweep(grids, accuracy, out)
+    grids, accuracy, _ = sweep(pipe, fns["guided_eps"])
+    plot_sweep(grids, accuracy, out, pipe.label)
     print(f"figures in {out}: guidance_sweep.png accuracy_vs_guidance.png")
 
 

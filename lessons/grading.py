@@ -13,9 +13,12 @@ pass), the untouched stubs (all must fail) and realistic wrong versions (each mu
 """
 from __future__ import annotations
 
+import ast
+import functools
 import importlib.util
 import inspect
 import sys
+import textwrap
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,14 +56,38 @@ def lookup(namespace: Any, dotted: str) -> Any:
 
 
 def is_stub(fn: Any) -> bool:
-    """True while the exercise still raises NotImplementedError (i.e. the learner has not filled it in);
-    a class is a stub while any of its methods is."""
+    """True while an exercise is as the learner found it: a `# TODO begin` ... `# TODO end` region that still holds
+    nothing but `raise NotImplementedError` (or, without such a region, a body that is only that raise). A
+    finished function that raises NotImplementedError for a case it does not support is not a stub. A class is
+    a stub while any of its methods is."""
     if inspect.isclass(fn):
         return any(is_stub(method) for method in vars(fn).values() if inspect.isfunction(method))
     try:
-        return "raise NotImplementedError" in inspect.getsource(fn)
+        source = inspect.getsource(fn)
     except (OSError, TypeError):
         return False
+    regions, region = [], None
+    for line in source.splitlines():
+        text = line.strip()
+        if text.startswith("# TODO begin"):
+            region = []
+        elif text.startswith("# TODO end") and region is not None:
+            regions.append(region)
+            region = None
+        elif region is not None and text and not text.startswith("#"):
+            region.append(text)
+    if regions:
+        return any(len(r) == 1 and r[0].startswith("raise NotImplementedError") for r in regions)
+    try:
+        body = ast.parse(textwrap.dedent(source)).body[0].body
+    except (SyntaxError, IndexError, AttributeError):
+        return False
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+        body = body[1:]  # the docstring
+    if len(body) != 1 or not isinstance(body[0], ast.Raise) or body[0].exc is None:
+        return False
+    exc = body[0].exc.func if isinstance(body[0].exc, ast.Call) else body[0].exc
+    return isinstance(exc, ast.Name) and exc.id == "NotImplementedError"
 
 
 def mine_or_reference(exercises: ModuleType | None, name: str, reference: Any) -> Any:
@@ -71,8 +98,92 @@ def mine_or_reference(exercises: ModuleType | None, name: str, reference: Any) -
     return reference if is_stub(candidate) else candidate
 
 
+class TypeMismatch(AssertionError):
+    """An output whose values may be right but whose type, dtype or shape is not what the docstring asks for."""
+
+
+def assert_same_kind(mine: Any, ref: Any, what: str = "output") -> None:
+    """Raise TypeMismatch when `mine` is not a tensor like `ref` (type, dtype, shape), before any value check."""
+    import torch
+
+    if torch.is_tensor(ref):
+        if not torch.is_tensor(mine):
+            raise TypeMismatch(f"{what}: expected a torch.Tensor ({ref.dtype}), got {type(mine).__name__}")
+        if mine.dtype != ref.dtype:
+            raise TypeMismatch(f"{what}: dtype {mine.dtype}, the docstring asks for {ref.dtype}")
+        if mine.shape != ref.shape:
+            raise TypeMismatch(f"{what}: shape {list(mine.shape)}, expected {list(ref.shape)}")
+
+
+def assert_unchanged(before: Any, after: Any, what: str = "an input") -> None:
+    """Inputs (tensors, or lists / dicts of them) must not be changed in place by an exercise."""
+    import torch
+
+    if torch.is_tensor(before):
+        assert torch.equal(before, after), f"{what} was changed in place: return a new tensor instead"
+    elif isinstance(before, (list, tuple)):
+        for b, a in zip(before, after):
+            assert_unchanged(b, a, what)
+    elif isinstance(before, dict):
+        for key in before:
+            assert_unchanged(before[key], after[key], f"{what} ({key})")
+
+
+def snapshot(*values: Any) -> Any:
+    """Deep copies of the tensors among `values` (for assert_unchanged after the call)."""
+    import copy
+
+    return copy.deepcopy(values)
+
+
+def describe_value(value: Any, limit: int = 12) -> str:
+    """A short description of an argument for -v: small tensors in full, big ones by shape, dtype and range."""
+    import torch
+
+    if torch.is_tensor(value):
+        if value.numel() <= limit:
+            return f"tensor({value.tolist()}, dtype={value.dtype})"
+        flat = value.detach().float()
+        return (f"tensor{list(value.shape)} {value.dtype}, min {flat.min().item():.4g}, max {flat.max().item():.4g}"
+                + (", requires_grad" if value.requires_grad else ""))
+    if isinstance(value, torch.Generator):
+        return "torch.Generator"
+    if isinstance(value, (list, tuple)) and len(value) > limit:
+        return f"{type(value).__name__} of {len(value)}: {describe_value(value[0])}, ..."
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__}(" + ", ".join(describe_value(v) for v in value) + ")"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class Recorder:
+    """Wraps an exercise function so a failing check can show (with -v) the call it failed on: the last one."""
+
+    def __init__(self, fn: Callable):
+        self.fn, self.last = fn, None
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        self.last = (args, kwargs)
+        return self.fn(*args, **kwargs)
+
+    def describe(self) -> str:
+        if self.last is None:
+            return ""
+        args, kwargs = self.last
+        parts = [describe_value(a) for a in args] + [f"{k}={describe_value(v)}" for k, v in kwargs.items()]
+        return f"last call: {getattr(self.fn, '__name__', 'fn')}(" + ", ".join(parts) + ")"
+
+
+DTYPE_WORDS = ("dtype", "expected scalar type", "did not match", "Float but found", "Long but found",
+               "Double but found", "must have the same dtype")
+
+
 def grade(checks: list[Check], namespace: Any, verbose: bool = False) -> dict[str, tuple[bool, str]]:
-    """Run every check against `namespace`; returns {check label: (passed, message)}."""
+    """Run every check against `namespace`; returns {check label: (passed, message)}.
+
+    A failure prints the check's hint, or a hint about types when only the type, dtype or shape is wrong; with
+    `verbose` also the assertion's detail and the call the function failed on."""
     results = {}
     for i, check in enumerate(checks):
         label = f"{check.exercise} #{sum(c.exercise == check.exercise for c in checks[:i]) + 1}"
@@ -81,15 +192,29 @@ def grade(checks: list[Check], namespace: Any, verbose: bool = False) -> dict[st
         except (AttributeError, KeyError):
             results[label] = (False, f"{check.exercise} is missing from exercises.py")
             continue
+        wrapped = Recorder(fn) if inspect.isfunction(fn) or inspect.ismethod(fn) else fn
+        detail = (lambda: f" [{wrapped.describe()}]" if verbose and isinstance(wrapped, Recorder) and wrapped.last
+                  else "")
         try:
-            check.test(fn)
+            check.test(wrapped)
             results[label] = (True, "ok")
-        except NotImplementedError:
-            results[label] = (False, "not implemented yet: fill in the TODO region")
+        except NotImplementedError as e:
+            if is_stub(fn):
+                results[label] = (False, "not implemented yet: fill in the TODO region")
+            else:
+                results[label] = (False, f"raised NotImplementedError({e}) on an input the docstring allows. "
+                                         f"Hint: {check.hint}{detail()}")
+        except TypeMismatch as e:
+            results[label] = (False, f"the values may be right, but the type is not: {e}{detail()}")
         except AssertionError as e:
-            results[label] = (False, f"{check.hint}" + (f" ({e})" if str(e) and verbose else ""))
+            results[label] = (False, f"{check.hint}" + (f" ({e})" if str(e) and verbose else "") + detail())
         except Exception as e:  # a crash is a failure too, with the error to help
-            results[label] = (False, f"raised {type(e).__name__}: {e}. Hint: {check.hint}")
+            if any(word in str(e) for word in DTYPE_WORDS):
+                results[label] = (False, f"raised {type(e).__name__}: {e}. Hint: check the dtype of what you "
+                                         f"return or compute with (float64 tables, float32 images, long indices)."
+                                         f"{detail()}")
+            else:
+                results[label] = (False, f"raised {type(e).__name__}: {e}. Hint: {check.hint}{detail()}")
             if verbose:
                 traceback.print_exc()
     return results

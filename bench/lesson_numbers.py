@@ -1,0 +1,179 @@
+"""The numbers the READMEs quote about the trained tiny model, measured by one command, written where a test
+can compare them with the READMEs.
+
+    python train.py                                   # runs/tiny (the numbers are about this model)
+    python bench/lesson_numbers.py                    # every measurement -> bench/results/numbers/<name>.md
+    python bench/lesson_numbers.py lesson11_ddim      # one of them
+    python bench/lesson_numbers.py --readmes          # copy the results into the READMEs' number blocks
+
+A README quotes a result inside a block
+
+    <!-- numbers: lesson11_ddim -->
+    ...the contents of bench/results/numbers/lesson11_ddim.md...
+    <!-- /numbers -->
+
+and tests/test_lesson_numbers.py fails when a block differs from its results file, when a results file is
+quoted nowhere, or when the tiny preset (the recipe `python train.py` follows) is no longer the one the
+numbers were measured on: change the recipe and the numbers must be measured again in the same commit.
+
+Each measurement calls the same function the lesson itself runs (with the library's reference solutions), so
+a learner who runs the lesson on their own `python train.py` model sees these numbers up to training noise.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "bench" / "results" / "numbers"
+BLOCK = re.compile(r"<!-- numbers: (\w+) -->\n(.*?)<!-- /numbers -->", re.S)
+
+
+def recipe_fingerprint() -> str:
+    """A short hash of the tiny preset (every hyperparameter of `python train.py`): the numbers' recipe."""
+    from minildm.config import tiny
+
+    return hashlib.sha256(repr(tiny()).encode()).hexdigest()[:12]
+
+
+def _lesson(name: str):
+    """(lesson.py module, the library's reference functions) of lessons/<name>."""
+    from lessons.grading import load_module
+
+    folder = ROOT / "lessons" / name
+    return load_module(folder / "lesson.py", f"numbers_{name}"), load_module(folder / "grade.py").REFERENCE
+
+
+def lesson09_attention(pipe) -> str:
+    """Lesson 09: how the pixels' cross-attention splits over each prompt's tokens (finest level, last step)."""
+    lesson, _ = _lesson("09_unet_cross_attention")
+    _, extras = pipe.generate(lesson.PROMPTS, steps=lesson.STEPS, guidance=3.0, seed=0, return_attention=True)
+    tokens = pipe.tokenizer.encode(lesson.PROMPTS)
+    lines = ["| prompt | mean attention weight per token |", "|---|---|"]
+    for prompt, row, ids in zip(lesson.PROMPTS, extras["attention"], tokens):
+        words = [pipe.tokenizer.words[i] for i in ids.tolist() if i != 0]
+        share = row[: len(words)].flatten(1).mean(dim=1)
+        lines.append(f"| {prompt} | " + " ".join(f"{w} {s:.2f}" for w, s in zip(words, share)) + " |")
+    return "\n".join(lines)
+
+
+def lesson11_ddim(pipe) -> str:
+    """Lesson 11: prompt accuracy for 5/10/25/50 DDIM steps at eta 0 and 1, and the t - T // n pitfall."""
+    lesson, fns = _lesson("11_ddim")
+    results, _ = lesson.sweep(pipe, fns)
+    wrong, right, relative = lesson.pitfall_accuracy(pipe, fns)
+    head = " | ".join(f"{s} steps" for s in lesson.STEP_COUNTS)
+    lines = [f"| {len(lesson.PROMPTS)} seen prompts, guidance {lesson.GUIDANCE:g} | {head} |",
+             "|---|" + "---|" * len(lesson.STEP_COUNTS)]
+    for eta, rows in results.items():
+        lines.append(f"| eta = {eta:g} | " + " | ".join(f"{acc:.2f}" for _, acc, _ in rows) + " |")
+    lines.append("")
+    lines.append(f"7 steps landing on t - T // n: prompt accuracy {wrong:.2f} (from the list: {right:.2f}); the "
+                 f"final latents differ by {relative:.1%} (relative norm).")
+    return "\n".join(lines)
+
+
+def lesson12_guidance(pipe) -> str:
+    """Lesson 12: prompt accuracy and pixel saturation over the guidance scale s."""
+    lesson, fns = _lesson("12_classifier_free_guidance")
+    _, accuracy, saturation = lesson.sweep(pipe, fns["guided_eps"])
+    lines = [f"| {len(lesson.PROMPTS)} seen prompts, DDIM {lesson.STEPS} | " + " | ".join(f"s = {s:g}" for s in accuracy)
+             + " |", "|---|" + "---|" * len(accuracy),
+             "| prompt accuracy | " + " | ".join(f"{a:.2f}" for a in accuracy.values()) + " |",
+             "| mean pixel saturation | " + " | ".join(f"{v:.3f}" for v in saturation.values()) + " |"]
+    return "\n".join(lines)
+
+
+def evaluation(pipe) -> str:
+    """`python -m minildm.evaluate --run runs/tiny --n 4`'s table (DDIM 50, guidance 3, 360 images)."""
+    from minildm.evaluate import evaluation_report, format_evaluation, load_judges, real_reference
+
+    feature_net, clip = load_judges(pipe.run, progress=False)
+    columns = {"real shapes": real_reference(feature_net, clip, n=4),
+               "tiny": evaluation_report(pipe, feature_net, clip, n=4, progress=False)}
+    return format_evaluation(columns)
+
+
+MEASUREMENTS = {f.__name__: f for f in (lesson09_attention, lesson11_ddim, lesson12_guidance, evaluation)}
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + (" + uncommitted changes" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def provenance(name: str, run: Path) -> str:
+    """The first lines of every results file: the command, the model, the recipe and the code it came from."""
+    return (f"Measured by `python bench/lesson_numbers.py {name}` on `{run.relative_to(ROOT) if run.is_relative_to(ROOT) else run}` "
+            f"(`python train.py`, tiny preset {recipe_fingerprint()}; code at commit {commit()}).")
+
+
+def measure(names: list[str], run: Path) -> None:
+    from minildm.pipeline import LatentDiffusion
+
+    torch.set_grad_enabled(False)
+    pipe = LatentDiffusion.load(run)
+    pipe.label, pipe.run = "runs/tiny", run
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        print(f"measuring {name}")
+        torch.manual_seed(0)
+        text = provenance(name, run) + "\n\n" + MEASUREMENTS[name](pipe) + "\n"
+        (RESULTS / f"{name}.md").write_text(text)
+        print(text)
+
+
+def readme_files() -> list[Path]:
+    """Every markdown file that may quote numbers."""
+    return [p for p in ROOT.glob("**/*.md") if "results" not in p.parts and ".cache" not in p.parts]
+
+
+def fill_readmes() -> list[Path]:
+    """Replace every number block's contents with its results file; returns the files changed."""
+    changed = []
+    for path in readme_files():
+        text = path.read_text()
+        new = BLOCK.sub(lambda m: f"<!-- numbers: {m[1]} -->\n{(RESULTS / f'{m[1]}.md').read_text()}<!-- /numbers -->",
+                        text)
+        if new != text:
+            path.write_text(new)
+            changed.append(path)
+    return changed
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description="Measure the numbers the READMEs quote (see the module docstring).")
+    p.add_argument("names", nargs="*", help=f"which measurements (default all): {', '.join(MEASUREMENTS)}")
+    p.add_argument("--run", default=str(ROOT / "runs" / "tiny"))
+    p.add_argument("--readmes", action="store_true", help="only copy bench/results/numbers/*.md into the READMEs")
+    args = p.parse_args()
+    unknown = [n for n in args.names if n not in MEASUREMENTS]
+    if unknown:
+        p.error(f"unknown measurement {', '.join(unknown)}: choose from {', '.join(MEASUREMENTS)}.")
+    if not args.readmes:
+        run = Path(args.run).resolve()
+        if not (run / "ldm.pt").is_file():
+            print(f"error: no trained model in {run}: run `python train.py` first.", file=sys.stderr)
+            return 2
+        measure(args.names or list(MEASUREMENTS), run)
+    for path in fill_readmes():
+        print(f"updated {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

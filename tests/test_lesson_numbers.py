@@ -1,0 +1,51 @@
+"""The READMEs' measured numbers agree with the results files bench/lesson_numbers.py wrote, and were measured
+on today's tiny recipe (see that script's docstring). Reads files only: no model is run here."""
+import importlib.util
+import re
+
+import pytest
+
+from lessons.grading import ROOT
+
+spec = importlib.util.spec_from_file_location("lesson_numbers", ROOT / "bench" / "lesson_numbers.py")
+numbers = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(numbers)
+
+RESULT_FILES = sorted(numbers.RESULTS.glob("*.md"))
+
+
+def blocks():
+    """(README, name, contents) of every number block."""
+    for path in numbers.readme_files():
+        for match in numbers.BLOCK.finditer(path.read_text()):
+            yield path.relative_to(ROOT), match[1], match[2]
+
+
+def test_every_measurement_has_results_and_is_quoted():
+    quoted = {name for _, name, _ in blocks()}
+    written = {p.stem for p in RESULT_FILES}
+    assert written == set(numbers.MEASUREMENTS), "run python bench/lesson_numbers.py for the missing ones"
+    assert quoted == written, f"results quoted by no README: {written - quoted}; blocks without results: {quoted - written}"
+
+
+@pytest.mark.parametrize("readme,name,contents", list(blocks()), ids=lambda x: str(x))
+def test_readme_block_matches_results(readme, name, contents):
+    expected = (numbers.RESULTS / f"{name}.md").read_text()
+    assert contents == expected, (f"{readme}'s numbers block '{name}' differs from bench/results/numbers/{name}.md: "
+                                  "run python bench/lesson_numbers.py --readmes (or measure again)")
+
+
+@pytest.mark.parametrize("path", RESULT_FILES, ids=lambda p: p.stem)
+def test_results_measured_on_todays_recipe(path):
+    recorded = re.search(r"tiny preset (\w+)", path.read_text())
+    assert recorded, f"{path.name} does not say which recipe it was measured on"
+    assert recorded[1] == numbers.recipe_fingerprint(), (
+        f"the tiny preset changed since {path.name} was measured: train again (python train.py) and run "
+        f"python bench/lesson_numbers.py {path.stem}, in the same commit as the recipe change")
+
+
+def test_block_syntax_is_not_mistyped():
+    """A block the regular expression does not see would never be checked."""
+    for path in numbers.readme_files():
+        text = path.read_text()
+        assert text.count("<!-- numbers:") == text.count("<!-- /numbers -->") == len(numbers.BLOCK.findall(text)), path

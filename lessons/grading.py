@@ -98,6 +98,10 @@ def mine_or_reference(exercises: ModuleType | None, name: str, reference: Any) -
     return reference if is_stub(candidate) else candidate
 
 
+class ContractBroken(AssertionError):
+    """The function broke a rule every exercise shares (inputs left unchanged, randomness from the generator)."""
+
+
 class TypeMismatch(AssertionError):
     """An output whose values may be right but whose type, dtype or shape is not what the docstring asks for."""
 
@@ -156,23 +160,57 @@ def describe_value(value: Any, limit: int = 12) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-class Recorder:
-    """Wraps an exercise function so a failing check can show (with -v) the call it failed on: the last one."""
+def _tensors(value: Any) -> list:
+    import torch
 
-    def __init__(self, fn: Callable):
-        self.fn, self.last = fn, None
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+class Recorder:
+    """Wraps an exercise function for every check of every lesson:
+
+    - with -v, a failing check shows the call it failed on (the last one);
+    - a function that changes a tensor it was given (in place) fails: the docstrings ask for new tensors;
+    - a function given a torch.Generator that draws from torch's global RNG instead fails: the same generator
+      must give the same result, whatever else the program has drawn.
+    """
+
+    def __init__(self, fn: Callable, name: str = ""):
+        self.fn, self.name, self.last = fn, name or getattr(fn, "__name__", "fn"), None
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args, **kwargs):
+        import torch
+
         self.last = (args, kwargs)
-        return self.fn(*args, **kwargs)
+        inputs = _tensors(list(args) + list(kwargs.values()))
+        before = [t.detach().clone() for t in inputs]
+        has_generator = any(isinstance(v, torch.Generator) for v in list(args) + list(kwargs.values()))
+        rng = torch.get_rng_state() if has_generator else None
+        out = self.fn(*args, **kwargs)
+        for i, (t, b) in enumerate(zip(inputs, before)):
+            same = t.shape == b.shape and bool(((t.detach() == b) | (t.detach().isnan() & b.isnan())).all())
+            if not same:
+                raise ContractBroken(f"input {i + 1} ({describe_value(b)}) was changed in place: leave the caller's "
+                                     "tensors as they are and return new ones")
+        if has_generator and not torch.equal(rng, torch.get_rng_state()):
+            raise ContractBroken(
+                "random numbers were drawn from torch's global RNG: draw every one from the generator you are given "
+                "(generator=generator), so that the same generator gives the same result")
+        return out
 
     def describe(self) -> str:
         if self.last is None:
             return ""
         args, kwargs = self.last
         parts = [describe_value(a) for a in args] + [f"{k}={describe_value(v)}" for k, v in kwargs.items()]
-        return f"last call: {getattr(self.fn, '__name__', 'fn')}(" + ", ".join(parts) + ")"
+        return f"last call: {self.name}(" + ", ".join(parts) + ")"
 
 
 DTYPE_WORDS = ("dtype", "expected scalar type", "did not match", "Float but found", "Long but found",
@@ -192,7 +230,7 @@ def grade(checks: list[Check], namespace: Any, verbose: bool = False) -> dict[st
         except (AttributeError, KeyError):
             results[label] = (False, f"{check.exercise} is missing from exercises.py")
             continue
-        wrapped = Recorder(fn) if inspect.isfunction(fn) or inspect.ismethod(fn) else fn
+        wrapped = Recorder(fn, check.exercise) if inspect.isfunction(fn) or inspect.ismethod(fn) else fn
         detail = (lambda: f" [{wrapped.describe()}]" if verbose and isinstance(wrapped, Recorder) and wrapped.last
                   else "")
         try:
@@ -204,6 +242,8 @@ def grade(checks: list[Check], namespace: Any, verbose: bool = False) -> dict[st
             else:
                 results[label] = (False, f"raised NotImplementedError({e}) on an input the docstring allows. "
                                          f"Hint: {check.hint}{detail()}")
+        except ContractBroken as e:
+            results[label] = (False, f"{e}{detail()}")
         except TypeMismatch as e:
             results[label] = (False, f"the values may be right, but the type is not: {e}{detail()}")
         except AssertionError as e:

@@ -73,6 +73,7 @@ def check_encode_plain(fn) -> None:
 
 def check_encode_unknown(fn) -> None:
     _same_ids(fn, "a pink circle on the moon", 10)
+    _same_ids(fn, "a red-circle: 2 on the top-left", 12)  # words are runs of letters: "-", ":" and "2" split them
 
 
 def check_encode_empty_and_exact(fn) -> None:
@@ -94,7 +95,8 @@ CHECKS = [
     Check("encode_caption", check_encode_plain,
           "a row is <s>, then one id per word (its index in `words`), then <pad> ids; return a LongTensor [max_len]"),
     Check("encode_caption", check_encode_unknown,
-          "a word that is not in the table still takes a position: it becomes the <unk> id, not <pad> and not skipped"),
+          "a word that is not in the table still takes a position: it becomes the <unk> id, not <pad> and not "
+          "skipped; words are what split_words finds (runs of letters: digits, hyphens and punctuation separate them)"),
     Check("encode_caption", check_encode_empty_and_exact,
           "the start token is always there, even for the empty caption, and it counts towards max_len"),
     Check("encode_caption", check_encode_truncate,

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from lessons.grading import Check, main  # noqa: E402
+from lessons.grading import Check, TypeMismatch, main  # noqa: E402
 from minildm.autoencoder import losses  # noqa: E402
 
 REFERENCE = {"hinge_d_loss": losses.hinge_d_loss, "hinge_g_loss": losses.hinge_g_loss}
@@ -24,6 +24,8 @@ FAKE = torch.tensor([-3.0, -1.1, -0.2, 0.7, 1.5])  # (no score exactly at +-1, w
 
 def _close(got, expected, what: str) -> None:
     assert torch.is_tensor(got), f"{what}: expected a tensor, got {type(got).__name__}"
+    if got.dtype != torch.float32:
+        raise TypeMismatch(f"{what}: dtype {got.dtype}; float32 scores must give a float32 loss")
     assert got.dim() == 0, f"{what}: expected a 0-dim tensor (one number), got shape {tuple(got.shape)}"
     assert torch.allclose(got.double(), expected.double(), atol=1e-6), f"{what}: expected {expected.item():.6f}, got {got.item():.6f}"
 

@@ -70,6 +70,8 @@ def check_linear_custom(fn):
 def check_scaled_linear(fn):
     close(fn("scaled_linear", 1000), lib.beta_schedule("scaled_linear", 1000), "scaled_linear betas",
           rtol=1e-9, atol=1e-12)
+    close(fn("scaled_linear", 12, 0.001, 0.3), lib.beta_schedule("scaled_linear", 12, 0.001, 0.3),
+          "scaled_linear, T=12, 0.001..0.3", rtol=1e-9, atol=1e-12)
 
 
 def check_cosine(fn):

@@ -64,6 +64,10 @@ def check_forward_formula(cls) -> None:
     layer.strength = 0.5
     assert torch.allclose(layer(x), base(x) + 0.5 * (ALPHA / RANK) * x @ A.T @ B.T, atol=1e-5), "strength ignored"
     assert cls(_base(), 3).alpha == 3, "alpha = None must mean alpha = r (factor 1)"
+    odd = cls(_base(), 3, 4.0)  # alpha / r = 4 / 3, not a whole number (alpha // r would give 1)
+    A3, B3 = torch.randn(3, D_IN, generator=torch.Generator().manual_seed(3)), torch.randn(D_OUT, 3)
+    _set_AB(odd, A3, B3)
+    assert torch.allclose(odd(x), base(x) + (4.0 / 3) * x @ A3.T @ B3.T, atol=1e-5), "wrong output with alpha / r = 4 / 3"
 
 
 def check_only_A_and_B_train(cls) -> None:
@@ -94,6 +98,16 @@ def check_merge_equals_unmerged(merge) -> None:
     assert torch.allclose(layer(x), y, atol=1e-5), "merged output differs from the unmerged output"
 
 
+def check_merge_fractional_ratio(merge) -> None:
+    layer = ReferenceLoRALinear(_base(), 3, 4.0)  # alpha / r = 4 / 3
+    A, B = torch.randn(3, D_IN, generator=torch.Generator().manual_seed(4)), torch.randn(D_OUT, 3)
+    _set_AB(layer, A, B)
+    x = _x()
+    y = layer(x)
+    merge(layer)
+    assert torch.allclose(layer(x), y, atol=1e-5), "with alpha / r = 4 / 3 the merged output differs"
+
+
 def check_merge_touches_only_the_weight(merge) -> None:
     layer, A, B = _merge_case()
     bias = layer.base.bias.detach().clone()
@@ -115,6 +129,8 @@ CHECKS = [
     Check("merge", check_merge_equals_unmerged,
           "after merging, W' x must equal W x + (alpha / r) * strength * B A x: fold the whole factor into W, "
           "and mark the layer merged."),
+    Check("merge", check_merge_fractional_ratio, "Delta W = (alpha / r) * scale * B A with a true division: "
+          "alpha / r need not be a whole number."),
     Check("merge", check_merge_touches_only_the_weight,
           "merging changes W only: Delta W = (alpha / r) * strength * B A has W's shape [d_out, d_in]; "
           "bias, A and B stay as they are."),

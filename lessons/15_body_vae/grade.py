@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 import torch  # noqa: E402
 
-from lessons.grading import Check, main  # noqa: E402
+from lessons.grading import Check, assert_same_kind, main  # noqa: E402
 from minildm.adapters import body_vae as lib  # noqa: E402
 
 REFERENCE = {
@@ -28,8 +28,7 @@ REFERENCE = {
 
 
 def close(mine, ref, what: str, atol: float = 1e-6) -> None:
-    assert torch.is_tensor(mine), f"{what}: expected a tensor, got {type(mine).__name__}"
-    assert mine.shape == ref.shape, f"{what}: shape {tuple(mine.shape)}, expected {tuple(ref.shape)}"
+    assert_same_kind(mine, ref, what)
     err = (mine.double() - ref.double()).abs().max().item()
     assert torch.allclose(mine.double(), ref.double(), atol=atol, rtol=1e-5), f"{what}: max abs error {err:.3g}"
 
@@ -68,6 +67,16 @@ def check_normalised_batch(fn):
     vis[1] = True
     w = fn(kp, vis, 12, 16, 1.7)
     close(w, lib.gaussian_keypoint_weights(kp, vis, 12, 16, 1.7), "batch of 3 images")
+
+
+def check_far_keypoints_and_float64(fn):
+    """Keypoints so far outside the image that every Gaussian underflows to 0 (W_max = 0: all ones, no 0 / 0),
+    and float64 keypoints, whose dtype the weights keep."""
+    kp = torch.tensor([[[400.0, 5.0], [-300.0, 2.0]], [[4.0, 5.0], [500.0, 500.0]]])
+    vis = torch.ones(2, 2, dtype=torch.bool)
+    close(fn(kp, vis, 10, 12, 1.5), lib.gaussian_keypoint_weights(kp, vis, 10, 12, 1.5), "keypoints 300+ pixels away")
+    kp64 = kp.double()
+    close(fn(kp64, vis, 10, 12, 1.5), lib.gaussian_keypoint_weights(kp64, vis, 10, 12, 1.5), "float64 keypoints")
 
 
 # ---------------------------------------------------------------- weight_image
@@ -141,6 +150,12 @@ def check_kl_by_hand(fn):
     close(kl, torch.tensor([math.e - 1.0]), "mu = 1, logvar = 1 in 2 dims", atol=1e-6)
 
 
+def check_kl_float64(fn):
+    mu, logvar, _ = _gaussian(7, shape=(3, 5))
+    close(fn(mu.double(), logvar.double()), lib.kl_divergence(mu.double(), logvar.double()), "float64 latents",
+          atol=1e-9)
+
+
 def check_kl_clamped(fn):
     kl = fn(torch.zeros(2, 3), torch.tensor([[500.0, 0.0, 0.0], [-500.0, 0.0, 0.0]]))
     assert torch.isfinite(kl).all(), f"KL for logvar = +-500 is {kl.tolist()}"
@@ -158,6 +173,9 @@ CHECKS = [
     Check("gaussian_keypoint_weights", check_hidden_keypoints,
           "a hidden keypoint contributes nothing (its bump is zero everywhere); with nothing visible the "
           "weights are all ones."),
+    Check("gaussian_keypoint_weights", check_far_keypoints_and_float64,
+          "far-away keypoints underflow to W = 0 everywhere: eq. 13 would divide 0 by 0, so that image is all ones "
+          "like an image with nothing visible; keep the keypoints' dtype."),
     Check("gaussian_keypoint_weights", check_normalised_batch,
           "eq. 13 divides by the largest weight of EACH image, so every image peaks at 1 even when its "
           "keypoints sit between pixels or outside the image; work on any leading batch dims."),
@@ -180,6 +198,7 @@ CHECKS = [
           "KL = -1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2), summed over the LAST dim only."),
     Check("kl_divergence", check_kl_by_hand,
           "a KL is never negative: check the sign in front of the sum, and that sigma^2 = exp(logvar)."),
+    Check("kl_divergence", check_kl_float64, "compute in the dtype you are given (float64 latents stay float64)."),
     Check("kl_divergence", check_kl_clamped, "clamp logvar to LOGVAR_RANGE before exp()."),
 ]
 

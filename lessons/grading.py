@@ -213,6 +213,7 @@ class Recorder:
         return f"last call: {self.name}(" + ", ".join(parts) + ")"
 
 
+TYPE_WORDS = ("dtype", "expected a tensor", "expected a torch", "return LongTensors", "expected a bool tensor")
 DTYPE_WORDS = ("dtype", "expected scalar type", "did not match", "Float but found", "Long but found",
                "Double but found", "must have the same dtype")
 
@@ -247,7 +248,10 @@ def grade(checks: list[Check], namespace: Any, verbose: bool = False) -> dict[st
         except TypeMismatch as e:
             results[label] = (False, f"the values may be right, but the type is not: {e}{detail()}")
         except AssertionError as e:
-            results[label] = (False, f"{check.hint}" + (f" ({e})" if str(e) and verbose else "") + detail())
+            if any(word in str(e) for word in TYPE_WORDS):  # a check's own type or dtype assertion
+                results[label] = (False, f"the values may be right, but the type is not: {e}{detail()}")
+            else:
+                results[label] = (False, f"{check.hint}" + (f" ({e})" if str(e) and verbose else "") + detail())
         except Exception as e:  # a crash is a failure too, with the error to help
             if any(word in str(e) for word in DTYPE_WORDS):
                 results[label] = (False, f"raised {type(e).__name__}: {e}. Hint: check the dtype of what you "

@@ -243,3 +243,42 @@ def test_is_stub_only_for_an_untouched_todo():
     assert is_stub(stubs("07_ddpm_forward").beta_schedule)
     assert not is_stub(finished_but_refuses_some_input)
     assert is_stub(stubs("13_lora").LoRALinear)
+
+
+# ---------------------------------------------------------------- more, found in the audit of the remaining lessons
+def training_step_without_mask(model, images, captions, p_uncond=0.1, generator=None):
+    """The prompt's padding mask is not passed on: the UNet attends to <pad> tokens."""
+    from minildm.diffusion.ddpm import diffusion_loss
+    from minildm.diffusion.guidance import drop_tokens
+
+    with torch.no_grad():
+        z0 = model.autoencoder.encode(images) * model.autoencoder.scale_factor
+    tokens = drop_tokens(model.tokenizer.encode(captions), model.tokenizer.encode([""]), p_uncond, generator)
+    context, _ = model.text_encoder(tokens)
+    t = torch.randint(0, model.schedule.num_timesteps, (len(captions),), generator=generator)
+    eps = torch.randn(z0.shape, generator=generator)
+    return diffusion_loss(lambda z_t, t_: model.unet(z_t, t_, context, None), model.schedule, z0, t=t, eps=eps)
+
+
+def ddim_step_float64(schedule, x_t, eps, t, t_prev, eta=0.0, noise=None):
+    from minildm.diffusion.ddim import ddim_step
+
+    x_prev, x0 = ddim_step(schedule, x_t.double(), eps.double(), t, t_prev, eta,
+                           None if noise is None else noise.double())
+    return x_prev, x0  # float64 for float32 latents
+
+
+MORE_WRONG = [
+    ("10_latent_diffusion", "training_step", training_step_without_mask),
+    ("11_ddim", "ddim_step", ddim_step_float64),
+]
+
+
+@pytest.mark.parametrize("name, exercise, wrong", MORE_WRONG, ids=[w.__name__ for _, _, w in MORE_WRONG])
+def test_more_audited_wrong_versions_fail(name, exercise, wrong):
+    assert failed(name, only=exercise, **{exercise: wrong}), f"{wrong.__name__} passes every check of {exercise}"
+
+
+def test_a_dtype_assertion_of_a_check_gets_the_type_hint():
+    messages = _messages("11_ddim", "ddim_step", ddim_step_float64)
+    assert messages and all("type is not" in m and "float64" in m for m in messages), messages

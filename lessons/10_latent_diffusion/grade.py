@@ -7,6 +7,7 @@ training_step function): drop_tokens, the prompt encoder, t and eps, diffusion_l
 """
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -52,7 +53,8 @@ class Spy(nn.Module):
         self.inner, self.calls = inner, []
 
     def forward(self, *args, **kwargs):
-        self.calls.append([a.detach().clone() if torch.is_tensor(a) else a for a in args])
+        bound = inspect.signature(self.inner.forward).bind(*args, **kwargs)  # positional or by keyword alike
+        self.calls.append([a.detach().clone() if torch.is_tensor(a) else a for a in bound.arguments.values()])
         return self.inner(*args, **kwargs)
 
 
@@ -101,6 +103,10 @@ def check_latents(fn):
     with torch.no_grad():
         z0 = model.autoencoder.encode(images) * SCALE
     assert z_t.shape == z0.shape, f"the UNet got {tuple(z_t.shape)}, expected latents {tuple(z0.shape)}"
+    mask = model.unet.calls[0][3] if len(model.unet.calls[0]) > 3 else None
+    expected_mask = model.tokenizer.encode(captions) != 0
+    assert mask is not None and torch.equal(mask, expected_mask), (
+        "the UNet must get the prompt encoder's padding mask with the context, so that no pixel attends to <pad>")
     s = model.schedule
     eps = (z_t - gather_at(s.sqrt_alphas_cumprod, t, z_t) * z0) / gather_at(s.sqrt_one_minus_alphas_cumprod, t, z_t)
     assert abs(eps.mean().item()) < 0.1 and abs(eps.std().item() - 1) < 0.1, (
@@ -141,7 +147,8 @@ CHECKS = [
           "(Property 1), regress the noise."),
     Check("training_step", check_latents,
           "the UNet must see z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps with z_0 = scale_factor * E(x): the "
-          "diffusion model lives in the scaled latent space, t in 0..T-1."),
+          "diffusion model lives in the scaled latent space, t in 0..T-1; it also gets the context AND its "
+          "padding mask from the prompt encoder."),
     Check("training_step", check_prompt_dropping,
           "classifier-free guidance training: each whole caption becomes the empty prompt with probability "
           "p_uncond (one coin per caption, kept when the coin is not below p)."),

@@ -1,8 +1,8 @@
 """Presets: every number that decides a run, as plain dataclasses you can read top to bottom.
 
     tiny  32x32 shapes, VQ f = 4 (8x8x4 latents), a small UNet: `python train.py` on 2 CPU cores in minutes
-    3090  256x256 captioned folders (Flickr8k), VQ f = 8 with 8192 codes (32x32x4 latents, as the seed-000
-          project), a larger UNet for one 24 GB GPU
+    3090  256x256 captioned folders (Flickr8k), VQ f = 8 with 8192 codes (32x32x4 latents, as the LDM of the
+          Flickr8k student report), a larger UNet for one 24 GB GPU
 
 Each model's own config lives beside the model (VQConfig in autoencoder/vqvae.py, UNetConfig in
 modules/unet.py, TextEncoderConfig in text/encoder.py); a preset only picks their values.
@@ -99,11 +99,11 @@ def rtx3090() -> Preset:
     Wall times are estimates, not measurements: FLOPs counted with torch.utils.flop_counter, run at an
     assumed 25 TFLOP/s sustained (about a third of the 3090's 71 TFLOP/s dense bf16 tensor-core peak).
       autoencoder  ~2.1 TFLOP per image per step (encoder 0.21 + decoder 0.46 forward, twice that backward,
-                   + the perceptual net): ~1 s per step at batch 12; 40k steps = 60 epochs (seed 000's
+                   + the perceptual net): ~1 s per step at batch 12; 40k steps = 60 epochs (the Flickr8k report's
                    count) ~ 11-12 h; the GAN joins at step 30k (VQGANLossConfig.f8_8192).
       ldm          ~83 GFLOP per latent per step (27.6 forward): ~0.2 s per step at batch 48; 100k steps
-                   ~ 600 epochs ~ 5-6 h (seed 000 stopped at 100 epochs, ~17k steps).
-    The UNet is seed 000's; the LDM step uses a third of the card, so --batch-size up to ~150 also fits.
+                   ~ 600 epochs ~ 5-6 h (the report stopped at 100 epochs, ~17k steps).
+    The UNet is the report's; the LDM step uses a third of the card, so --batch-size up to ~150 also fits.
     Its attention kernel is sdpa (flash / memory-efficient attention on CUDA): the naive kernel keeps every
     1024x1024 attention matrix of the 32x32 level for backward, 17.8 GiB of activations at batch 48
     instead of 5.4 GiB.
@@ -115,7 +115,7 @@ def rtx3090() -> Preset:
         vq_train=AutoencoderTrainConfig(steps=40_000, batch_size=12, lr=4.5e-6 * 12, disc_lr=4.5e-6 * 12, loss=VQGANLossConfig.f8_8192(),
                                         image_every=2000, save_every=2000, eval_images=64),
         text=TextEncoderConfig(vocab_size=0, max_len=40, dim=512, depth=6, heads=8, dim_head=64),
-        unet=replace(UNetConfig.seed000(in_channels=4, context_dim=512), kernel="sdpa"),
+        unet=replace(UNetConfig.flickr8k_report(in_channels=4, context_dim=512), kernel="sdpa"),
         ldm=LDMTrainConfig(steps=100_000, batch_size=48, lr=1e-4, warmup=1000, ema_decay=0.9999,
                            sample_every=5000, save_every=2000),
         schedule={"num_timesteps": 1000, "kind": "scaled_linear"},

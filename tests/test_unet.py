@@ -166,8 +166,8 @@ def test_kernels_and_checkpointing_give_same_result():
             torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_seed000_preset_levels():
-    cfg = UNetConfig.seed000()
+def test_flickr8k_report_unet_levels():
+    cfg = UNetConfig.flickr8k_report()
     assert [cfg.model_channels * m for m in cfg.channel_mult] == [64, 128, 256, 256]
     torch.manual_seed(0)
     model = UNet(cfg)

@@ -1,4 +1,4 @@
-"""Lesson 14: IP-Adapter, image prompts through decoupled cross-attention (seed 003).
+"""Lesson 14: IP-Adapter, image prompts through decoupled cross-attention (Ye et al. 2023, arXiv:2308.06721).
 
     python lessons/14_ip_adapter/lesson.py            (a few minutes on a CPU)
     python lessons/14_ip_adapter/lesson.py --quick    (seconds; a micro model, blurry samples)

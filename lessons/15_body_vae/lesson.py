@@ -1,4 +1,4 @@
-"""Lesson 15: BoLID's body VAE (seed 002). Gaussian keypoint weighting (eqs. 11-13) for several sigma and
+"""Lesson 15: BoLID's body VAE (Kazachkov & Filatov). Gaussian keypoint weighting (eqs. 11-13) for several sigma and
 alpha, one person in several views, and a short training of the body VAE whose latent c_body should
 separate people (PCA of the latents, coloured by identity).
 

@@ -160,5 +160,5 @@ for first, second in (("a red circle on the left", "a red circle on the right"),
         change = (h[0] - h[1]).norm(dim=-1) / h[0].norm(dim=-1)
         print(f"     {'causal (LLM)' if causal else 'bidirectional':<15}" + "".join(f"{v:8.2f}" for v in change.tolist()))
 print("   With the causal mask, every token before the changed word is identical for both prompts: 'red' cannot know\n"
-      "   whether a circle or a square follows, and only the last tokens have read the whole prompt (seed 004).")
+      "   whether a circle or a square follows, and only the last tokens have read the whole prompt (Ma et al. 2024, LI-DiT).")
 print(f"\ndone in {time.time() - START:.0f} s; figures in {OUT}")

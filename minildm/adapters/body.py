@@ -1,4 +1,5 @@
-"""BoLID's body-condition module (Zhang et al. 2024, BoLID, sec. 4.3) and its objective (eq. 14).
+"""BoLID's body-condition module (Kazachkov & Filatov, "BoLID: Body-Lightning ID Diffusion", sec. 4.3) and
+its objective (eq. 14).
 
 BoLID personalises a text-to-image model to a person's *body*. The body VAE (adapters/body_vae.py, eqs.
 11-13) reads a set of views of one person and returns c_body; this module turns c_body into body tokens

@@ -1,4 +1,5 @@
-"""BoLID's Body-ID encoder (Zhang et al. 2024, BoLID, eqs. 11-13): keypoint-weighted views -> a body VAE -> c_body.
+"""BoLID's Body-ID encoder (Kazachkov & Filatov, "BoLID: Body-Lightning ID Diffusion", eqs. 11-13):
+keypoint-weighted views -> a body VAE -> c_body.
 
 Each reference view is weighted by Gaussians around its 17 COCO keypoints so the body counts and the
 background fades (eqs. 11-13); a VAE reads the whole *set* of weighted views of one person and returns a

@@ -1,4 +1,4 @@
-"""IP-Adapter (Ye et al. 2023, seed 003): image prompts for a frozen text-to-image UNet.
+"""IP-Adapter (Ye et al. 2023, arXiv:2308.06721): image prompts for a frozen text-to-image UNet.
 
 An image prompt enters the UNet through its own keys and values, next to the text's, in every
 cross-attention layer ("decoupled cross-attention"):
@@ -17,7 +17,7 @@ concatenated AFTER the text tokens along the token axis, and each decoupled laye
 the known token counts. The UNet's signature does not change; the text mask still covers the text part
 only (the image branch has no mask: every image token is real).
 
-Extra streams (BoLID, seed 002: A(Q, K_t, V_t) + lambda_ref A(Q, K_ref, V_ref) + lambda_b A(Q, K_b, V_b)) are
+Extra streams (BoLID, Kazachkov & Filatov: A(Q, K_t, V_t) + lambda_ref A(Q, K_ref, V_ref) + lambda_b A(Q, K_b, V_b)) are
 configuration, not new code: `install_ip_adapter(unet, num_tokens=4, extra_streams={"body": 4})` gives
 each layer a second pair `to_k_body`, `to_v_body` with its own lambda, and the context becomes
 cat[text, ip tokens, body tokens] (streams in installation order).

@@ -89,7 +89,7 @@ class VQConfig:
 
     @classmethod
     def f8_8192(cls) -> "VQConfig":
-        """The 3090 preset: 256x256 images, f = 8 (32x32x4 latents), 8192 codes, as the seed-000 project.
+        """The 3090 preset: 256x256 images, f = 8 (32x32x4 latents), 8192 codes, as the Flickr8k student report's LDM.
 
         Widths follow LDM's VQ-f8 model (ch 128, mult 1,2,2,4, two ResBlocks per level), without its
         attention layer. Not tuned here: a starting point for VQGANLossConfig.f8_8192() on a GPU.

@@ -1,4 +1,4 @@
-"""Procedural people with COCO-17 keypoints and body-shape identities (data for BoLID, seed 002).
+"""Procedural people with COCO-17 keypoints and body-shape identities (data for BoLID, Kazachkov & Filatov).
 
 BoLID conditions a diffusion model on a person's *body*: a body VAE reads several views of one person,
 each weighted by Gaussians around its 17 COCO keypoints (eqs. 11-13), and learns a latent c_body for the

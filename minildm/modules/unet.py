@@ -115,10 +115,10 @@ class UNetConfig:
         return heads, dim_head
 
     @classmethod
-    def seed000(cls, in_channels: int = 4, context_dim: int = 256) -> "UNetConfig":
-        """The UNet of the seed-000 project: block channels 64,128,256,256, two layers per block,
-        cross-attention in the first two down and last two up blocks (= levels 0 and 1, the two highest
-        resolutions), plus the cross-attention middle block of that library's default. The report does not
+    def flickr8k_report(cls, in_channels: int = 4, context_dim: int = 256) -> "UNetConfig":
+        """The UNet of the Flickr8k student report's own diffusion model (a diffusers UNet2DConditionModel):
+        block channels 64,128,256,256, two layers per block, cross-attention in the first two down and last two
+        up blocks (= levels 0 and 1, the two highest resolutions), plus the cross-attention middle block of that library's default. The report does not
         give its cross-attention width; 256 is our choice."""
         return cls(
             in_channels=in_channels,

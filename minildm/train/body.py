@@ -1,4 +1,4 @@
-"""Stage "body": BoLID (Zhang et al. 2024) on procedural people, in four steps that each save a checkpoint.
+"""Stage "body": BoLID (Kazachkov & Filatov) on procedural people, in four steps that each save a checkpoint.
 
     (a) base       autoencoder.pt, ldm.pt   a text-to-image model of people from captions of the pose and, at
                                             random, the build and shirt ("a person with long legs in a red shirt

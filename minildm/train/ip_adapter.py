@@ -1,4 +1,4 @@
-"""Stage "ip-adapter": teach a frozen text-to-image run to follow image prompts (Ye et al. 2023, seed 003).
+"""Stage "ip-adapter": teach a frozen text-to-image run to follow image prompts (Ye et al. 2023, arXiv:2308.06721).
 
 Everything of the base run stays frozen (autoencoder, prompt encoder tau_theta, UNet eps_theta) and so does
 the CLIP that reads the image prompt. Only the image projection W_p (+ LayerNorm) and the new W'_k, W'_v of

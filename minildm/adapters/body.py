@@ -13,6 +13,8 @@ eq. 14, adds to L_diff the keypoint loss L_id, which reads the predicted image w
 (adapters/keypoint_regressor.py), and L_CLIP. At sampling time `load_body_prompter` installs a trained run's
 adapter and `BodyPrompter` turns views of a person into the extra tokens of `LatentDiffusion.generate`.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 from pathlib import Path

@@ -23,6 +23,8 @@ Conventions
   is a part the keypoint belongs to (a limb in front hides it), and (3) for keypoints on the head and torso
   surface (nose, eyes, ears, shoulders, hips), that surface faces the viewer: cos(azimuth + yaw) > -0.3.
 """
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass, field
 

@@ -387,7 +387,9 @@ class VQVAE(nn.Module):
     def compute_scale_factor(self, batches: Iterable[torch.Tensor]) -> float:
         """scale_factor = 1 / std(z) over all latents of `batches` (iterable of x [B, 3, H, W]); stored and returned.
 
-        LDM rescales latents so the diffusion model sees roughly unit variance: z_diffusion = z * scale_factor.
+        LDM rescales the latents of its KL autoencoders so the diffusion model sees roughly unit variance,
+        z_diffusion = z * scale_factor (0.18215 in SD v1); its VQ configs have no factor. Rescaling VQ latents
+        too is minildm's own choice: every preset then meets the unit variance the noise schedule assumes.
         """
         total, total_sq, n = 0.0, 0.0, 0
         for x in batches:

@@ -11,13 +11,13 @@ it attend to the prompt:
         x += FF(LN3 x)                                    GEGLU feed-forward
     out = phi + proj_out(rearrange(x, "b (h w) c -> b c h w"))    proj_out zero-initialised
 
-How this differs from the slide's table (LayerNorm, Reshape, T x [SelfAttention, MLP], CrossAttention,
-Conv1x1): the slide stacks T self-attention/MLP layers and then ONE cross-attention. Here, as in the LDM
-code, every block has its own cross-attention placed between self-attention and the MLP, so the prompt
-is consulted at every depth; each sublayer is pre-norm (its own LayerNorm) with a residual; the input
-norm is a GroupNorm over channels (the slide's LayerNorm) followed by a 1x1 conv from c to d * n_h; and
-the whole layer is residual around a zero-initialised proj_out, so a freshly built SpatialTransformer is
-exactly the identity and training starts from the plain convolutional UNet.
+The slide's table is the LDM paper's appendix table of this block (Rombach et al. 2022, arXiv:2112.10752):
+LayerNorm, Conv1x1 c -> d * n_h, Reshape, T x [SelfAttention, MLP, CrossAttention], Reshape, Conv1x1
+d * n_h -> c. How the LDM code, and so this file, differs from it: inside a block the cross-attention comes
+between self-attention and the MLP (the table lists it last); each sublayer is pre-norm (its own LayerNorm)
+with a residual; the input norm is a GroupNorm over channels (the table's LayerNorm); and the whole layer is
+residual around a zero-initialised proj_out, so a freshly built SpatialTransformer is exactly the identity
+and training starts from the plain convolutional UNet.
 """
 from __future__ import annotations
 

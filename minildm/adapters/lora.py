@@ -10,10 +10,12 @@ attention projections (to_q, to_k, to_v, to_out) by default, the layers Stable D
 rank is the caller's choice (the LoRA stage's recipe uses r = 8, train/lora.py).
 
 Three details that matter:
-- A starts Kaiming-uniform (like any nn.Linear) and B starts at zero, so B A = 0 and a fresh adapter
-  leaves the model's outputs exactly unchanged; training moves away from the pretrained model smoothly.
-- The factor alpha / r keeps the size of the update roughly independent of r, so a learning rate tuned
-  for one rank works for another (alpha defaults to r, i.e. factor 1).
+- A starts Kaiming-uniform (like any nn.Linear; the reference loralib and peft code do this, the paper says
+  "random Gaussian") and B starts at zero, so B A = 0 and a fresh adapter leaves the model's outputs exactly
+  unchanged; training moves away from the pretrained model smoothly.
+- The factor alpha / r: with alpha held fixed while r changes, it roughly cancels the growth of B A with r,
+  so a learning rate tuned at one rank works at another (Hu et al.). alpha defaults to r here (factor 1, the
+  diffusers default), which does not do that: lesson 13, section 3.
 - After training, B A can be folded into W (`merge`): inference then costs exactly as much as the base
   model. The runtime `strength` (sample.py --lora-strength) turns the effect up or down without retraining.
 

@@ -82,7 +82,7 @@ def start(lesson_file: str, title: str) -> tuple[Path, dict[str, Any]]:
 
 TINY_RUN = ROOT / "runs" / "tiny"  # what `python train.py` makes
 MICRO_RUN = ROOT / "lessons" / ".cache" / "micro"  # trained here in seconds when there is no TINY_RUN
-TRAIN_TIME = "about 8 minutes on 2 free CPU cores, 20-40 on a busy machine"  # README "Numbers" table
+TRAIN_TIME = "about 8 minutes on 2 free CPU cores, longer on a busy machine"  # the main README's table
 
 
 def model_label(run: Path) -> str:

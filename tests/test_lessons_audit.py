@@ -282,3 +282,16 @@ def test_more_audited_wrong_versions_fail(name, exercise, wrong):
 def test_a_dtype_assertion_of_a_check_gets_the_type_hint():
     messages = _messages("11_ddim", "ddim_step", ddim_step_float64)
     assert messages and all("type is not" in m and "float64" in m for m in messages), messages
+
+
+def clip_scale_as_float(image_emb, text_emb, logit_scale):
+    """exp(float(s)): right values, but CLIP's learnt temperature gets no gradient."""
+    image_emb, text_emb = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
+    logits = math.exp(float(logit_scale)) * image_emb @ text_emb.T
+    labels = torch.arange(len(logits))
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
+def test_a_gradient_the_function_must_pass_on():
+    assert failed("04_clip", only="clip_loss", clip_loss=clip_scale_as_float) == {"clip_loss #6"}

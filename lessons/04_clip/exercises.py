@@ -22,7 +22,7 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale) -> t
             logits_ij   = exp(s) * cos(image_i, caption_j)                         [B, B]
             L_img->txt  = mean_i of -log softmax over j of logits_ij, at j = i      (each image picks its caption)
             L_txt->img  = mean_j of -log softmax over i of logits_ij, at i = j      (each caption picks its image)
-    Gradients must flow to both embeddings.
+    Gradients must flow to both embeddings, and to logit_scale when it is a tensor (CLIP learns its temperature).
     """
     # TODO begin
     raise NotImplementedError

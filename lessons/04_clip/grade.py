@@ -71,6 +71,17 @@ def check_reference_and_gradients(fn):
     assert torch.allclose(images.grad, ref_i.grad, atol=1e-5) and torch.allclose(texts.grad, ref_t.grad, atol=1e-5)
 
 
+def check_temperature_gradient(fn):
+    """CLIP learns s: with a tensor logit_scale the loss must pass a gradient on to it (no float(), no .item())."""
+    images, texts = embeddings(batch=7, dim=6, seed=4)
+    s = torch.tensor(1.5, requires_grad=True)
+    fn(images, texts, s).backward()
+    s_ref = torch.tensor(1.5, requires_grad=True)
+    reference(images, texts, s_ref).backward()
+    assert s.grad is not None, "no gradient reached logit_scale"
+    assert torch.allclose(s.grad, s_ref.grad, atol=1e-5), f"d loss / d s = {s.grad.item():.5f}, expected {s_ref.grad.item():.5f}"
+
+
 CHECKS = [
     Check("clip_loss", check_chance_level,
           "when all logits are equal every softmax is uniform: the loss must be log(batch), a mean over pairs"),
@@ -82,6 +93,8 @@ CHECKS = [
     Check("clip_loss", check_cosine, "the logits are cosine similarities: normalise each embedding to unit length"),
     Check("clip_loss", check_reference_and_gradients,
           "compare with the formula in the docstring; keep everything differentiable (no .detach(), .item(), numpy)"),
+    Check("clip_loss", check_temperature_gradient,
+          "the temperature is learnt: compute exp(s) with torch on the tensor you are given, so the gradient reaches s"),
 ]
 
 if __name__ == "__main__":

@@ -93,6 +93,19 @@ def lesson12_guidance(pipe) -> str:
     return "\n".join(lines)
 
 
+def autoencoder(pipe) -> str:
+    """The first stage on held-back shapes, as `python train.py` prints it at the end of the autoencoder stage."""
+    from minildm.config import tiny
+    from minildm.train.autoencoder import evaluate_autoencoder, held_back_shapes
+
+    preset = tiny()
+    images = held_back_shapes(preset, preset.vq_train.eval_images)
+    summary = evaluate_autoencoder(pipe.autoencoder, images)
+    return (f"Autoencoder on {len(images)} held-back shapes: PSNR "
+            f"{summary['psnr']:.1f} dB, {summary['codes_used']}/{preset.vq.num_codes} codes in use, perplexity "
+            f"{summary['perplexity']:.0f}, latent scale factor {float(pipe.autoencoder.scale_factor):.2f}.")
+
+
 def evaluation(pipe) -> str:
     """`python -m minildm.evaluate --run runs/tiny --n 4`'s table (DDIM 50, guidance 3, 360 images)."""
     from minildm.evaluate import evaluation_report, format_evaluation, load_judges, real_reference
@@ -103,7 +116,32 @@ def evaluation(pipe) -> str:
     return format_evaluation(columns)
 
 
-MEASUREMENTS = {f.__name__: f for f in (lesson09_attention, lesson11_ddim, lesson12_guidance, evaluation)}
+def lesson16_broken(pipe) -> str:
+    """Lesson 16 part 2: the evaluation table at 1 sample per prompt for a healthy and two broken samplers (the
+    same calls as lessons/16_beyond/lesson.py)."""
+    from minildm.evaluate import evaluation_report, format_evaluation, load_judges, real_reference
+
+    feature_net, clip = load_judges(pipe.run, progress=False)
+    configs = {"s = 3, DDIM 50": dict(steps=50, guidance=3.0), "broken: s = 0, DDIM 50": dict(steps=50, guidance=0.0),
+               "broken: s = 3, DDIM 2": dict(steps=2, guidance=3.0)}
+    columns = {"real shapes": real_reference(feature_net, clip, n=1)}
+    for name, kwargs in configs.items():
+        columns[name] = evaluation_report(pipe, feature_net, clip, n=1, progress=False, **kwargs)
+    return format_evaluation(columns)
+
+
+def diagnostics(pipe) -> str:
+    """`python -m minildm.diagnostics --run runs/tiny` (and lesson 16 part 3): the four diagnostics' numbers."""
+    import tempfile
+
+    from minildm.diagnostics import format_diagnostics, run_all
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return "```\n" + format_diagnostics(run_all(pipe, tmp)).rstrip() + "\n```"
+
+
+MEASUREMENTS = {f.__name__: f for f in (autoencoder, evaluation, lesson09_attention, lesson11_ddim,
+                                         lesson12_guidance, lesson16_broken, diagnostics)}
 
 
 def commit() -> str:

@@ -155,9 +155,15 @@ def commit() -> str:
 
 
 def provenance(name: str, run: Path) -> str:
-    """The first lines of every results file: the command, the model, the recipe and the code it came from."""
-    return (f"Measured by `python bench/lesson_numbers.py {name}` on `{run.relative_to(ROOT) if run.is_relative_to(ROOT) else run}` "
-            f"(`python train.py`, tiny preset {recipe_fingerprint()}; code at commit {commit()}).")
+    """The first line of every results file: the command, the model (its preset and recipe, its training steps)
+    and the code it came from. Only a run of today's tiny recipe gets "tiny preset <fingerprint>", which the
+    test requires."""
+    state = torch.load(run / "ldm.pt", map_location="cpu", weights_only=True)
+    preset = state.get("preset", "?")
+    recipe = f"tiny preset {recipe_fingerprint()}" if preset == "tiny" else f"preset {preset}, not the tiny recipe"
+    where = run.relative_to(ROOT) if run.is_relative_to(ROOT) else run
+    return (f"Measured by `python bench/lesson_numbers.py {name}` on `{where}` ({recipe}, LDM trained "
+            f"{state.get('step', '?')} steps; code at commit {commit()}).")
 
 
 def measure(names: list[str], run: Path) -> None:
@@ -185,8 +191,14 @@ def fill_readmes() -> list[Path]:
     changed = []
     for path in readme_files():
         text = path.read_text()
-        new = BLOCK.sub(lambda m: f"<!-- numbers: {m[1]} -->\n{(RESULTS / f'{m[1]}.md').read_text()}<!-- /numbers -->",
-                        text)
+        def filled(m):
+            result = RESULTS / f"{m[1]}.md"
+            if not result.is_file():
+                print(f"{path.relative_to(ROOT)}: no {result.relative_to(ROOT)} yet (measure {m[1]}); block left as it is")
+                return m[0]
+            return f"<!-- numbers: {m[1]} -->\n{result.read_text()}<!-- /numbers -->"
+
+        new = BLOCK.sub(filled, text)
         if new != text:
             path.write_text(new)
             changed.append(path)

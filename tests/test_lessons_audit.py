@@ -295,3 +295,41 @@ def clip_scale_as_float(image_emb, text_emb, logit_scale):
 @pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 def test_a_gradient_the_function_must_pass_on():
     assert failed("04_clip", only="clip_loss", clip_loss=clip_scale_as_float) == {"clip_loss #6"}
+
+
+def straight_through_overwrites_z_e(z_e, z_q):
+    """Copy z_q's values into z_e (gradient still the identity to z_e): the caller's encoder output is lost."""
+    z_e.data.copy_(z_q.data)
+    return z_e
+
+
+def embedding_float64(t, dim, max_period=10000.0):
+    from minildm.modules.unet import timestep_embedding
+
+    return timestep_embedding(t, dim, max_period).double()
+
+
+def decoupled_zeroes_padding_in_place(x, text, text_mask, image_tokens, w, heads, ip_lambda):
+    """'Zero the padded text tokens' on the caller's tensor, instead of masking them."""
+    import importlib.util
+
+    from lessons.grading import ROOT
+
+    if text_mask is not None:
+        text.masked_fill_(~text_mask[..., None], 0.0)
+    spec = importlib.util.spec_from_file_location("grade14", ROOT / "lessons" / "14_ip_adapter" / "grade.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.reference(x, text, None, image_tokens, w, heads, ip_lambda)
+
+
+LAST_WRONG = [
+    ("03_image_tokens", "straight_through", straight_through_overwrites_z_e),
+    ("09_unet_cross_attention", "timestep_embedding", embedding_float64),
+    ("14_ip_adapter", "decoupled_cross_attention", decoupled_zeroes_padding_in_place),
+]
+
+
+@pytest.mark.parametrize("name, exercise, wrong", LAST_WRONG, ids=[w.__name__ for _, _, w in LAST_WRONG])
+def test_last_audited_wrong_versions_fail(name, exercise, wrong):
+    assert failed(name, only=exercise, **{exercise: wrong}), f"{wrong.__name__} passes every check of {exercise}"

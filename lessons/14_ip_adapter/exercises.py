@@ -17,7 +17,7 @@ from einops import rearrange  # noqa: F401  ("b m (h d) -> b h m d" splits the h
 
 def decoupled_cross_attention(x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None,
                               image_tokens: torch.Tensor, w: dict, heads: int, ip_lambda: float) -> torch.Tensor:
-    """One cross-attention layer of a UNet with an IP-Adapter (Ye et al. 2023, eq. 5):
+    """One cross-attention layer of a UNet with an IP-Adapter (Ye et al. 2023: eq. 5, with lambda as in eq. 8):
 
         Z = softmax(Q K^T / sqrt(d)) V  +  lambda * softmax(Q K'^T / sqrt(d)) V'
         out = Z W_O + b_O

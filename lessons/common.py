@@ -71,38 +71,45 @@ def exercise_functions(lesson_file: str) -> dict[str, Any]:
     return fns
 
 
-def start(lesson_file: str, title: str) -> tuple[Path, dict[str, Any]]:
-    """Where a lesson's main() begins: a fixed seed, its title, then (its out/ folder, its exercise functions)."""
+def start(lesson_file: str, title: str, trained_model: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Where a lesson's main() begins: a fixed seed, its title, which trained model it will look at (when it
+    needs one: said before anything else runs), then (its out/ folder, its exercise functions)."""
     import torch
 
     torch.manual_seed(0)
     print(title + (" (quick mode)" if QUICK else ""))
+    if trained_model:
+        trained_run()
     return out_dir(lesson_file), exercise_functions(lesson_file)
 
 
 TINY_RUN = ROOT / "runs" / "tiny"  # what `python train.py` makes
 MICRO_RUN = ROOT / "lessons" / ".cache" / "micro"  # trained here in seconds when there is no TINY_RUN
+_announced = False  # trained_run() says which model once
 TRAIN_TIME = "about 8 minutes on 2 free CPU cores, longer on a busy machine"  # the main README's table
 
 
 def model_label(run: Path) -> str:
-    """What drew a figure, for its title: "runs/tiny" or "micro model (quick mode)" / "micro model (no runs/tiny)"."""
+    """What drew a figure, for its title: "runs/tiny", "micro model, quick mode" or "micro model, no runs/tiny yet"."""
     if run == TINY_RUN:
         return "runs/tiny"
-    return "micro model (quick mode)" if QUICK else "micro model (no runs/tiny yet)"
+    return "micro model, quick mode" if QUICK else "micro model, no runs/tiny yet"
 
 
 def trained_run() -> Path:
     """The run folder of a trained LatentDiffusion to look at: runs/tiny when `python train.py` has made it;
     otherwise (or in quick mode) a micro model trained here in seconds into lessons/.cache/micro (blurry).
-    Says in one sentence which one it is, and what to run when it is the micro model."""
+    Says in one sentence (once per lesson) which one it is, and what to run when it is the micro model."""
+    global _announced
+    announce, _announced = not _announced, True
     if not QUICK and (TINY_RUN / "ldm.pt").is_file():
-        print(f"  using the trained model in {TINY_RUN.relative_to(ROOT)} (figures say \"runs/tiny\")")
+        if announce:
+            print(f"  using the trained model in {TINY_RUN.relative_to(ROOT)} (figures say \"runs/tiny\")")
         return TINY_RUN
-    if QUICK:
+    if announce and QUICK:
         print("  quick mode: a micro model trained in seconds draws the figures; its samples are blobs that "
               "show none of the effects the README describes (those need runs/tiny, run without --quick)")
-    else:
+    elif announce:
         print(f"  this lesson needs a trained model and there is no {TINY_RUN.relative_to(ROOT)} yet: run "
               f"`python train.py` first ({TRAIN_TIME}), then this lesson again. Until then a micro model "
               "trained in seconds draws the figures: blobs, labelled \"micro model\".")

@@ -83,7 +83,7 @@ def plot_posterior(betas: torch.Tensor, coef_x0: torch.Tensor, coef_xt: torch.Te
 
 
 def main() -> None:
-    out, fns = common.start(__file__, "lesson 07: the forward process")
+    out, fns = common.start(__file__, "lesson 07: the forward process", trained_model=True)
 
     betas = {kind: fns["beta_schedule"](kind, T) for kind in KINDS}
     abar = {kind: fns["alphas_cumprod"](betas[kind]) for kind in KINDS}

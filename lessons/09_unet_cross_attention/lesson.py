@@ -71,14 +71,15 @@ def plot_maps(images: torch.Tensor, maps: torch.Tensor, words: list[list[str]], 
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(f"cross-attention weight of each pixel (finest attended level, last step) on each prompt token ({label})",
-                 fontsize=9)
+    fig.suptitle(f"cross-attention weight of each pixel (finest attended level, last step) on each prompt token "
+                 f"({label})", fontsize=9)
     fig.tight_layout()
     common.save_figure(fig, out / "cross_attention_maps.png")
 
 
 def main() -> None:
-    out, fns = common.start(__file__, "lesson 09: the UNet's timestep embedding and cross-attention")
+    out, fns = common.start(__file__, "lesson 09: the UNet's timestep embedding and cross-attention",
+                            trained_model=True)
 
     plot_embedding(fns["timestep_embedding"](torch.arange(1000), 64), out)
     pipe = common.trained_pipeline()

@@ -159,7 +159,7 @@ def plot_trajectory(pipe: LatentDiffusion, out: Path) -> None:
 
 
 def main() -> None:
-    out, fns = common.start(__file__, "lesson 10: latent diffusion")
+    out, fns = common.start(__file__, "lesson 10: latent diffusion", trained_model=True)
     training_step = fns["training_step"]
     pipe = common.trained_pipeline()
     explain_step(pipe, out)

@@ -126,7 +126,7 @@ def plot_pitfall(fns, T: int, out: Path) -> None:
 
 
 def main() -> None:
-    out, fns = common.start(__file__, "lesson 11: DDIM")
+    out, fns = common.start(__file__, "lesson 11: DDIM", trained_model=True)
     pipe = common.trained_pipeline()
     T = pipe.schedule.num_timesteps
 

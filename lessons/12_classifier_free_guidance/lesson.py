@@ -115,7 +115,7 @@ def plot_sweep(grids: dict, accuracy: dict, out: Path, label: str) -> None:
 
 
 def main() -> None:
-    out, fns = common.start(__file__, "lesson 12: classifier-free guidance")
+    out, fns = common.start(__file__, "lesson 12: classifier-free guidance", trained_model=True)
     pipe = common.trained_pipeline()
     show_dropping(pipe, fns["drop_prompt"])
     print_conventions()

@@ -140,7 +140,8 @@ def sweep_figures(rows: list[dict], logs: dict, out: Path) -> None:
 
 
 def main() -> None:
-    out, fns = common.start(__file__, "lesson 13: LoRA")  # your LoRALinear class and merge, or the library's
+    # your LoRALinear class and merge, or the library's
+    out, fns = common.start(__file__, "lesson 13: LoRA", trained_model=True)
     lora_cls, merge = fns["LoRALinear"], fns["merge"]
     base = common.trained_pipeline()
 

@@ -22,6 +22,7 @@ a learner who runs the lesson on their own `python train.py` model sees these nu
 from __future__ import annotations
 
 import argparse
+import os
 import hashlib
 import re
 import subprocess
@@ -215,7 +216,7 @@ def main() -> int:
     if unknown:
         p.error(f"unknown measurement {', '.join(unknown)}: choose from {', '.join(MEASUREMENTS)}.")
     if not args.readmes:
-        run = Path(args.run).resolve()
+        run = Path(os.path.abspath(args.run))  # not resolve(): a symlinked runs/ still reads "runs/tiny"
         if not (run / "ldm.pt").is_file():
             print(f"error: no trained model in {run}: run `python train.py` first.", file=sys.stderr)
             return 2

@@ -57,7 +57,8 @@ def _lesson(name: str):
 def lesson09_attention(pipe) -> str:
     """Lesson 09: how the pixels' cross-attention splits over each prompt's tokens (finest level, last step)."""
     lesson, _ = _lesson("09_unet_cross_attention")
-    _, extras = pipe.generate(lesson.PROMPTS, steps=lesson.STEPS, guidance=3.0, seed=0, return_attention=True)
+    _, extras = pipe.generate(lesson.PROMPTS, steps=lesson.STEPS, guidance_scale=3.0, seed=0,
+                              return_attention=True)
     tokens = pipe.tokenizer.encode(lesson.PROMPTS)
     lines = ["| prompt | mean attention weight per token |", "|---|---|"]
     for prompt, row, ids in zip(lesson.PROMPTS, extras["attention"], tokens):
@@ -123,8 +124,9 @@ def lesson16_broken(pipe) -> str:
     from minildm.evaluate import evaluation_report, format_evaluation, load_judges, real_reference
 
     feature_net, clip = load_judges(pipe.run, progress=False)
-    configs = {"s = 3, DDIM 50": dict(steps=50, guidance=3.0), "broken: s = 0, DDIM 50": dict(steps=50, guidance=0.0),
-               "broken: s = 3, DDIM 2": dict(steps=2, guidance=3.0)}
+    configs = {"s = 3, DDIM 50": dict(steps=50, guidance_scale=3.0),
+               "broken: s = 0, DDIM 50": dict(steps=50, guidance_scale=0.0),
+               "broken: s = 3, DDIM 2": dict(steps=2, guidance_scale=3.0)}
     columns = {"real shapes": real_reference(feature_net, clip, n=1)}
     for name, kwargs in configs.items():
         columns[name] = evaluation_report(pipe, feature_net, clip, n=1, progress=False, **kwargs)

@@ -85,10 +85,10 @@ def merge_into_bias_too(layer):
     ({"LoRALinear": RankOverAlpha}, {"LoRALinear #2"}),
     ({"LoRALinear": NoRuntimeStrength}, {"LoRALinear #2"}),
     ({"LoRALinear": BaseNotFrozen}, {"LoRALinear #3"}),
-    ({"merge": merge_without_factor}, {"merge #1"}),
+    ({"merge": merge_without_factor}, {"merge #1", "merge #3"}),
     ({"merge": merge_without_runtime_strength}, {"merge #1"}),
-    ({"merge": merge_without_flag}, {"merge #1"}),
-    ({"merge": merge_into_bias_too}, {"merge #1", "merge #2"}),
+    ({"merge": merge_without_flag}, {"merge #1", "merge #3"}),
+    ({"merge": merge_into_bias_too}, {"merge #1", "merge #2", "merge #3"}),
 ])
 def test_wrong_versions_fail_their_check(wrong, failing):
     assert failed("13_lora", **wrong) == failing

@@ -129,11 +129,11 @@ CHECKS = [
     Check("merge", check_merge_equals_unmerged,
           "after merging, W' x must equal W x + (alpha / r) * strength * B A x: fold the whole factor into W, "
           "and mark the layer merged."),
-    Check("merge", check_merge_fractional_ratio, "Delta W = (alpha / r) * scale * B A with a true division: "
-          "alpha / r need not be a whole number."),
     Check("merge", check_merge_touches_only_the_weight,
           "merging changes W only: Delta W = (alpha / r) * strength * B A has W's shape [d_out, d_in]; "
           "bias, A and B stay as they are."),
+    Check("merge", check_merge_fractional_ratio, "Delta W = (alpha / r) * strength * B A with a true division: "
+          "alpha / r need not be a whole number."),
 ]
 
 if __name__ == "__main__":

@@ -88,8 +88,8 @@ def lesson12_guidance(pipe) -> str:
     """Lesson 12: prompt accuracy and pixel saturation over the guidance scale s."""
     lesson, fns = _lesson("12_classifier_free_guidance")
     _, accuracy, saturation = lesson.sweep(pipe, fns["guided_eps"])
-    lines = [f"| {len(lesson.PROMPTS)} seen prompts, DDIM {lesson.STEPS} | " + " | ".join(f"s = {s:g}" for s in accuracy)
-             + " |", "|---|" + "---|" * len(accuracy),
+    head = " | ".join(f"s = {s:g}" for s in accuracy)
+    lines = [f"| {len(lesson.PROMPTS)} seen prompts, DDIM {lesson.STEPS} | {head} |", "|---|" + "---|" * len(accuracy),
              "| prompt accuracy | " + " | ".join(f"{a:.2f}" for a in accuracy.values()) + " |",
              "| mean pixel saturation | " + " | ".join(f"{v:.3f}" for v in saturation.values()) + " |"]
     return "\n".join(lines)
@@ -197,7 +197,8 @@ def fill_readmes() -> list[Path]:
         def filled(m):
             result = RESULTS / f"{m[1]}.md"
             if not result.is_file():
-                print(f"{path.relative_to(ROOT)}: no {result.relative_to(ROOT)} yet (measure {m[1]}); block left as it is")
+                print(f"{path.relative_to(ROOT)}: no {result.relative_to(ROOT)} yet (measure {m[1]}); "
+                      "block left as it is")
                 return m[0]
             return f"<!-- numbers: {m[1]} -->\n{result.read_text()}<!-- /numbers -->"
 

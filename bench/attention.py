@@ -11,7 +11,6 @@ only a q_chunk x k_chunk block per head).
 from __future__ import annotations
 
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from machine import commit, machine  # noqa: E402  (bench/machine.py)
 CHILD = r"""
 import json, resource, sys, time, torch
 sys.path.insert(0, {root!r})
@@ -57,9 +58,9 @@ def main() -> None:
         rows.append(f"| {n} | " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
     table = "\n".join([
-        f"Attention kernels, self-attention, batch 1, 4 heads x 32 dims, fp32, forward; time (best of runs) / "
-        f"peak extra memory. Machine: {platform.processor() or platform.machine()}, {threads} torch threads, "
-        f"torch {torch.__version__}.",
+        f"`python bench/attention.py` at commit {commit()}. Self-attention, batch 1, 4 heads x 32 dims, fp32, "
+        f"forward; time (best of runs) / peak memory above a 64-token warm-up call. Chunked: 512 x 1024 blocks. "
+        f"Machine: {machine()}.",
         "",
         "| tokens | naive | chunked (online softmax) | SDPA |",
         "|---|---|---|---|",

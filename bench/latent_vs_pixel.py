@@ -7,8 +7,8 @@ measured in one process one after the other (median of the timed steps after two
 """
 from __future__ import annotations
 
-import platform
 import statistics
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +21,8 @@ from minildm.diffusion.schedule import NoiseSchedule
 from minildm.modules.unet import UNet
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from machine import commit, machine  # noqa: E402  (bench/machine.py)
 
 
 def step_time(channels: int, side: int, batch: int = 64, steps: int = 8) -> tuple[float, int]:
@@ -47,8 +49,8 @@ def main() -> None:
     pixel, n_params = step_time(3, 32)
     latent, _ = step_time(4, 8)
     table = "\n".join([
-        f"Training step time, tiny-preset UNet ({n_params / 1e6:.2f}M parameters), batch 64. Machine: "
-        f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}.",
+        f"`python bench/latent_vs_pixel.py` at commit {commit()}. Training step time, tiny-preset UNet "
+        f"({n_params / 1e6:.2f}M parameters), batch 64. Machine: {machine()}.",
         "",
         "| diffusion in | tensor | time per step | relative |",
         "|---|---|---|---|",

@@ -1,6 +1,7 @@
-"""The machine line of every benchmark table: CPU model, cores, torch threads, load, torch version."""
+"""The machine line of every benchmark table: CPU model, cores, torch threads, load, torch version, commit."""
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 import torch
@@ -21,3 +22,12 @@ def machine() -> str:
     """'<cpu>, N cores visible (shared with other jobs), T torch thread(s), load average L at the end, torch V'."""
     return (f"{cpu_name()}, {os.cpu_count()} cores visible (shared with other jobs), {torch.get_num_threads()} torch "
             f"thread(s), load average {os.getloadavg()[0]:.1f} at the end, torch {torch.__version__}")
+
+
+def commit() -> str:
+    """The short hash of the checked-out commit ('+ changes' when the tree differs from it)."""
+    root = Path(__file__).resolve().parent.parent
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + (" + changes" if git("status", "--porcelain", "--untracked-files=no") else "")

@@ -13,9 +13,8 @@ kernel of ours. Then torch.profiler's table of where our step spends its time (t
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +25,8 @@ from minildm.config import tiny
 from minildm.modules.unet import UNet, UNetConfig
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from machine import commit, machine  # noqa: E402  (bench/machine.py)
 
 
 def reference_unet(cfg: UNetConfig):
@@ -104,16 +105,13 @@ def main() -> None:
             steps["ours (sdpa)"]()
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
     rows = [f"| {name} | {med[name] * 1000:.0f} ms | {spread[name][0] * 1000:.0f}-{spread[name][1] * 1000:.0f} ms | "
             f"{med[name] / med['diffusers']:.2f} |" for name in steps]
     text = "\n".join([
         "# Our UNet against diffusers' UNet2DConditionModel, same configuration",
         "",
         f"`python bench/unet_reference.py --threads {args.threads} --rounds {args.rounds} --batch {args.batch}` "
-        f"at commit {commit}; {platform.machine()} ({platform.processor() or 'cpu'}), {args.threads} torch "
-        f"threads, torch {torch.__version__}, diffusers {diffusers.__version__}.",
+        f"at commit {commit()}; {machine()}; diffusers {diffusers.__version__}.",
         "",
         f"Tiny preset UNet ({counts['naive']:,} parameters in both), forward + backward of an MSE loss, batch "
         f"{args.batch}, 8x8x4 latents, 12 context tokens of width {cfg.context_dim}; the models take turns "

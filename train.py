@@ -21,6 +21,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage", default="all", help=f"one of {', '.join(STAGES)} (all = autoencoder then ldm)")
     p.add_argument("--preset", default="tiny", help="tiny (32x32 shapes, CPU minutes) or 3090 (256x256 folders)")
     p.add_argument("--data", default="shapes", help="shapes (generated, the default) or a folder of captioned images")
+    p.add_argument("--autoencoder", default="vq", choices=("vq", "kl"),
+                   help="(autoencoder, all) the first stage to train: vq (the VQ-VAE, default) or kl (LDM / SD's "
+                   "KL-regularised autoencoder at the same widths); later stages use whichever the run holds")
     p.add_argument("--steps", type=int, default=None, help="training steps of the stage (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -47,6 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--steps must be a positive number of steps, got {args.steps}.")
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch-size must be positive, got {args.batch_size}.")
+    if args.autoencoder == "kl" and args.dry_run:
+        p.error("--dry-run sizes the VQ-VAE stage only: drop --autoencoder kl.")
+    if args.autoencoder == "kl" and args.stage not in ("all", "autoencoder"):
+        p.error(f"--autoencoder kl picks what the autoencoder stage trains; --stage {args.stage} uses the run's "
+                "autoencoder.pt, whichever kind it holds: drop --autoencoder.")
     return args
 
 
@@ -55,7 +63,7 @@ def main(argv=None) -> int:
     import torch
 
     from minildm.checkpoint import CheckpointError
-    from minildm.config import get_preset, describe_preset
+    from minildm.config import get_preset, describe_preset, with_kl_autoencoder
     from minildm.train import distributed
     from minildm.device import pick_device
     from minildm.train.common import resolve_precision
@@ -68,6 +76,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.autoencoder == "kl":
+        preset = with_kl_autoencoder(preset)
     if args.grad_checkpoint:
         preset.unet = replace(preset.unet, use_checkpoint=True)
     if args.dry_run:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from minildm.autoencoder.kl import KLConfig
 from minildm.autoencoder.losses import VQGANLossConfig
 from minildm.autoencoder.vqvae import VQConfig
 from minildm.modules.unet import UNetConfig
@@ -62,6 +63,7 @@ class Preset:
     unet: UNetConfig
     ldm: LDMTrainConfig
     schedule: dict = field(default_factory=lambda: {"num_timesteps": 1000, "kind": "linear"})
+    kl: KLConfig | None = None  # set: the first stage is the KL autoencoder (LDM / SD's), trained by vq_train; None: `vq`
 
 
 def tiny() -> Preset:
@@ -133,6 +135,16 @@ def micro() -> Preset:
     p.text = replace(p.text, dim=32, depth=1, heads=2, dim_head=16)
     p.ldm = replace(p.ldm, steps=20, batch_size=16, cache_size=256, sample_every=0, save_every=0, warmup=2)
     return p
+
+
+def with_kl_autoencoder(preset: Preset) -> Preset:
+    """The preset with a KL-regularised first stage of its VQ-VAE's widths, f and latent channels (the same
+    training recipe, L1 (+ perceptual, GAN) + w_kl KL in place of the VQ loss): `train.py --autoencoder kl`."""
+    vq = preset.vq
+    kl = KLConfig(in_channels=vq.in_channels, channels=vq.channels, channel_mult=vq.channel_mult,
+                  num_res_blocks=vq.num_res_blocks, z_channels=vq.z_channels, norm_groups=vq.norm_groups,
+                  scale_factor=1.0)  # measured as 1 / std(z) after training
+    return replace(preset, kl=kl)
 
 
 def get_preset(name: str) -> Preset:

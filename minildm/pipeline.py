@@ -2,7 +2,8 @@
 
     prompts --Tokenizer--> tokens --tau_theta--> context [B, L, d]
     z_T ~ N(0, I) [B, c, h, w] --(DDIM or DDPM, guided eps from the UNet)--> z_0
-    image = D(z_0 / scale_factor)      (the decoder quantises z_0 onto the codebook first)
+    image = D(z_0 / scale_factor)      (a VQ-VAE's decoder quantises z_0 onto the codebook first; a KL one
+                                        decodes it as it is)
 
 A run directory written by `python train.py` holds `autoencoder.pt` and `ldm.pt`; `LatentDiffusion.load`
 reads both (EMA weights by default) and `generate` returns images in [0, 1].
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minildm.autoencoder.kl import DiagonalGaussian
+from minildm.autoencoder.kl import AutoencoderKL, DiagonalGaussian, KLConfig
 from minildm.autoencoder.vqvae import VQConfig, VQVAE
 from minildm.checkpoint import CheckpointError, load_checkpoint
 from minildm.diffusion.ddim import ddim_sample, ddim_timesteps
@@ -31,10 +32,18 @@ from minildm.text.tokenizer import Tokenizer
 SAMPLERS = ("ddim", "ddpm")
 
 
-def load_autoencoder(run_dir: str | Path, device="cpu") -> VQVAE:
-    """The trained first stage of a run (frozen, eval mode), with its latent scale factor."""
-    state = load_checkpoint(Path(run_dir) / "autoencoder.pt", "autoencoder")
-    model = VQVAE(VQConfig(**state["config"]))
+def load_autoencoder(run_dir: str | Path, device="cpu") -> VQVAE | AutoencoderKL:
+    """The trained first stage of a run (frozen, eval mode), with its latent scale factor: the VQ-VAE or the KL
+    autoencoder, whichever the file's "first_stage" entry names (files without one hold a VQ-VAE)."""
+    path = Path(run_dir) / "autoencoder.pt"
+    state = load_checkpoint(path, "autoencoder")
+    first_stage = state.get("first_stage", "vq")
+    if first_stage == "kl":
+        model = AutoencoderKL(KLConfig(**{**state["config"], "scale_factor": float(state["scale_factor"])}))
+    elif first_stage == "vq":
+        model = VQVAE(VQConfig(**state["config"]))
+    else:
+        raise CheckpointError(f"{path} holds a first stage of type '{first_stage}'; this minildm reads 'vq' and 'kl'.")
     model.load_state_dict(state["model"])
     return model.to(device).eval().requires_grad_(False)
 

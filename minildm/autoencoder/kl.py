@@ -219,9 +219,12 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """z = mean + std * n, n ~ N(0, I) (the reparameterisation trick: gradients reach mean and std)."""
-        n = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * n
+        """z = mean + std * n, n ~ N(0, I) (the reparameterisation trick: gradients reach mean and std).
+
+        n is drawn on the generator's device (a CPU generator gives the same n for a model on any device)."""
+        device = generator.device if generator is not None else self.mean.device
+        n = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * n.to(self.mean.device)
 
     def mode(self) -> torch.Tensor:
         return self.mean
@@ -271,9 +274,10 @@ class AutoencoderKL(nn.Module):
         return self.decode(z), posterior.kl().mean(), {"posterior": posterior}
 
     @torch.no_grad()
-    def compute_scale_factor(self, batches: Iterable[torch.Tensor]) -> float:
-        """scale_factor = 1 / std(z) over posterior samples of `batches`; stored in cfg and returned."""
-        zs = torch.cat([self.encode(x).sample().flatten().double() for x in batches])
+    def compute_scale_factor(self, batches: Iterable[torch.Tensor], generator: torch.Generator | None = None) -> float:
+        """scale_factor = 1 / std(z) over posterior samples z ~ q(z|x) of `batches` (LDM measures samples, the
+        latents its diffusion model trains on); stored in cfg and returned."""
+        zs = torch.cat([self.encode(x).sample(generator).flatten().double() for x in batches])
         if zs.numel() < 2:
             raise ValueError("compute_scale_factor needs at least one batch of images to measure std(z).")
         self.cfg.scale_factor = float(1.0 / zs.std().clamp_min(1e-12))

@@ -10,6 +10,20 @@ patch discriminator. The generator (encoder + quantiser + decoder) minimises
 and the discriminator minimises the hinge loss. The GAN terms switch on at step `disc_start`: a
 discriminator that starts on blurry early reconstructions wins too easily and its gradients are noise.
 
+The KL-regularised autoencoder (kl.py) trains with the same terms, its regulariser in place of L_VQ. LDM's
+loss (Rombach et al. 2022, arXiv:2112.10752, sec. 3.1 and appendix G: "a low-weighted KL term"; the weight
+w_kl = 1e-6 and the form below are from the CompVis code's LPIPSWithDiscriminator and kl-f8 config) sums the reconstruction over the N = 3HW pixel values of each image and averages over the batch:
+
+  L = 1/B sum_b [ sum_pixels (|x - x_rec| + p d_perc) / e^s + N s ]  +  w_kl 1/B sum_b KL_b  +  lambda_adapt w_d L_GAN
+  KL_b = KL(q(z|x_b) || N(0, I)) = 1/2 sum_(c,h,w) (mu^2 + sigma^2 - 1 - log sigma^2)
+
+Divided by N (Adam ignores a constant factor; lambda_adapt rebalances the GAN term whatever the scale), with
+the learned scalar log-variance s left at its initial 0, this is the per-element form the VQ path uses:
+
+  L / N = l1 mean|x - x_rec| + p d_perc + (w_kl / N) mean_b KL_b + lambda_adapt w_d L_GAN
+
+so kl_weight 1e-6 means LDM's balance at any image size (1e-6 on a per-pixel mean would be N times stronger).
+
 Perceptual loss without downloads: LPIPS compares features of an ImageNet-trained VGG16. We cannot download
 weights, so by default the feature network is the VGG16 layer layout with fixed, seeded random weights.
 This is a documented compromise. Random convolutional features already measure multi-scale structure
@@ -173,6 +187,7 @@ class VQGANLossConfig:
     perceptual_seed: int = 0
     vgg16_path: Optional[str] = None  # optional torchvision VGG16 state dict for a real perceptual metric
     codebook_weight: float = 1.0
+    kl_weight: float = 1e-6  # KL autoencoder only: w_kl on the KL per image, against the L1 summed over the image
     disc_weight: float = 0.5  # multiplies the adaptive weight
     disc_start: int = 10_000  # generator step at which the GAN terms switch on
     disc_channels: int = 64
@@ -202,7 +217,8 @@ class VQGANLossConfig:
 class VQGANLoss(nn.Module):
     """The VQGAN objective split into the generator step and the discriminator step.
 
-    generator_loss(x, x_rec, vq_loss, step, last_layer) -> (L_G, logs)   (backward into the autoencoder)
+    generator_loss(x, x_rec, reg, step, last_layer, regularizer) -> (L_G, logs)   (backward into the autoencoder)
+        reg: the VQ loss (regularizer "vq") or the batch mean of KL(q(z|x) || N(0, I)) per image ("kl")
     discriminator_loss(x, x_rec, step) -> (L_D, logs)                     (backward into self.discriminator)
     Before `disc_start` the GAN terms have weight 0 (check `disc_active(step)` to skip the discriminator step).
     From `disc_start` on, generator_loss needs the graph of x_rec (the adaptive weight differentiates through
@@ -219,14 +235,18 @@ class VQGANLoss(nn.Module):
         return step >= self.cfg.disc_start and self.cfg.disc_weight > 0
 
     def generator_loss(
-        self, x: torch.Tensor, x_rec: torch.Tensor, vq_loss: torch.Tensor, step: int, last_layer: torch.Tensor
+        self, x: torch.Tensor, x_rec: torch.Tensor, reg: torch.Tensor, step: int, last_layer: torch.Tensor,
+        regularizer: str = "vq",
     ) -> tuple:
         cfg = self.cfg
         l1 = (x - x_rec).abs().mean()  # ||x - x_rec||_1 (per element)
         perceptual = self.perceptual(x, x_rec) if cfg.perceptual_weight > 0 else x.new_zeros(())
         rec_loss = cfg.l1_weight * l1 + cfg.perceptual_weight * perceptual
-        loss = rec_loss + cfg.codebook_weight * vq_loss
-        logs = {"l1": l1.item(), "perceptual": perceptual.item(), "vq": vq_loss.item()}
+        if regularizer == "kl":  # (w_kl / N) mean_b KL_b, N = 3HW values per image (module docstring)
+            loss = rec_loss + cfg.kl_weight / x[0].numel() * reg
+        else:
+            loss = rec_loss + cfg.codebook_weight * reg
+        logs = {"l1": l1.item(), "perceptual": perceptual.item(), regularizer: reg.item()}
         if self.disc_active(step):
             gan_loss = hinge_g_loss(self.discriminator(x_rec))
             d_weight = cfg.disc_weight * adaptive_weight(rec_loss, gan_loss, last_layer)  # disc_weight * lambda_adapt

@@ -1,10 +1,16 @@
-"""Stage 1: train the VQ-VAE first stage with the VQGAN losses (LDM section 3 / the lecture's autoencoder).
+"""Stage 1: train the first stage with the VQGAN losses (LDM section 3 / the lecture's autoencoder).
 
-Each step has two halves with two optimisers:
-    generator:      L = L1 + w_p * perceptual + VQ loss + lambda_adaptive * w_d * hinge_g   (GAN part after disc_start)
+The preset picks the regulariser: the VQ-VAE (`preset.vq`, the default) or, when `preset.kl` is set, the
+KL-regularised autoencoder of LDM / Stable Diffusion (autoencoder/kl.py). Each step has two halves with two
+optimisers:
+    generator:      L = L1 + w_p * perceptual + R + lambda_adaptive * w_d * hinge_g    (GAN part after disc_start)
+                    R = VQ loss, or (w_kl / 3HW) KL(q(z|x) || N(0, I)) per image      (autoencoder/losses.py)
     discriminator:  L_D = mean(relu(1 - D(x))) + mean(relu(1 + D(x_rec)))              (only after disc_start)
-After training: the latent scale factor 1 / std(z) (so the diffusion model sees latents of unit variance),
-and a summary on held-back shapes (or on a fixed draw of a folder's images): PSNR, codebook usage, perplexity.
+After training: the latent scale factor 1 / std(z) (so the diffusion model sees latents of unit variance;
+KL: of posterior samples), and a summary on held-back shapes (or on a fixed draw of a folder's images): PSNR,
+and codebook usage and perplexity (VQ) or the mean KL per image and posterior std (KL).
+The KL model's training draws z = mu + sigma n with n from the step's own generator, so a resumed run
+repeats an unbroken one exactly.
 
 Batches come from procedural shapes (the default) or from a fixed set of images, e.g. a folder loaded by
 minildm/data/folder.py. Mixed precision (CUDA only): encoder, decoder and losses under autocast, the vector
@@ -13,15 +19,17 @@ quantiser in fp32. Under torchrun every rank trains on its slice of each batch (
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from minildm.autoencoder.kl import AutoencoderKL, DiagonalGaussian
 from minildm.autoencoder.losses import VQGANLoss
 from minildm.autoencoder.vqvae import VQVAE
+from minildm.checkpoint import CheckpointError
 from minildm.config import Preset
 from minildm.data import shapes
 from minildm.train import distributed
@@ -53,10 +61,43 @@ def evaluate_autoencoder(model: VQVAE, images: torch.Tensor, batch_size: int = 2
             "codes_used": int((counts > 0).sum()), "perplexity": perplexity}
 
 
+@torch.no_grad()
+def evaluate_kl_autoencoder(model: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> dict:
+    """PSNR of D(mu) (the posterior mean, as at sampling time), mean KL per image and mean posterior sigma."""
+    model.eval()
+    recs, kls, stds = [], [], []
+    for i in range(0, len(images), batch_size):
+        q = model.encode(images[i:i + batch_size])
+        recs.append(model.decode(q.mode()))
+        kls.append(q.kl())
+        stds.append(q.std.mean(dim=(1, 2, 3)))
+    rec = torch.cat(recs)
+    return {"psnr": psnr((rec.cpu() + 1) / 2, (images.cpu() + 1) / 2), "kl": torch.cat(kls).mean().item(),
+            "posterior_std": torch.cat(stds).mean().item()}
+
+
 def held_back_shapes(preset: Preset, n: int) -> torch.Tensor:
     """Fresh shapes of every combination, drawn from a seed training never uses: [n, 3, H, W] in [-1, 1]."""
     images, _ = shapes.sample_batch(n, step_rng(preset.vq_train.seed, 0, stream=2), split="all", size=preset.image_size)
     return images
+
+
+class MixedPrecisionKL(nn.Module):
+    """AutoencoderKL.forward for training: (x, generator) -> (x_rec, mean KL per image, {"posterior": q}), encoder
+    and decoder under autocast, the posterior (exp of the log-variance, the KL sum) in fp32; z = mu + sigma n
+    with n from `generator` (reproducible batches on resume)."""
+
+    def __init__(self, model: AutoencoderKL, device: torch.device, precision: str):
+        super().__init__()
+        self.model, self.device, self.precision = model, device, precision
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator) -> tuple:
+        m = self.model
+        with autocast(self.device, self.precision):
+            moments = m.quant_conv(m.encoder(x))
+        q = DiagonalGaussian(moments.float())
+        with autocast(self.device, self.precision):
+            return m.decode(q.sample(generator)), q.kl().mean(), {"posterior": q}
 
 
 class MixedPrecisionVQVAE(nn.Module):
@@ -79,7 +120,7 @@ class MixedPrecisionVQVAE(nn.Module):
 def train_autoencoder(preset: Preset, run_dir: str | Path, device: torch.device, resume: bool = False,
                       steps: int | None = None, batch_size: int | None = None, show_progress: bool = True,
                       images=None, precision: str = "fp32", compile: bool = False) -> Path:
-    """Train the VQ-VAE; writes run_dir/autoencoder.pt, grids and plots; returns the checkpoint path.
+    """Train the VQ-VAE (or the KL autoencoder if preset.kl is set); writes run_dir/autoencoder.pt, grids and plots; returns the checkpoint path.
 
     images: None trains on fresh procedural shapes every step; otherwise a fixed set [N, 3, H, W] in [-1, 1]
     (a float tensor, or a folder's Uint8Images) from which every step draws its batch.
@@ -105,18 +146,25 @@ def train_autoencoder(preset: Preset, run_dir: str | Path, device: torch.device,
         def draw(n: int, rng, split: str = "train") -> torch.Tensor:
             return images[torch.from_numpy(rng.integers(len(images), size=n))]
 
-    model = VQVAE(preset.vq).to(device)
+    first_stage = "kl" if preset.kl is not None else "vq"
+    # a copy of the KL config: compute_scale_factor writes the measured scale into it, not into the preset
+    model = (AutoencoderKL(replace(preset.kl)) if first_stage == "kl" else VQVAE(preset.vq)).to(device)
     losses = VQGANLoss(cfg.loss).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(losses.discriminator.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
 
     def weights() -> dict:
         distributed.check_in_sync(model)  # every rank; raises if the replicas drifted apart
-        return {"config": asdict(preset.vq), "model": model.state_dict(),
+        return {"first_stage": first_stage, "config": asdict(model.cfg), "model": model.state_dict(),
                 "discriminator": losses.discriminator.state_dict(), "optimizer_d": opt_d.state_dict(),
                 "scale_factor": float(model.scale_factor), "summary": {}}
 
     def load(saved: dict) -> None:
+        saved_stage = saved.get("first_stage", "vq")  # files from before the KL option hold a VQ-VAE
+        if saved_stage != first_stage:
+            raise CheckpointError(f"{ckpt_path} holds a {saved_stage.upper()} autoencoder but this run trains a "
+                                  f"{first_stage.upper()} one: resume with the --autoencoder it was started with, "
+                                  "or train into another --out.")
         model.load_state_dict(saved["model"])
         losses.discriminator.load_state_dict(saved["discriminator"])
         opt_d.load_state_dict(saved["optimizer_d"])
@@ -128,7 +176,7 @@ def train_autoencoder(preset: Preset, run_dir: str | Path, device: torch.device,
             return
         model.eval()
         with torch.no_grad():
-            rec, _, _ = model(fixed)
+            rec = model(fixed, sample=False)[0] if first_stage == "kl" else model(fixed)[0]
         save_grid((torch.cat([fixed, rec]) + 1) / 2, run_dir / "samples" / f"autoencoder_step{step:06d}.png",
                   nrow=len(fixed), upscale=2)
         model.train()
@@ -136,13 +184,22 @@ def train_autoencoder(preset: Preset, run_dir: str | Path, device: torch.device,
     if compile:  # the convolutional halves; the quantiser's data-dependent code stays eager
         model.encoder.compile()
         model.decoder.compile()
-    net = distributed.wrap(MixedPrecisionVQVAE(model, device, precision), device)
+    wrapper = MixedPrecisionKL if first_stage == "kl" else MixedPrecisionVQVAE
+    net = distributed.wrap(wrapper(model, device, precision), device)
     scaler_d = grad_scaler(device, precision)
     batch = {}  # this step's x and x_rec, for the discriminator's half of the step
 
     def loss_fn(step: int):
         # the global batch of world * batch_size images; this rank keeps its slice
-        x = distributed.shard(draw(batch_size * world, step_rng(cfg.seed, step))).to(device)
+        rng = step_rng(cfg.seed, step)
+        x = distributed.shard(draw(batch_size * world, rng)).to(device)
+        if first_stage == "kl":  # n of z = mu + sigma n: this step's own generator, different on every rank
+            gen = torch.Generator().manual_seed(int(rng.integers(2**62)) + distributed.rank())
+            x_rec, kl, _ = net(x, gen)
+            with autocast(device, precision):
+                loss, logs = losses.generator_loss(x, x_rec, kl, step, model.last_layer, regularizer="kl")
+            batch.update(x=x, x_rec=x_rec)
+            return loss, logs
         x_rec, vq_loss, info = net(x)
         with autocast(device, precision):
             loss, logs = losses.generator_loss(x, x_rec, vq_loss, step, model.last_layer)
@@ -150,7 +207,8 @@ def train_autoencoder(preset: Preset, run_dir: str | Path, device: torch.device,
         return loss, {**logs, "perplexity": float(info["perplexity"]), "usage": float(info["usage"])}
 
     def discriminator_step(step: int) -> dict:
-        distributed.broadcast_state(model.quantizer)  # codebook EMA and restarts saw only this rank's batch
+        if first_stage == "vq":
+            distributed.broadcast_state(model.quantizer)  # codebook EMA and restarts saw only this rank's batch
         if not losses.disc_active(step):
             return {}
         with autocast(device, precision):
@@ -166,11 +224,14 @@ def train_autoencoder(preset: Preset, run_dir: str | Path, device: torch.device,
         model.eval()
         with torch.no_grad():
             data = [draw(256, step_rng(cfg.seed, i, stream=3)).to(device) for i in range(4)]
-            model.scale_factor.fill_(model.compute_scale_factor(data))
+            if first_stage == "kl":  # 1 / std of posterior samples z ~ q(z|x), drawn from a fixed generator
+                model.compute_scale_factor(data, torch.Generator().manual_seed(cfg.seed))
+            else:
+                model.scale_factor.fill_(model.compute_scale_factor(data))
         eval_images = (held_back_shapes(preset, cfg.eval_images) if images is None
                        else draw(cfg.eval_images, step_rng(cfg.seed, 0, stream=2)))  # a folder has no held-back split
-        summary.update(evaluate_autoencoder(model, eval_images.to(device)), scale_factor=float(model.scale_factor),
-                       steps=step)
+        evaluate = evaluate_kl_autoencoder if first_stage == "kl" else evaluate_autoencoder
+        summary.update(evaluate(model, eval_images.to(device)), scale_factor=float(model.scale_factor), steps=step)
         return {"summary": summary}
 
     summary = {}
@@ -178,7 +239,7 @@ def train_autoencoder(preset: Preset, run_dir: str | Path, device: torch.device,
     run = fit(loss_fn, opt, steps, Checkpoint(ckpt_path, "autoencoder", weights, load, every=cfg.save_every),
               lr=cfg.lr, resume=resume, desc="autoencoder", show_progress=show_progress, device=device,
               scaler=grad_scaler(device, precision), after_step=discriminator_step, log_every=cfg.log_every,
-              postfix=("l1", "perplexity", "usage"),
+              postfix=("l1", "kl") if first_stage == "kl" else ("l1", "perplexity", "usage"),
               on_step=lambda step: reconstruction_grid(step) if cfg.image_every and step % cfg.image_every == 0
               else None, finish=scale_and_summary)
     path = ckpt_path
@@ -187,13 +248,20 @@ def train_autoencoder(preset: Preset, run_dir: str | Path, device: torch.device,
     if not main:
         return path
     h = run.log.history
-    plot_curves({k: h[k] for k in ("l1", "perceptual", "vq", "gan", "d_loss") if any(v > 0 for _, v in h.get(k, []))}, run_dir / "autoencoder_loss.png",
+    plot_curves({k: h[k] for k in ("l1", "perceptual", "vq", "kl", "gan", "d_loss") if any(v > 0 for _, v in h.get(k, []))}, run_dir / "autoencoder_loss.png",
                 title="autoencoder losses", marks={"disc_start": cfg.loss.disc_start} if cfg.loss.disc_start < steps else None)
+    where = "held-back shapes" if images is None else "training images"
+    stopped = " | stopped early, --resume continues" if run.interrupted else ""
+    if first_stage == "kl":
+        tqdm.write(f"KL autoencoder: PSNR {summary['psnr']:.2f} dB on {where} | KL per image {summary['kl']:.1f} | "
+                   f"posterior std {summary['posterior_std']:.3g} | latent scale factor {summary['scale_factor']:.4f}"
+                   + stopped)
+        return path
     plot_curves({"codebook usage": h["usage"], "perplexity / num_codes": [(s, v / preset.vq.num_codes) for s, v in h["perplexity"]]},
                 run_dir / "codebook_usage.png", title="codebook usage (fraction of codes per batch)", logy=False)
     tqdm.write(
-        f"autoencoder: PSNR {summary['psnr']:.2f} dB on {'held-back shapes' if images is None else 'training images'} | codes in use {summary['codes_used']}"
+        f"autoencoder: PSNR {summary['psnr']:.2f} dB on {where} | codes in use {summary['codes_used']}"
         f"/{preset.vq.num_codes} ({summary['usage']:.0%}) | perplexity {summary['perplexity']:.1f} | "
-        f"latent scale factor {summary['scale_factor']:.4f}" + (" | stopped early, --resume continues" if run.interrupted else "")
+        f"latent scale factor {summary['scale_factor']:.4f}" + stopped
     )
     return path

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from minildm.autoencoder.kl import DiagonalGaussian
 from minildm.checkpoint import load_checkpoint
 from minildm.config import Preset
 from minildm.data import shapes
@@ -59,14 +60,25 @@ class Denoiser(nn.ModuleDict):
 
 @torch.no_grad()
 def encode_latent_cache(autoencoder, images: torch.Tensor, batch_size: int = 256, device="cpu",
-                        show_progress: bool = True) -> torch.Tensor:
+                        show_progress: bool = True, seed: int = 0) -> torch.Tensor:
     """Images [N, 3, H, W] in [-1, 1] -> scaled latents scale_factor * E(x), [N, c, h, w] (encode once, reuse).
 
+    A KL autoencoder's E(x) is one sample z = mu + sigma n of its posterior q(z|x), n from a generator seeded
+    with `seed`: LDM trains its diffusion model on posterior samples, not on the mean (CompVis'
+    get_first_stage_encoding), i.e. on the latents the decoder was trained to decode. LDM draws a fresh
+    sample every step; one draw per image, kept, is what an encode-once cache allows (the shapes' posterior
+    sigma is small against std(z): the summary in autoencoder.pt gives both).
     `images` may be anything that slices into float batches, e.g. a folder's Uint8Images."""
-    chunks = [autoencoder.encode(images[i:i + batch_size].to(device)).cpu()
+    generator = torch.Generator().manual_seed(seed)
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        z = autoencoder.encode(x)
+        return z.sample(generator) if isinstance(z, DiagonalGaussian) else z
+
+    chunks = [encode(images[i:i + batch_size].to(device)).cpu()
               for i in tqdm(range(0, len(images), batch_size), desc="encoding latent cache", leave=False,
                             disable=not show_progress)]
-    return torch.cat(chunks) * autoencoder.scale_factor.cpu()
+    return torch.cat(chunks) * float(autoencoder.scale_factor)
 
 
 def shapes_training_set(preset: Preset) -> tuple[torch.Tensor, list[str]]:

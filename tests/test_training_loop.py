@@ -5,7 +5,7 @@ the step reached, in the stage's ordinary format with the optimiser state; --res
 end, and the result must equal an uninterrupted run bit for bit (every batch comes from step_rng(seed, step),
 so a resumed run sees exactly the batches it would have). Two stages draw from torch's global generator, which
 a checkpoint does not hold, and resume to the same format and step count but not the same bits: the autoencoder
-(codebook initialisation and dead-code restarts) and the body VAE (its reparameterisation noise).
+(the VQ-VAE's codebook initialisation and dead-code restarts; the KL autoencoder resumes exactly) and the body VAE (its reparameterisation noise).
 """
 import shutil
 from dataclasses import replace
@@ -17,7 +17,7 @@ from minildm.adapters.body_vae import BodyVAE, BodyVAEConfig
 from minildm.adapters.keypoint_regressor import KeypointRegressor
 from minildm.autoencoder.losses import VQGANLoss
 from minildm.checkpoint import load_checkpoint
-from minildm.config import micro
+from minildm.config import micro, with_kl_autoencoder
 from minildm.data.body_render import BodiesDataset, render_identities
 from minildm.pipeline import LatentDiffusion
 from minildm.train import body_adapter, clip as clip_stage, ip_adapter, ldm, lora
@@ -151,6 +151,17 @@ def test_autoencoder_stops_and_resumes(monkeypatch, tmp_path, preset):
     reference, resumed = stop_and_resume(monkeypatch, tmp_path, train_fn, VQGANLoss, "generator_loss", "autoencoder",
                                          exact=False)
     assert resumed["summary"]["steps"] == 5 and set(resumed["summary"]) == set(reference["summary"])
+
+
+def test_kl_autoencoder_stops_and_resumes_bit_for_bit(monkeypatch, tmp_path, preset):
+    """The KL autoencoder draws its posterior noise from each step's generator, not torch's global one: exact."""
+    kl_preset = with_kl_autoencoder(preset)
+
+    def train_fn(out, resume):
+        return train_autoencoder(kl_preset, out, CPU, resume=resume, steps=5, show_progress=False)
+
+    reference, _ = stop_and_resume(monkeypatch, tmp_path, train_fn, VQGANLoss, "generator_loss", "autoencoder")
+    assert reference["first_stage"] == "kl" and reference["summary"]["steps"] == 5
 
 
 def test_ldm_stops_and_resumes_bit_for_bit(monkeypatch, tmp_path, preset, base_run):

@@ -95,6 +95,11 @@ L1 + the regulariser only, {args.steps} steps of batch 32, Adam lr 2e-3; 256 hel
 {chr(10).join(rows)}
 
 The KL model has the VQ model's widths plus SD's mid-block self-attention, quant_conv and post_quant_conv.
+
+The KL row's loss puts w_kl = 1e-6 on the per-pixel mean of |x - x_rec|; LDM's loss sums |x - x_rec| over the
+3HW values of an image, so LDM's KL pressure is 3072 times weaker at 32x32. The autoencoder stage uses LDM's
+balance: `python train.py --stage autoencoder --autoencoder kl` trains this KL model through the same loop
+as the VQ-VAE (lesson 05, "KL or VQ").
 """
     (ROOT / "bench" / "results" / "kl_vs_vq.md").write_text(text)
     print(text)

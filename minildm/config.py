@@ -63,7 +63,7 @@ class Preset:
     unet: UNetConfig
     ldm: LDMTrainConfig
     schedule: dict = field(default_factory=lambda: {"num_timesteps": 1000, "kind": "linear"})
-    kl: KLConfig | None = None  # set: the first stage is the KL autoencoder (LDM / SD's), trained by vq_train; None: `vq`
+    kl: KLConfig | None = None  # set: the first stage is this KL autoencoder (trained by vq_train); None: `vq`
 
 
 def tiny() -> Preset:

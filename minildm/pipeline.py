@@ -51,8 +51,8 @@ def load_autoencoder(run_dir: str | Path, device="cpu") -> VQVAE | AutoencoderKL
 class LatentDiffusion(nn.Module):
     """The whole text-to-image model; see the module docstring for the data flow."""
 
-    def __init__(self, autoencoder: VQVAE | AutoencoderKL, tokenizer: Tokenizer, text_encoder: PromptEncoder, unet: UNet,
-                 schedule: NoiseSchedule, image_size: int, prediction: str = "eps"):
+    def __init__(self, autoencoder: VQVAE | AutoencoderKL, tokenizer: Tokenizer, text_encoder: PromptEncoder,
+                 unet: UNet, schedule: NoiseSchedule, image_size: int, prediction: str = "eps"):
         super().__init__()
         self.autoencoder, self.tokenizer, self.text_encoder, self.unet = autoencoder, tokenizer, text_encoder, unet
         self.schedule, self.image_size, self.prediction = schedule, image_size, prediction

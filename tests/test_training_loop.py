@@ -5,7 +5,8 @@ the step reached, in the stage's ordinary format with the optimiser state; --res
 end, and the result must equal an uninterrupted run bit for bit (every batch comes from step_rng(seed, step),
 so a resumed run sees exactly the batches it would have). Two stages draw from torch's global generator, which
 a checkpoint does not hold, and resume to the same format and step count but not the same bits: the autoencoder
-(the VQ-VAE's codebook initialisation and dead-code restarts; the KL autoencoder resumes exactly) and the body VAE (its reparameterisation noise).
+(the VQ-VAE's codebook initialisation and dead-code restarts; the KL autoencoder resumes exactly) and the body
+VAE (its reparameterisation noise).
 """
 import shutil
 from dataclasses import replace

@@ -12,7 +12,8 @@ discriminator that starts on blurry early reconstructions wins too easily and it
 
 The KL-regularised autoencoder (kl.py) trains with the same terms, its regulariser in place of L_VQ. LDM's
 loss (Rombach et al. 2022, arXiv:2112.10752, sec. 3.1 and appendix G: "a low-weighted KL term"; the weight
-w_kl = 1e-6 and the form below are from the CompVis code's LPIPSWithDiscriminator and kl-f8 config) sums the reconstruction over the N = 3HW pixel values of each image and averages over the batch:
+w_kl = 1e-6 and the form below are from the CompVis code's LPIPSWithDiscriminator and kl-f8 config) sums
+the reconstruction over the N = 3HW pixel values of each image and averages over the batch:
 
   L = 1/B sum_b [ sum_pixels (|x - x_rec| + p d_perc) / e^s + N s ]  +  w_kl 1/B sum_b KL_b  +  lambda_adapt w_d L_GAN
   KL_b = KL(q(z|x_b) || N(0, I)) = 1/2 sum_(c,h,w) (mu^2 + sigma^2 - 1 - log sigma^2)

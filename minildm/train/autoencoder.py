@@ -120,7 +120,8 @@ class MixedPrecisionVQVAE(nn.Module):
 def train_autoencoder(preset: Preset, run_dir: str | Path, device: torch.device, resume: bool = False,
                       steps: int | None = None, batch_size: int | None = None, show_progress: bool = True,
                       images=None, precision: str = "fp32", compile: bool = False) -> Path:
-    """Train the VQ-VAE (or the KL autoencoder if preset.kl is set); writes run_dir/autoencoder.pt, grids and plots; returns the checkpoint path.
+    """Train the VQ-VAE (the KL autoencoder if preset.kl is set); writes run_dir/autoencoder.pt, grids and plots;
+    returns the checkpoint path.
 
     images: None trains on fresh procedural shapes every step; otherwise a fixed set [N, 3, H, W] in [-1, 1]
     (a float tensor, or a folder's Uint8Images) from which every step draws its batch.
@@ -248,7 +249,8 @@ def train_autoencoder(preset: Preset, run_dir: str | Path, device: torch.device,
     if not main:
         return path
     h = run.log.history
-    plot_curves({k: h[k] for k in ("l1", "perceptual", "vq", "kl", "gan", "d_loss") if any(v > 0 for _, v in h.get(k, []))}, run_dir / "autoencoder_loss.png",
+    curves = ("l1", "perceptual", "vq", "kl", "gan", "d_loss")
+    plot_curves({k: h[k] for k in curves if any(v > 0 for _, v in h.get(k, []))}, run_dir / "autoencoder_loss.png",
                 title="autoencoder losses", marks={"disc_start": cfg.loss.disc_start} if cfg.loss.disc_start < steps else None)
     where = "held-back shapes" if images is None else "training images"
     stopped = " | stopped early, --resume continues" if run.interrupted else ""

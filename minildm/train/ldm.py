@@ -122,7 +122,8 @@ def train_ldm(preset: Preset, run_dir: str | Path, device: torch.device, resume:
         raise ValueError(f"data needs one caption (or a non-empty list of captions) per image: got {len(images)} "
                          f"images and {len(caption_lists)} caption entries, {int((num_captions == 0).sum())} empty.")
     first_caption = np.cumsum(num_captions) - num_captions  # image i's captions are flat rows first[i] ...
-    z0_all = encode_latent_cache(autoencoder, images, device=device, show_progress=main)  # [N, c, h, w], std ~ 1
+    z0_all = encode_latent_cache(autoencoder, images, device=device, show_progress=main,
+                                 seed=cfg.seed)  # [N, c, h, w], std ~ 1
 
     state = load_checkpoint(ckpt_path, "ldm") if resume and ckpt_path.is_file() else None
     tokenizer = Tokenizer.from_state(state["tokenizer"]) if state else build_tokenizer(flat_captions, preset.text.max_len)

@@ -82,3 +82,92 @@ def test_loader_helpers_say_what_is_wrong_and_change_nothing():
     assert targets["a"].eq(1).all() and targets["b"].eq(2).all()
     assert current_names({"scale": 1.5, "lambda_b": 2.0, "lambda_ref": 0.5, "num_tokens": 4}) == {
         "ip_lambda": 1.5, "body_lambda": 2.0, "ref_lambda": 0.5, "num_tokens": 4}
+
+
+# ---------------------------------------------------------------- nothing lost, nothing silent
+import errno  # noqa: E402
+import os  # noqa: E402
+
+from minildm.checkpoint import fingerprint, remove_stale_temp_files  # noqa: E402
+
+
+def good_then(tmp_path):
+    path = save_checkpoint(tmp_path / "ldm.pt", "ldm", {"model": {"w": torch.ones(3)}, "step": 5})
+    return path, path.read_bytes()
+
+
+def test_non_finite_weights_are_never_written_over_good_ones(tmp_path):
+    path, before = good_then(tmp_path)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(CheckpointError, match=r"'model.w' holds NaN or inf .*the previous ldm.pt is kept"):
+            save_checkpoint(path, "ldm", {"model": {"w": torch.tensor([1.0, bad])}, "step": 6})
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["ldm.pt"]
+
+
+def test_non_finite_weights_are_refused_at_load(tmp_path):
+    path = tmp_path / "ldm.pt"
+    torch.save({"format": 1, "kind": "ldm", "ema": {"w": torch.tensor([float("nan")])}}, path)
+    with pytest.raises(CheckpointError, match="holds NaN or inf in 'ema.w'.*lower learning rate"):
+        load_checkpoint(path, "ldm")
+
+
+@pytest.mark.parametrize("fault, reason", [
+    (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    (RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0"), "is the disk full"),
+])
+def test_a_full_disk_is_one_sentence_and_the_previous_checkpoint_stays(tmp_path, monkeypatch, fault, reason):
+    path, before = good_then(tmp_path)
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise fault
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=f"could not write .*ldm.pt \\(.*{reason}.*the previous ldm.pt is kept"):
+        save_checkpoint(path, "ldm", {"model": {"w": torch.zeros(3)}, "step": 6})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["ldm.pt"]  # no temp file left
+    assert load_checkpoint(path, "ldm")["step"] == 5
+
+
+def test_a_read_only_folder_is_one_sentence(tmp_path, monkeypatch):
+    path, before = good_then(tmp_path)
+    if os.geteuid() != 0:
+        os.chmod(tmp_path, 0o500)
+    else:  # root writes anywhere: the refusal a read-only folder gives, by hand
+        def read_only(*a, **k):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        monkeypatch.setattr("minildm.checkpoint.tempfile.mkstemp", read_only)
+    try:
+        with pytest.raises(CheckpointError, match="could not write .*Permission denied.*previous ldm.pt is kept"):
+            save_checkpoint(path, "ldm", {"model": {"w": torch.zeros(3)}, "step": 6})
+    finally:
+        os.chmod(tmp_path, 0o700)
+    assert path.read_bytes() == before
+
+
+def test_temp_files_of_killed_saves_are_removed_by_the_next_save(tmp_path):
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    stale = [tmp_path / f".ldm.pt.{dead}.k2j3h4.tmp", tmp_path / ".autoencoder.pt.x8y7z6.tmp"]  # (old naming too)
+    live = tmp_path / f".ldm.pt.{os.getppid()}.abcdef.tmp"  # a save of a running process
+    for p in (*stale, live):
+        p.write_bytes(b"\0" * 1000)
+    save_checkpoint(tmp_path / "ldm.pt", "ldm", {"step": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ldm.pt", live.name])
+    assert remove_stale_temp_files(tmp_path) == []
+
+
+def test_a_missing_field_names_the_file_not_a_key_error(tmp_path):
+    path = save_checkpoint(tmp_path / "ldm.pt", "ldm", {"step": 1})
+    state = load_checkpoint(path, "ldm")
+    with pytest.raises(CheckpointError, match=r"ldm.pt has no 'tokenizer' field.*train that stage again"):
+        state["tokenizer"]
+    assert state.get("tokenizer") is None and state["step"] == 1
+
+
+def test_fingerprint_follows_the_weights_not_the_optimiser():
+    a = {"model": {"w": torch.ones(3)}, "optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}}, "step": 1}
+    b = {**a, "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}}, "step": 2}
+    c = {**a, "model": {"w": torch.tensor([1.0, 1.0, 1.0 + 1e-6])}}
+    assert fingerprint(a) == fingerprint(b) != fingerprint(c)
+    assert fingerprint({"model": {"w": torch.ones(3)}}) != fingerprint({"model": {"v": torch.ones(3)}})

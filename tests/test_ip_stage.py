@@ -21,9 +21,8 @@ from minildm.pipeline import LatentDiffusion
 from minildm.train import clip as clip_stage
 from minildm.train import ip_adapter as ip_stage
 from minildm.train.autoencoder import train_autoencoder
-from minildm.adapters.image_prompt import ADAPTER_FILE, CLIP_FILE, load_image_prompter
+from minildm.adapters.image_prompt import ADAPTER_FILE, CLIP_FILE, load_image_file, load_image_prompter
 from minildm.adapters.ip_adapter import set_ip_lambda
-from minildm.data.folder import load_image_file
 from minildm.train.clip import train_clip
 from minildm.train.ip_adapter import POSITION_ONLY, IPAdapterTrainConfig, caption_choices, parameter_counts, train_ip_adapter
 from minildm.train.ldm import train_ldm

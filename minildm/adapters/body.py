@@ -28,7 +28,8 @@ from minildm.adapters.ip_adapter import (IP, DecoupledCrossAttention, ImageProje
                                          ip_adapter_parameters, load_ip_adapter, set_ip_lambda)
 from minildm.adapters.keypoint_regressor import KeypointRegressor, load_regressor
 from minildm.checkpoint import CheckpointError, copy_checked, current_names, load_checkpoint
-from minildm.data.folder import load_image_file
+from minildm.data.body_render import BACKGROUND
+from minildm.data.images import read_image_tensor
 
 REGRESSOR_FILE, VAE_FILE, ADAPTER_FILE = "keypoint_regressor.pt", "body_vae.pt", "body_adapter.pt"  # in a body run
 
@@ -307,4 +308,4 @@ def load_view_folder(folder: str | Path, size: int) -> torch.Tensor:
     files = sorted(folder.glob("*.png"))
     if not files:
         raise ValueError(f"--body-views {folder} has no .png file: put a few PNG views of one person in it.")
-    return torch.cat([load_image_file(f, size) for f in files])
+    return torch.cat([read_image_tensor(f, size, BACKGROUND) for f in files])  # on the bodies' background

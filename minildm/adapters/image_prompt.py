@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 
 from minildm.adapters.ip_adapter import ImageProjection, IPAdapterConfig, load_ip_adapter, new_ip_adapter, set_ip_lambda
-from minildm.checkpoint import CheckpointError, current_names, load_checkpoint
+from minildm.checkpoint import CheckpointError, current_names, fits, load_checkpoint
 from minildm.clip import CLIP, load_clip
+from minildm.data import shapes
+from minildm.data.images import read_image_tensor
 
 ADAPTER_FILE, CLIP_FILE = "ip_adapter.pt", "clip.pt"
 
@@ -53,7 +55,17 @@ def load_image_prompter(pipe, adapter_path: str | Path, ip_lambda: float = 1.0) 
     if abs(clip_fingerprint(clip) - state["clip_fingerprint"]) > 1e-3 * state["clip_fingerprint"]:
         raise CheckpointError(f"{adapter_path.parent / CLIP_FILE} is not the CLIP that {adapter_path} was trained "
                               "with: train the adapter again (python train.py --stage ip-adapter).")
-    projection = new_ip_adapter(pipe.unet, IPAdapterConfig(**current_names(state["config"])))
+    if state.get("ldm_fingerprint") not in (None, pipe.fingerprint):
+        raise CheckpointError(f"{adapter_path} was trained on another base model than this run's ldm.pt (retrained "
+                              "or resumed since): train the adapter again (python train.py --stage ip-adapter).")
+    with fits(state):
+        projection = new_ip_adapter(pipe.unet, IPAdapterConfig(**current_names(state["config"])))
     load_ip_adapter(pipe.unet, projection, state)
     set_ip_lambda(pipe.unet, ip_lambda)
     return ImagePrompter(clip, projection)
+
+
+def load_image_file(path: str | Path, size: int) -> torch.Tensor:
+    """An image prompt file -> [1, 3, size, size] in [-1, 1], read as training images are (data/images.py),
+    transparent pixels on the shapes' black background the adapter trained on."""
+    return read_image_tensor(path, size, shapes.BACKGROUND)

@@ -6,9 +6,10 @@ Two layouts, told apart by whether FOLDER/captions.txt exists:
   sidecars   FOLDER/**/name.jpg next to FOLDER/**/name.txt; every non-empty line of the .txt is a caption.
 Either way an image may have several captions; the diffusion training draws one of them per step.
 
-Every image is decoded once, up front: EXIF rotation applied, converted to RGB (grey, palette and alpha
-images too; transparent pixels become white), its shorter side resized to `size` (bicubic, antialiased)
-and centre-cropped to size x size. A file that cannot be decoded (not an image, truncated, corrupt) or
+Every image is decoded once, up front, by the image reader every part of minildm shares
+(minildm/data/images.py): EXIF rotation applied, converted to RGB (grey, 16-bit, palette and alpha images
+too; transparent pixels become white), its shorter side resized to `size` (bicubic, antialiased) and
+centre-cropped to size x size. A file that cannot be decoded (not an image, truncated, corrupt) or
 that has no caption is skipped and listed with the reason in `skipped`; since nothing is decoded after
 loading, a bad file can never stop a run in the middle of an epoch.
 
@@ -22,11 +23,11 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from einops import rearrange
-from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
+
+from minildm.data.images import WHITE, ImageReadError, read_image
 
 CAPTIONS_FILE = "captions.txt"
 IMAGE_DIRS = (".", "Images", "images")  # where a captions.txt row looks for its image, in this order
@@ -79,53 +80,6 @@ class CaptionFolder:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(f"{name}\t{reason}\n" for name, reason in self.skipped), encoding="utf-8")
         return path
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB: grey is repeated, palettes looked up, 16-bit grey scaled to 8 bits, and
-    transparent pixels composited onto white (otherwise they show whatever colour they happen to store)."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey (PNG/TIFF): 0..65535 -> 0..255
-        image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Resize so the shorter side is `size` (aspect ratio kept), then cut the central size x size square."""
-    w, h = image.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
-def load_image(path: str | Path, size: int) -> np.ndarray:
-    """One image file -> uint8 [size, size, 3]. Raises whatever PIL raises for a file it cannot decode."""
-    with Image.open(path) as image:
-        image.draft("RGB", (size, size))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale if still >= size
-        image.load()  # decode now: a truncated file fails here, not later
-        image = ImageOps.exif_transpose(image)  # photos taken sideways carry their rotation in EXIF
-        return np.array(resize_center_crop(to_rgb(image), size))
-
-
-def load_image_file(path: str | Path, size: int) -> torch.Tensor:
-    """Any image file PIL reads (PNG, JPG, ...) -> [1, 3, size, size] in [-1, 1]: RGB, the central square, resized."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"the image prompt {path} does not exist: give the path of a PNG or JPG file.")
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError):
-        raise ValueError(f"cannot read {path} as an image: give a PNG or JPG file.") from None
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 127.5 - 1.0  # [size, size, 3] in [-1, 1]
-    return rearrange(pixels, "h w c -> 1 c h w")
 
 
 def read_captions_csv(root: Path) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
@@ -185,9 +139,9 @@ def load_folder(root: str | Path, size: int, show_progress: bool = True) -> Capt
             skipped.append((name, f"no caption (an empty or missing {path.with_suffix('.txt').name})"))
             continue
         try:
-            array = load_image(path, size)
-        except Exception as e:  # PIL raises OSError, SyntaxError, EOFError, zlib.error, DecompressionBombError...
-            skipped.append((name, f"unreadable image ({type(e).__name__}: {e})"))
+            array = read_image(path, size, WHITE)
+        except ImageReadError as e:
+            skipped.append((name, f"unreadable image: {e}"))
             continue
         pixels[len(names)] = rearrange(torch.from_numpy(array), "h w c -> c h w")
         names.append(name)

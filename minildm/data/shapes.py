@@ -45,6 +45,7 @@ POSITIONS = {  # name -> (cx, cy) as fractions of the side, y measured from the 
     "center": (0.5, 0.5),
 }
 
+BACKGROUND = (0, 0, 0)  # every shape is drawn on black (what image prompts composite transparency onto)
 RADIUS = 0.185  # canonical half-extent r of a shape (no jitter)
 RADIUS_RANGE = (0.17, 0.20)  # r ~ U(RADIUS_RANGE) with jitter
 CENTER_JITTER = 0.02  # cx, cy += U(-CENTER_JITTER, CENTER_JITTER) with jitter

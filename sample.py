@@ -2,17 +2,26 @@
 or from Stable Diffusion v1.x weights:  python sample.py --sd v1-5-pruned-emaonly.safetensors "a photo of a cat"
 
 Writes a PNG grid (one row per prompt, --n images each) and prints where it went.
-Same --seed, same prompts, same settings -> the same image.
+Same --seed, same prompts, same settings -> the same image. The image in column j of every row is drawn
+from its own generator seeded --seed + j, whatever the other prompts and the batch: `--n 1 --seed S+j`
+draws that one picture again. The output path is checked before any sampling, a --n too large for memory
+is refused up front, and the images already drawn are written even when sampling stops half-way.
 With --sd: DDIM 50 steps and guidance 7.5 by default, 512x512, fp16 on CUDA; --init-image/--strength for
 image-to-image; --dry-run prints parameters, activation memory and an estimated time without loading weights.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+
+from minildm.pipeline import MAX_SEED
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,7 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", help="(--sd) float32, float16 or bfloat16 (auto: float16 on CUDA, float32 on CPU)")
     p.add_argument("--dry-run", action="store_true", help="(--sd) print parameters, activation memory and an estimated "
                    "time for 512x512 on a 24 GB GPU, then exit")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="column j of the grid is drawn with seed + j (0 <= seed + j < 2**32)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="images sampled at once (lower it if the GPU runs out of memory); the images do not change")
     p.add_argument("--lora", default=None, help="a LoRA file from train.py --stage lora")
     p.add_argument("--lora-strength", type=float, default=1.0, help="the LoRA update times this (0 = base model, 1 = as trained)")
     p.add_argument("--image-prompt", default=None,
@@ -51,15 +62,81 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="body_lambda: weight of the body stream (0 = the body stage's fine-tuned UNet without it; for the "
                         "base model leave out --body-id/--body-views); --ip-lambda is ref_lambda with --image-prompt")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="output PNG (default: RUN/samples/<prompt>.png)")
+    p.add_argument("--out", default=None, help="output PNG, or a folder for the default name (default: RUN/samples/<prompt>_seed<S>.png)")
     args = p.parse_args(argv)
     args.guidance = args.guidance if args.guidance is not None else (7.5 if args.sd or args.dry_run else 3.0)
-    if args.n is not None and args.n < 1:
+    args.n = args.n if args.n is not None else (1 if args.sd or args.dry_run else 4)
+    if args.n < 1:
         p.error(f"--n must be at least 1, got {args.n}.")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, got {args.batch_size}.")
+    if not 0 <= args.seed <= MAX_SEED - (args.n - 1):
+        p.error(f"--seed must lie in [0, {MAX_SEED - (args.n - 1)}] so that every image's seed, --seed + j for j < --n, "
+                f"fits torch's 32-bit generator (larger seeds would repeat smaller ones); got {args.seed}.")
+    for flag in ("guidance", "eta", "strength", "lora_strength", "ip_lambda", "body_lambda"):
+        if not math.isfinite(getattr(args, flag)):
+            p.error(f"--{flag.replace('_', '-')} must be a finite number, got {getattr(args, flag)}.")
     if args.body_id is not None and args.body_views:
         p.error("give either --body-id or --body-views, not both.")
     args.prompts = args.prompts or ([""] if args.image_prompt else ["a red circle on the left"])
     return args
+
+
+def output_path(args, default_dir: Path) -> Path:
+    """The PNG to write: --out (a directory gets the default name inside), else default_dir/<prompt>.png."""
+    slug = "_".join(args.prompts)[:60].replace(" ", "-").replace("/", "-") or "unconditional"
+    if args.body_id is not None or args.body_views:
+        who = f"id{args.body_id}" if args.body_views is None else Path(args.body_views).name
+        slug += f"_body-{who}-{args.body_lambda:g}"
+    if args.image_prompt:
+        slug += f"_ip-{Path(args.image_prompt).stem}-{args.ip_lambda:g}"
+    name = f"{slug}_seed{args.seed}.png"
+    if args.out is None:
+        return default_dir / name
+    out = Path(args.out)
+    if out.is_dir() or args.out.endswith(("/", os.sep)):
+        return out / name
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out {args.out} is not a .png file name: give one such as grid.png (or a folder).")
+    return out
+
+
+def check_writable(out: Path) -> None:
+    """Before any sampling: the folder of `out` exists (or is made) and takes a file."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".sample-check-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write into {out.parent} ({e.strerror or e}): choose another --out.") from None
+
+
+def check_memory(n_images: int, image_size: int, upscale: int) -> None:
+    """Refuse up front a grid that would not fit in memory (the images as floats plus the uint8 grid)."""
+    side = image_size * upscale + 2
+    need = n_images * (3 * image_size**2 * 4 + 3 * side**2)
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not Linux: no cheap way to ask
+        return
+    if need > free // 2:
+        fits = max(1, int(free // 2 // (need / n_images)))
+        raise ValueError(f"{n_images} images make a grid of {need / 2**30:.1f} GB, more than half the free memory "
+                         f"({free / 2**30:.1f} GB): ask for at most {fits} images per run (--n x prompts), and the next "
+                         "ones with a higher --seed.")
+
+
+def save(images: torch.Tensor, out: Path, nrow: int, upscale: int) -> Path:
+    """Write the grid; if that fails (disk full, folder gone), write it into the temp folder instead."""
+    from minildm.viz import save_grid
+
+    try:
+        return save_grid(images, out, nrow=nrow, upscale=upscale)
+    except OSError as e:
+        fallback = Path(tempfile.gettempdir()) / out.name
+        save_grid(images, fallback, nrow=nrow, upscale=upscale)
+        raise ValueError(f"could not write {out} ({e.strerror or e}); the images were saved to {fallback} "
+                         "instead.") from None
 
 
 def sample_sd(args) -> int:
@@ -70,13 +147,14 @@ def sample_sd(args) -> int:
     from minildm.device import pick_device
     from minildm.pipeline import LatentDiffusion
     from minildm.stable_diffusion import SDLoadError
-    from minildm.viz import save_grid
 
     if args.dry_run:
         from minildm.stable_diffusion.estimate import print_estimate
         print_estimate(height=args.height or 512, width=args.width or 512, steps=args.steps)
         return 0
     try:
+        out = output_path(args, Path("runs/sd/samples"))
+        check_writable(out)  # before minutes of loading and sampling
         device = pick_device(args.device)
         dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
         if args.dtype != "auto" and args.dtype not in dtypes:
@@ -92,7 +170,7 @@ def sample_sd(args) -> int:
         pipe = LatentDiffusion.from_stable_diffusion(args.sd, device=device, dtype=dtype, tokenizer=tokenizer)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
         print(f"loaded {args.sd} in {time.perf_counter() - start:.1f} s, peak RSS so far {peak:.2f} GiB")
-        n = args.n or 1
+        n = args.n
         prompts = [p for p in args.prompts for _ in range(n)]
         init = None
         if args.init_image:
@@ -102,7 +180,8 @@ def sample_sd(args) -> int:
             img = Image.open(args.init_image).convert("RGB").resize((w, h), Image.BICUBIC)
             init = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div(255)[None].repeat(len(prompts), 1, 1, 1)
         start = time.perf_counter()
-        images = pipe.generate(prompts, steps=args.steps, guidance_scale=args.guidance, eta=args.eta, seed=args.seed,
+        seeds = [args.seed + j for _ in args.prompts for j in range(n)]  # column j: seed + j, as below
+        images = pipe.generate(prompts, steps=args.steps, guidance_scale=args.guidance, eta=args.eta, seed=seeds,
                                progress=True, height=args.height, width=args.width, negative_prompts=args.negative,
                                init_images=init, strength=args.strength)
         calls = args.steps - (args.steps - int(args.steps * args.strength) if init is not None else 0)
@@ -112,10 +191,15 @@ def sample_sd(args) -> int:
     except (ValueError, SDLoadError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    slug = "_".join(args.prompts)[:60].replace(" ", "-").replace("/", "-") or "unconditional"
-    out = Path(args.out) if args.out else Path("runs/sd/samples") / f"{slug}_seed{args.seed}.png"
-    save_grid(images.float(), out, nrow=n, upscale=1)
-    print(f"wrote {out}")
+    except torch.OutOfMemoryError:
+        print(f"error: out of memory on {device}: lower --height/--width, --n or use --dtype float16.",
+              file=sys.stderr)
+        return 1
+    try:
+        print(f"wrote {save(images.float(), out, n, 1)}")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -126,49 +210,70 @@ def main(argv=None) -> int:
     from minildm.checkpoint import CheckpointError
     from minildm.pipeline import LatentDiffusion
     from minildm.device import pick_device
-    from minildm.viz import save_grid
 
+    images, out, upscale, device = [], None, 1, args.device  # what the error handlers below may need
     try:
+        out = output_path(args, Path(args.run) / "samples")
+        check_writable(out)
         device = pick_device(args.device)
         pipe = LatentDiffusion.load(args.run, device)
+        upscale = 4 if pipe.image_size <= 64 else 1
+        check_memory(len(args.prompts) * args.n, pipe.image_size, upscale)
         if args.lora:
-            from minildm.adapters.lora import apply_lora_file
+            from minildm.adapters.lora import apply_lora_file  # LoRA weights + the new words the file teaches
             apply_lora_file(pipe, args.lora, args.lora_strength)
         extra_tokens = None
         if args.body_id is not None or args.body_views:  # BoLID: cat[c_ref, c_b] after the text of both CFG halves
             from minildm.adapters.body import load_body_prompter, load_view_folder
-            from minildm.data.body_render import identity_views
-            from minildm.data.folder import load_image_file
+            from minildm.data.body_render import BACKGROUND, identity_views
+            from minildm.data.images import read_image_tensor
             prompter = load_body_prompter(pipe, args.run, body_lambda=args.body_lambda, ref_lambda=args.ip_lambda)
             if args.body_views:  # keypoints: the run's regressor
                 c_body = prompter.c_body(load_view_folder(args.body_views, pipe.image_size))
             else:  # the renderer's keypoints
                 views = identity_views(args.body_id, size=pipe.image_size, seed=prompter.seed)
                 c_body = prompter.c_body(views["image"], views["keypoints"], views["visible"])
-            ref = load_image_file(args.image_prompt, pipe.image_size) if args.image_prompt else None
+            ref = read_image_tensor(args.image_prompt, pipe.image_size, BACKGROUND) if args.image_prompt else None
             extra_tokens = prompter.extra_tokens(c_body, ref)
         elif args.image_prompt:  # IP-Adapter: image tokens appended after the text of both guidance halves
-            from minildm.adapters.image_prompt import ADAPTER_FILE, load_image_prompter
-            from minildm.data.folder import load_image_file
+            from minildm.adapters.image_prompt import ADAPTER_FILE, load_image_file, load_image_prompter
             prompter = load_image_prompter(pipe, Path(args.run) / ADAPTER_FILE, args.ip_lambda)
             extra_tokens = prompter.extra_tokens(load_image_file(args.image_prompt, pipe.image_size))
-        args.n = args.n or 4
         prompts = [p for p in args.prompts for _ in range(args.n)]
-        images = pipe.generate(prompts, steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
-                               eta=args.eta, seed=args.seed, progress=True, extra_tokens=extra_tokens)
+        seeds = [args.seed + j for _ in args.prompts for j in range(args.n)]  # column j: seed + j
+        with tqdm(total=len(prompts), desc="images", unit="img", disable=len(prompts) <= args.batch_size) as bar:
+            for i in range(0, len(prompts), args.batch_size):
+                batch = slice(i, i + args.batch_size)
+                images.append(pipe.generate(prompts[batch], steps=args.steps, guidance_scale=args.guidance,
+                                            sampler=args.sampler, eta=args.eta, seed=seeds[batch],
+                                            progress=len(prompts) <= args.batch_size, extra_tokens=extra_tokens).cpu())
+                bar.update(len(images[-1]))
+        print(f"wrote {save(torch.cat(images), out, args.n, upscale)}; column j is --seed {args.seed} + j "
+              f"(--n 1 --seed {args.seed}+j draws that image alone)")
+        return 0
     except (ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    slug = "_".join(args.prompts)[:60].replace(" ", "-").replace("/", "-") or "unconditional"
-    if args.body_id is not None or args.body_views:
-        who = f"id{args.body_id}" if args.body_views is None else Path(args.body_views).name
-        slug += f"_body-{who}-{args.body_lambda:g}"
-    if args.image_prompt:
-        slug += f"_ip-{Path(args.image_prompt).stem}-{args.ip_lambda:g}"
-    out = Path(args.out) if args.out else Path(args.run) / "samples" / f"{slug}_seed{args.seed}.png"
-    save_grid(images, out, nrow=args.n, upscale=4 if images.shape[-1] <= 64 else 1)
-    print(f"wrote {out}")
-    return 0
+    except torch.OutOfMemoryError:
+        print(f"error: out of memory sampling {min(args.batch_size, len(args.prompts) * args.n)} images at once on "
+              f"{device}: lower --batch-size (now {args.batch_size}) or sample with --device cpu."
+              + save_partial(images, out, args.n, upscale), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stopped." + save_partial(images, out, args.n, upscale), file=sys.stderr)
+        return 130
+
+
+def save_partial(images: list[torch.Tensor], out: Path | None, nrow: int, upscale: int) -> str:
+    """Write the images finished before sampling stopped (nothing lost); returns a sentence saying where."""
+    if not images or out is None:
+        return ""
+    partial = out.with_name(out.stem + "_partial.png")
+    try:
+        path = save(torch.cat(images), partial, nrow, upscale)
+    except ValueError as e:
+        return f" {e}"
+    return f" The {sum(len(x) for x in images)} images finished before are in {path}."
 
 
 if __name__ == "__main__":

@@ -47,14 +47,15 @@ def generate_split(pipe, combos, n: int, steps: int = 50, guidance_scale: float 
                    desc: str = "sampling") -> tuple[torch.Tensor, list[str]]:
     """n samples of every combination's caption: (images [len(combos) * n, 3, H, W] in [0, 1], prompts).
 
-    Batch b of the prompt list is sampled with seed + b, so the same arguments give the same images.
+    Image k of the prompt list is drawn with seed + k (its own generator), so the same arguments give the same
+    images whatever the batch size.
     """
     prompts = [shapes.caption(*c) for c in combos for _ in range(n)]
     images = []
     batches = range(0, len(prompts), batch_size)
-    for b, i in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
-        images.append(pipe.generate(prompts[i:i + batch_size], steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                                    eta=eta, seed=seed + b).cpu())
+    for i in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        images.append(pipe.generate(prompts[i:i + batch_size], steps=steps, guidance_scale=guidance_scale,
+                                    sampler=sampler, eta=eta, seed=seed + i).cpu())
     return torch.cat(images), prompts
 
 

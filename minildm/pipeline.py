@@ -13,6 +13,8 @@ image-to-image (Meng et al. 2022, arXiv:2108.01073): encode, noise to the streng
 """
 from __future__ import annotations
 
+import math
+import numbers
 from pathlib import Path
 
 import torch
@@ -20,9 +22,9 @@ import torch.nn as nn
 
 from minildm.autoencoder.kl import AutoencoderKL, DiagonalGaussian, KLConfig
 from minildm.autoencoder.vqvae import VQConfig, VQVAE
-from minildm.checkpoint import CheckpointError, load_checkpoint
+from minildm.checkpoint import CheckpointError, fits, load_checkpoint
 from minildm.diffusion.ddim import ddim_sample, ddim_timesteps
-from minildm.diffusion.ddpm import as_eps_fn, ddpm_sample
+from minildm.diffusion.ddpm import as_eps_fn, ddpm_sample, gaussian_noise
 from minildm.diffusion.guidance import cfg_model_fn
 from minildm.diffusion.schedule import NoiseSchedule
 from minildm.modules.unet import UNet, UNetConfig
@@ -30,21 +32,26 @@ from minildm.text.encoder import PromptEncoder, TextEncoderConfig
 from minildm.text.tokenizer import Tokenizer
 
 SAMPLERS = ("ddim", "ddpm")
+# torch's CPU generator (mt19937) keeps only the low 32 bits of a seed: 2**32 would draw what 0 draws
+MAX_SEED = 2**32 - 1
 
 
 def load_autoencoder(run_dir: str | Path, device="cpu") -> VQVAE | AutoencoderKL:
     """The trained first stage of a run (frozen, eval mode), with its latent scale factor: the VQ-VAE or the KL
-    autoencoder, whichever the file's "first_stage" entry names (files without one hold a VQ-VAE)."""
+    autoencoder, whichever the file's "first_stage" entry names (files without one hold a VQ-VAE). `.fingerprint`
+    is the checkpoint's (what a diffusion model trained on these latents records)."""
     path = Path(run_dir) / "autoencoder.pt"
     state = load_checkpoint(path, "autoencoder")
     first_stage = state.get("first_stage", "vq")
-    if first_stage == "kl":
-        model = AutoencoderKL(KLConfig(**{**state["config"], "scale_factor": float(state["scale_factor"])}))
-    elif first_stage == "vq":
-        model = VQVAE(VQConfig(**state["config"]))
-    else:
+    if first_stage not in ("vq", "kl"):
         raise CheckpointError(f"{path} holds a first stage of type '{first_stage}'; this minildm reads 'vq' and 'kl'.")
-    model.load_state_dict(state["model"])
+    with fits(state):
+        if first_stage == "kl":
+            model = AutoencoderKL(KLConfig(**{**state["config"], "scale_factor": float(state["scale_factor"])}))
+        else:
+            model = VQVAE(VQConfig(**state["config"]))
+        model.load_state_dict(state["model"])
+    model.fingerprint = state.get("fingerprint")
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -59,6 +66,7 @@ class LatentDiffusion(nn.Module):
         # DDIM conventions: minildm's models use "trailing" and land on clean data (t_prev = -1);
         # SD v1 uses "leading" + offset 1 and lands on abar_0 (t_prev = 0), see from_stable_diffusion
         self.ddim = {"spacing": "trailing", "offset": 1, "final_timestep": -1}
+        self.fingerprint: str | None = None  # ldm.pt's, set by load: what adapters trained on this model record
 
     @classmethod
     def from_stable_diffusion(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -88,12 +96,19 @@ class LatentDiffusion(nn.Module):
         if not (run_dir / "ldm.pt").is_file():
             raise CheckpointError(f"no trained model in {run_dir}: run python train.py first (or pass --run).")
         state = load_checkpoint(run_dir / "ldm.pt", "ldm")
-        text_encoder = PromptEncoder(TextEncoderConfig(**state["text_config"]))
-        unet = UNet(UNetConfig(**state["unet_config"]))
-        denoiser = nn.ModuleDict({"text_encoder": text_encoder, "unet": unet})
-        denoiser.load_state_dict(state["ema" if use_ema else "model"])
-        model = cls(load_autoencoder(run_dir), Tokenizer.from_state(state["tokenizer"]), text_encoder, unet,
-                    NoiseSchedule(**state["schedule"]), state["image_size"], state.get("prediction", "eps"))
+        autoencoder = load_autoencoder(run_dir)
+        if state.get("autoencoder_fingerprint") not in (None, autoencoder.fingerprint):
+            raise CheckpointError(f"{run_dir / 'ldm.pt'} was trained on another autoencoder than "
+                                  f"{run_dir / 'autoencoder.pt'} (retrained or resumed since, or copied from another "
+                                  "run): put back the autoencoder.pt of its run, or train the ldm stage again.")
+        with fits(state):
+            text_encoder = PromptEncoder(TextEncoderConfig(**state["text_config"]))
+            unet = UNet(UNetConfig(**state["unet_config"]))
+            denoiser = nn.ModuleDict({"text_encoder": text_encoder, "unet": unet})
+            denoiser.load_state_dict(state["ema" if use_ema else "model"])
+            model = cls(autoencoder, Tokenizer.from_state(state["tokenizer"]), text_encoder, unet,
+                        NoiseSchedule(**state["schedule"]), state["image_size"], state.get("prediction", "eps"))
+        model.fingerprint = state.get("fingerprint")  # what an adapter trained on this model records
         return model.to(device).eval().requires_grad_(False)
 
     @property
@@ -117,10 +132,12 @@ class LatentDiffusion(nn.Module):
         """list of B prompts -> (context [B, L, d], mask [B, L] or None = attend to every position)."""
         return self.text_encoder(self.tokenizer.encode(prompts).to(self.device))
 
-    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1] -> scaled latents z_0 * scale_factor (a posterior sample for KL)."""
+    def encode_images(self, images: torch.Tensor,
+                      generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] -> scaled latents z_0 * scale_factor (a posterior sample for KL, its
+        noise from `generator`, or one generator per image: see ddpm.gaussian_noise)."""
         z = self.autoencoder.encode(images.to(self.device, self.dtype) * 2 - 1)
-        z = z.sample(generator) if isinstance(z, DiagonalGaussian) else z
+        z = z.mean + z.std * gaussian_noise(z.mean, generator) if isinstance(z, DiagonalGaussian) else z
         return z * self.autoencoder.scale_factor
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -130,11 +147,15 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: list[str] | str, steps: int = 50, guidance_scale: float = 3.0, sampler: str = "ddim",
-                 eta: float = 0.0, seed: int = 0, progress: bool = False, return_trajectory: bool = False,
+                 eta: float = 0.0, seed: int | list[int] = 0, progress: bool = False, return_trajectory: bool = False,
                  return_attention: bool = False, extra_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
                  height: int | None = None, width: int | None = None, negative_prompts: list[str] | str | None = None,
                  latents: torch.Tensor | None = None, init_images: torch.Tensor | None = None, strength: float = 0.8):
-        """prompts -> images [N, 3, H, W] in [0, 1]. Same seed and prompts -> same images.
+        """prompts -> images [N, 3, H, W] in [0, 1]. Same seed and prompt -> same image.
+
+        seed: image i is drawn from its own generator, seeded seed + i (or seed[i] for a list of N seeds), so
+        an image depends on its prompt and its seed only, never on the other images of the batch: image i
+        alone, generate([prompts[i]], seed=seed + i), is the same picture. Seeds lie in [0, MAX_SEED].
 
         guidance_scale: the CFG scale s of eps_u + s (eps_c - eps_u) (1 = plain conditional model, 0 = unconditional).
         sampler "ddim" uses `steps` steps (eta = 0 deterministic, eta = 1 DDPM-like); "ddpm" always walks all T.
@@ -155,8 +176,9 @@ class LatentDiffusion(nn.Module):
             raise ValueError(f"unknown sampler '{sampler}': use one of {', '.join(SAMPLERS)}.")
         if not 1 <= steps <= T:
             raise ValueError(f"steps must be between 1 and T = {T}, got {steps}.")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (1 = no guidance, 3 is typical), got {guidance_scale}.")
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance, 3 is typical), got "
+                             f"{guidance_scale}.")
         if not 0 <= eta <= 1:
             raise ValueError(f"eta must lie in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like), got {eta}.")
         if not prompts:
@@ -166,7 +188,12 @@ class LatentDiffusion(nn.Module):
         if len(negative) not in (1, len(prompts)):
             raise ValueError(f"give one negative prompt or one per prompt ({len(prompts)}), got {len(negative)}.")
 
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
+        if len(seeds) != len(prompts) or not all(isinstance(s, numbers.Integral) and 0 <= s <= MAX_SEED for s in seeds):
+            raise ValueError(f"seed must be an integer with seed + {len(prompts) - 1} <= {MAX_SEED} (torch's generator "
+                             f"keeps 32 bits, larger seeds repeat smaller ones), or a list of {len(prompts)} such "
+                             f"seeds; got {seed}.")
+        generator = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]  # one per image
         shape = (len(prompts), *self.latent_shape(height, width))
         skip = 0
         if init_images is not None:  # SDEdit: start from the noised latents of the given images
@@ -179,14 +206,14 @@ class LatentDiffusion(nn.Module):
             z0 = self.encode_images(init_images, generator)
             skip = steps - int(steps * strength)
             t_start = int(ddim_timesteps(T, steps, self.ddim["spacing"], self.ddim["offset"])[skip])
-            noise = torch.randn(z0.shape, generator=generator).to(self.device, self.dtype)
+            noise = gaussian_noise(torch.empty(z0.shape), generator).to(self.device, self.dtype)
             x_T = self.schedule.q_sample(z0, t_start, noise).to(self.dtype)  # x_t = sqrt(abar) z_0 + sqrt(1 - abar) n
         elif latents is not None:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must be x_T of shape {shape}, got {tuple(latents.shape)}.")
             x_T = latents.to(self.device, self.dtype)
         else:
-            x_T = torch.randn(shape, generator=generator).to(self.device, self.dtype)
+            x_T = gaussian_noise(torch.empty(shape), generator).to(self.device, self.dtype)
         context_c, mask_c = self.encode_prompts(prompts)
         context_u, mask_u = self.encode_prompts(negative)
         if extra_tokens is not None:  # both halves have max_len text tokens, so cfg_model_fn pads nothing after them

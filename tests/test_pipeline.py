@@ -68,7 +68,13 @@ def test_generate_is_repeatable_and_in_range(run_dir):
 @pytest.mark.parametrize("kwargs, message", [
     ({"steps": 1001}, "steps must be between 1 and T"),
     ({"steps": 0}, "steps must be between 1 and T"),
-    ({"guidance_scale": -1.0}, "guidance_scale must be >= 0"),
+    ({"guidance_scale": -1.0}, "guidance_scale must be a finite number >= 0"),
+    ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number >= 0"),
+    ({"guidance_scale": float("inf")}, "guidance_scale must be a finite number >= 0"),
+    ({"eta": float("nan")}, "eta must lie in"),
+    ({"seed": 2**32}, r"seed must be an integer with seed \+ 0 <= 4294967295"),
+    ({"seed": -1}, "seed must be an integer"),
+    ({"seed": [1, 2]}, "or a list of 1 such seeds"),
     ({"sampler": "euler"}, "unknown sampler"),
     ({"eta": 2.0}, "eta must lie in"),
 ])

@@ -50,12 +50,13 @@ def test_unknown_words_counted_and_warned_once():
     tok = Tokenizer.build(CAPTIONS)
     with pytest.warns(UserWarning, match="'purple'") as record:
         ids = tok.encode(["a purple circle", "purple purple"])
-    assert len(record) == 1
+    assert len(record) == 2  # the word once, and the prompt that has no known word at all
+    assert "no word the model knows" in str(record[1].message) and "unconditional" in str(record[1].message)
     assert ids[0, 2] == UNK_ID and tok.unknown_counts["purple"] == 3
     assert tok.decode(ids)[0] == "a <unk> circle"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # already warned about 'purple': silent now
-        tok.encode(["purple"])
+        tok.encode(["a purple"])
     assert tok.unknown_counts["purple"] == 4
 
 

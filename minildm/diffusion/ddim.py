@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from minildm.diffusion.ddpm import gaussian_noise
 from minildm.diffusion.schedule import NoiseSchedule
 
 SPACINGS = ("leading", "trailing")
@@ -114,7 +115,7 @@ def ddim_sample(
     eta: float = 0.0,
     spacing: str = "trailing",
     offset: int = 1,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     progress: bool = True,
     return_trajectory: bool = False,
     final_timestep: int = -1,
@@ -122,7 +123,8 @@ def ddim_sample(
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """DDIM sampling from x_T ~ N(0, I) [B, ...] to x_0 [B, ...] in `steps` model calls.
 
-    eps_fn(x_t [B, ...], t [B]) -> eps [B, ...]. Noise is drawn from `generator` only for steps with sigma > 0.
+    eps_fn(x_t [B, ...], t [B]) -> eps [B, ...]. Noise is drawn from `generator` (or one generator per image,
+    see ddpm.gaussian_noise) only for steps with sigma > 0.
     final_timestep: where the last step lands: -1 = clean data (abar = 1), 0 = abar_0 (SD v1).
     skip_steps: start k entries into the timestep list, x_T being x_t at that entry (SDEdit's image-to-image:
     the chain runs steps - k model calls).
@@ -142,7 +144,7 @@ def ddim_sample(
     for t, t_prev in tqdm(list(zip(timesteps, timesteps_prev)), desc="DDIM", disable=not progress):
         noise = None
         if ddim_sigma(schedule, t, t_prev, eta) > 0:
-            noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            noise = gaussian_noise(x, generator)
         eps = eps_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         x, _ = ddim_step(schedule, x, eps, t, t_prev, eta, noise)
         if return_trajectory:

@@ -122,20 +122,36 @@ def p_sample_step(
     return mean + sigma_t * noise  # x_{t-1} = mu_theta + sigma_t z
 
 
+def gaussian_noise(like: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+    """z ~ N(0, I) shaped like `like` [B, ...], on its device.
+
+    generator: None (torch's global stream), one generator for the whole batch, or a list of B generators,
+    one per image: image b's noise then comes from its own stream only, so an image does not depend on its
+    neighbours in the batch (or on the batch size), and one image of a grid can be drawn again alone. Noise
+    is drawn on the generator's device and moved (a CPU generator serves a GPU batch, same numbers)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != like.shape[0]:
+            raise ValueError(f"one generator per image: got {len(generator)} for a batch of {like.shape[0]}.")
+        return torch.stack([torch.randn(like.shape[1:], dtype=like.dtype, generator=g, device=g.device)
+                            for g in generator]).to(like.device)
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, dtype=like.dtype, generator=generator, device=device).to(like.device)
+
+
 @torch.no_grad()
 def ddpm_sample(
     eps_fn: ModelFn,
     schedule: NoiseSchedule,
     x_T: torch.Tensor,
     variance: str = "posterior",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     progress: bool = True,
     return_trajectory: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Ancestral sampling through all T steps, from x_T ~ N(0, I) [B, ...] to x_0 [B, ...].
 
-    eps_fn(x_t [B, ...], t [B]) -> eps [B, ...]. Fresh noise z ~ N(0, I) is drawn (from `generator`) for
-    every step except the last. With return_trajectory, also returns [x_T, x_{T-1}, ..., x_0] (T + 1 tensors).
+    eps_fn(x_t [B, ...], t [B]) -> eps [B, ...]. Fresh noise z ~ N(0, I) is drawn (from `generator`, or
+    one generator per image, see gaussian_noise) for every step except the last. With return_trajectory, also returns [x_T, x_{T-1}, ..., x_0] (T + 1 tensors).
     """
     x = x_T
     trajectory = [x]
@@ -143,7 +159,7 @@ def ddpm_sample(
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         eps = eps_fn(x, t_batch)
         if t > 0:
-            noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            noise = gaussian_noise(x, generator)
         else:
             noise = torch.zeros_like(x)  # the last step returns the mean
         x = p_sample_step(schedule, x, t_batch, eps, noise, variance)

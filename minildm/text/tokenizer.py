@@ -69,6 +69,10 @@ class Tokenizer:
                     if w not in self.unknown_counts:
                         warnings.warn(f"Unknown word {w!r} is not in the tokenizer vocabulary; encoded as <unk>.")
                     self.unknown_counts[w] += 1
+            if text.strip() and not any(w in self.word_to_id for w in words):
+                warnings.warn(f"The prompt {text!r} has no word the model knows (it reads English words such as "
+                              f"{', '.join(self.words[len(SPECIALS):][:4])}): it draws the unconditional image, "
+                              "as the empty prompt would.")
             ids = [BOS_ID] + [self.word_to_id.get(w, UNK_ID) for w in words]
             if len(ids) > self.max_len:
                 truncated += 1

@@ -1,7 +1,10 @@
 """Train minildm:  python train.py
 
 With no arguments: the tiny preset on procedural shapes, first the autoencoder (stage 1), then the prompt
-encoder + UNet on its latents (stage 2), into runs/tiny/. Ctrl-C saves and stops; --resume continues.
+encoder + UNet on its latents (stage 2), into runs/tiny/. Ctrl-C saves and stops the whole command (exit
+130); --resume continues. A run directory is checked before step 1 and locked while it trains; a stage whose
+checkpoint exists needs --resume (continue) or --overwrite (start over); a training that diverges stops
+with one sentence and keeps its last checkpoint (minildm/train/run_dir.py, minildm/train/divergence.py).
 Own data: --data FOLDER (Flickr8k's captions.txt, or images with .txt captions; docs/own_data.md).
 Several GPUs: torchrun --nproc_per_node=N train.py ... (data parallel; --batch-size is per GPU).
 """
@@ -29,6 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--out", default=None, help="run directory (default: runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="start the stage over, replacing its checkpoint in --out")
+    p.add_argument("--lr-scale", type=float, default=1.0,
+                   help="multiply the learning rates of the autoencoder, ldm and ip-adapter stages (e.g. 0.3 after a "
+                        "divergence)")
     p.add_argument("--dry-run", action="store_true", help="print the models' sizes and exit")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
@@ -55,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.autoencoder == "kl" and args.stage not in ("all", "autoencoder"):
         p.error(f"--autoencoder kl picks what the autoencoder stage trains; --stage {args.stage} uses the run's "
                 "autoencoder.pt, whichever kind it holds: drop --autoencoder.")
+    if args.resume and args.overwrite:
+        p.error("give --resume (continue the run) or --overwrite (start it over), not both.")
+    if not 0 < args.lr_scale < float("inf"):
+        p.error(f"--lr-scale must be a positive number, got {args.lr_scale}.")
     return args
 
 
@@ -66,7 +77,7 @@ def main(argv=None) -> int:
     from minildm.config import get_preset, describe_preset, with_kl_autoencoder
     from minildm.train import distributed
     from minildm.device import pick_device
-    from minildm.train.common import resolve_precision
+    from minildm.train.common import resolve_precision, stop_requested
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,9 +112,27 @@ def main(argv=None) -> int:
     main_rank = distributed.is_main()
     precision = resolve_precision(args.precision, device)
     run_dir = Path(args.out or f"runs/{preset.name}")
+    if args.lr_scale != 1:
+        preset.vq_train = replace(preset.vq_train, lr=preset.vq_train.lr * args.lr_scale,
+                                  disc_lr=preset.vq_train.disc_lr * args.lr_scale)
+        preset.ldm = replace(preset.ldm, lr=preset.ldm.lr * args.lr_scale)
+    out_dir, files = stage_outputs(args, preset, run_dir)
     start = time.time()
-    folder = None
+    folder = lock = None
     try:
+        if main_rank:  # before any data loading or step 1: writable, locked, nothing replaced by accident
+            from minildm.train.run_dir import prepare
+            lock = prepare(out_dir, files, resume=args.resume, overwrite=args.overwrite,
+                           preset=preset if args.stage in ("all", "autoencoder", "ldm") else None)
+            if (args.stage == "all" and args.resume and (run_dir / "ldm.pt").is_file()
+                    and not finished_autoencoder(args, preset, run_dir)):
+                print(f"error: --resume would train {run_dir / 'autoencoder.pt'} further, and {run_dir / 'ldm.pt'} "
+                      "was trained on it as it is: continue only the ldm with --stage ldm --resume, or start both "
+                      "over with --overwrite.", file=sys.stderr)
+                return 2
+            if args.stage == "autoencoder" and (run_dir / "ldm.pt").is_file():
+                print(f"note: {run_dir / 'ldm.pt'} was trained on the autoencoder this changes: train the ldm stage "
+                      "again afterwards (--stage ldm --overwrite); sample.py refuses the pair until then.")
         if args.data != "shapes":
             from minildm.data.folder import load_folder
             folder = load_folder(args.data, preset.image_size, show_progress=main_rank)
@@ -114,16 +143,20 @@ def main(argv=None) -> int:
         if args.data == "shapes" and preset.name == "scenes":  # two objects per picture (minildm/data/scenes.py)
             from minildm.data import scenes
             scene_data = scenes.training_set(preset.ldm.cache_size, preset.ldm.seed, preset.image_size)
-        if args.stage in ("all", "autoencoder"):
+        if args.stage == "autoencoder" or (args.stage == "all" and not finished_autoencoder(args, preset, run_dir)):
             from minildm.train.autoencoder import train_autoencoder
-            train_autoencoder(preset, run_dir, device, resume=args.resume, steps=args.steps if args.stage != "all" else None,
-                              batch_size=args.batch_size if args.stage != "all" else None,
-                              images=folder.images if folder else scene_data[0] if scene_data else None, precision=precision,
-                              compile=args.compile)
+            train_autoencoder(preset, run_dir, device, resume=args.resume, steps=args.steps,
+                              batch_size=args.batch_size,
+                              images=folder.images if folder else scene_data[0] if scene_data else None,
+                              precision=precision, compile=args.compile)
+            if stop_requested():  # Ctrl-C: never start the next stage on a half-trained autoencoder
+                return stopped(run_dir)
         if args.stage in ("all", "ldm"):
+            if args.resume and main_rank:  # the autoencoder may have changed under a half-trained ldm.pt
+                from minildm.train.run_dir import check_resume_fits
+                check_resume_fits(run_dir, preset)
             from minildm.train.ldm import train_ldm
-            train_ldm(preset, run_dir, device, resume=args.resume, steps=args.steps if args.stage != "all" else None,
-                      batch_size=args.batch_size if args.stage != "all" else None,
+            train_ldm(preset, run_dir, device, resume=args.resume, steps=args.steps, batch_size=args.batch_size,
                       data=(folder.images, folder.captions) if folder else scene_data, precision=precision,
                       compile=args.compile)
         if args.stage == "lora":
@@ -138,25 +171,36 @@ def main(argv=None) -> int:
             cfg = body_stage_config("micro" if args.preset == "micro" else "body")
             cfg = replace(cfg, adapter_steps=args.steps or cfg.adapter_steps,
                           adapter_batch=args.batch_size or cfg.adapter_batch)
-            run_dir = Path(args.out or args.base or "runs/body")
+            run_dir = out_dir
             if not train_body_stage(run_dir, device, cfg, base_dir=args.base, resume=args.resume):
-                print("stopped; continue with --resume.")
-                return 0
+                return stopped(run_dir)
             print(f'try: python sample.py "a person raising the left arm" --run {run_dir} --body-id 3')
         if args.stage == "ip-adapter":  # frozen base run + CLIP (trained first if the run has none)
             from minildm.train.ip_adapter import IPAdapterTrainConfig, train_ip_adapter
             cfg = IPAdapterTrainConfig()
-            cfg = replace(cfg, steps=args.steps or cfg.steps, batch_size=args.batch_size or cfg.batch_size)
+            cfg = replace(cfg, steps=args.steps or cfg.steps, batch_size=args.batch_size or cfg.batch_size,
+                          lr=cfg.lr * args.lr_scale)
             base = Path(args.base or run_dir)
-            run_dir = Path(args.out) if args.out else base  # ip_adapter.pt (and clip.pt) go here
+            run_dir = out_dir  # ip_adapter.pt (and clip.pt) go here
             train_ip_adapter(base, device, out_dir=run_dir, cfg=cfg, resume=args.resume)
             if run_dir == base:  # sample.py finds ldm.pt, ip_adapter.pt and clip.pt in one run directory
                 print(f'try: python sample.py "" --image-prompt IMAGE.png --run {run_dir}')
+        if stop_requested():
+            return stopped(run_dir)
         distributed.barrier()  # rank 0 may still be plotting: no rank tears the group down under another
-    except (ValueError, CheckpointError) as e:
+    except (ValueError, CheckpointError) as e:  # also RunDirError, DivergenceError, ImageReadError
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except torch.OutOfMemoryError:
+        print(f"error: out of memory on {device} (the last checkpoint saved stays): lower --batch-size, add "
+              "--grad-checkpoint, or try --precision bf16, then --resume.", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading data, encoding latents, a second Ctrl-C)
+        print("stopped; every checkpoint saved so far stays: continue with --resume.", file=sys.stderr)
+        return 130
     finally:
+        if lock is not None:
+            lock.release()
         distributed.cleanup()
     if not main_rank:
         return 0
@@ -165,6 +209,42 @@ def main(argv=None) -> int:
         prompt = folder.captions[0][0] if folder else "a red circle on the left"
         print(f'try: python sample.py "{prompt}" --run {run_dir}')
     return 0
+
+
+def stage_outputs(args, preset, run_dir: Path) -> tuple[Path, list[str]]:
+    """The folder a stage writes into and the checkpoints there it would replace."""
+    if args.stage == "all":
+        return run_dir, ["autoencoder.pt", "ldm.pt"]
+    if args.stage in ("autoencoder", "ldm"):
+        return run_dir, [f"{args.stage}.pt"]
+    if args.stage == "clip":
+        return run_dir, ["clip.pt"]
+    if args.stage == "lora":
+        from minildm.train.lora import lora_train_config
+        rank = args.rank or lora_train_config(preset).rank
+        return Path(args.out or args.base or run_dir), [f"lora_{args.concept}_r{rank}.pt"]
+    if args.stage == "ip-adapter":
+        return Path(args.out or args.base or run_dir), ["ip_adapter.pt"]
+    # body: the base model too unless --base gives one
+    body = ["keypoint_regressor.pt", "body_vae.pt", "body_adapter.pt"]
+    return Path(args.out or args.base or "runs/body"), body if args.base else ["autoencoder.pt", "ldm.pt", *body]
+
+
+def finished_autoencoder(args, preset, run_dir: Path) -> bool:
+    """--resume of a whole run whose autoencoder.pt already reached its steps: go straight to the ldm stage
+    (training it again would recompute and rewrite it, and change nothing the ldm relies on)."""
+    from minildm.checkpoint import load_checkpoint
+
+    path = run_dir / "autoencoder.pt"
+    return (args.resume and path.is_file()
+            and load_checkpoint(path, "autoencoder").get("step", 0) >= (args.steps or preset.vq_train.steps))
+
+
+def stopped(run_dir: Path) -> int:
+    """After a Ctrl-C: the stage saved its checkpoint; nothing else starts. Exit code 130 (= interrupted)."""
+    print(f"stopped after saving; continue with: python train.py --resume --out {run_dir} (and the same options)",
+          file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

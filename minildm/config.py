@@ -129,11 +129,12 @@ def micro() -> Preset:
     p = tiny()
     p.name = "micro"
     p.vq = replace(p.vq, channels=8, num_codes=32, kmeans_iters=2)
-    p.vq_train = replace(p.vq_train, steps=20, batch_size=16, image_every=0, save_every=0, eval_images=32)
+    # saves every 5 steps: a killed smoke run loses at most 5 steps (a save of these weights takes milliseconds)
+    p.vq_train = replace(p.vq_train, steps=20, batch_size=16, image_every=0, save_every=5, eval_images=32)
     p.unet = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                         heads=2, dim_head=8, context_dim=32, norm_groups=8)
     p.text = replace(p.text, dim=32, depth=1, heads=2, dim_head=16)
-    p.ldm = replace(p.ldm, steps=20, batch_size=16, cache_size=256, sample_every=0, save_every=0, warmup=2)
+    p.ldm = replace(p.ldm, steps=20, batch_size=16, cache_size=256, sample_every=0, save_every=5, warmup=2)
     return p
 
 

@@ -156,7 +156,8 @@ def train_autoencoder(preset: Preset, run_dir: str | Path, device: torch.device,
 
     def weights() -> dict:
         distributed.check_in_sync(model)  # every rank; raises if the replicas drifted apart
-        return {"first_stage": first_stage, "config": asdict(model.cfg), "model": model.state_dict(),
+        return {"first_stage": first_stage, "config": asdict(model.cfg), "preset": preset.name,
+                "model": model.state_dict(),
                 "discriminator": losses.discriminator.state_dict(), "optimizer_d": opt_d.state_dict(),
                 "scale_factor": float(model.scale_factor), "summary": {}}
 

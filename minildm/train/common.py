@@ -9,7 +9,8 @@ from `step_rng` (so a resumed run sees exactly the batches it would have), then 
 and `fit` does the rest the same way for every stage: the progress bar with the loss EMA, the schedule
 (each parameter group at its `lr_scale` times the schedule of its own peak), backward and step (gradient
 scaling and clipping), the weight EMA, the checkpoint cadence, Ctrl-C (finish or drop the step, save, stop),
-and --resume (weights, optimiser, log and step back from the checkpoint).
+--resume (weights, optimiser, log and step back from the checkpoint), and divergence (a NaN or exploding
+loss stops the run with one sentence before anything is saved, train/divergence.py).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from minildm.checkpoint import load_checkpoint, save_checkpoint
 from minildm.progress import LossLog, progress
 from minildm.train import distributed
+from minildm.train.divergence import DivergenceCheck
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -113,6 +115,15 @@ class EMA:
             b_ema.copy_(b)
 
 
+_last_fit_interrupted = False  # whether Ctrl-C stopped the latest `fit` of this process
+
+
+def stop_requested() -> bool:
+    """True when Ctrl-C stopped the latest training loop (`fit`): train.py then ends the command instead of
+    starting the next stage on a half-trained one (the IP-Adapter stage checks it after training its CLIP)."""
+    return _last_fit_interrupted
+
+
 class GracefulInterrupt:
     """Turn the first Ctrl-C into a flag so the loop can finish its step, save, and exit cleanly.
 
@@ -184,9 +195,12 @@ def fit(loss_fn: Callable[[int], tuple[torch.Tensor, dict]], opt: torch.optim.Op
     save every ckpt.every steps.
     lr: the peak of the schedule (linear warm-up over `warmup` steps, then cosine to 0 at `steps`); a group with
     its own "peak_lr" uses that, and one with "lr_scale" s trains at s times it; None leaves the rates alone.
-    check: the place for a test on the loss of every step (raise to stop the run).
+    check: the place for a stage's own test on the loss of every step (raise to stop the run); every stage
+    already stops on a loss that is not finite or explodes (train/divergence.py), before the step.
     finish(step): called after the last step; its entries join the last save (e.g. the autoencoder's scale factor).
     """
+    global _last_fit_interrupted
+    _last_fit_interrupted = False
     log, step = LossLog(), 0
     if resume and ckpt.path is not None and ckpt.path.is_file():
         saved = load_checkpoint(ckpt.path, ckpt.kind)
@@ -208,6 +222,7 @@ def fit(loss_fn: Callable[[int], tuple[torch.Tensor, dict]], opt: torch.optim.Op
         return save_checkpoint(ckpt.path, ckpt.kind, {**entries, "step": step, "log": log.state(), **extra})
 
     interrupted = False
+    diverged = DivergenceCheck(desc or ckpt.kind, ckpt.path)
     bar = progress(steps, step, desc, show_progress and distributed.is_main())
     with GracefulInterrupt() as interrupt:
         while step < steps and not distributed.any_rank(interrupt.requested, device):
@@ -216,6 +231,7 @@ def fit(loss_fn: Callable[[int], tuple[torch.Tensor, dict]], opt: torch.optim.Op
             except KeyboardInterrupt:  # Ctrl-C without our handler (not the main thread): drop this step
                 interrupt.requested = True
                 continue
+            diverged(step, loss)  # a NaN or exploding loss stops the run before it reaches the weights
             if check is not None:
                 check(step, loss)
             if lr is not None:
@@ -239,6 +255,7 @@ def fit(loss_fn: Callable[[int], tuple[torch.Tensor, dict]], opt: torch.optim.Op
                 save()
         interrupted = interrupt.requested
     bar.close()
+    _last_fit_interrupted = interrupted
     save(**(finish(step) if finish is not None else {}))
     if interrupted:
         tqdm.write(f"{desc}: stopped at step {step}; the checkpoint is saved" +

@@ -61,7 +61,7 @@ from minildm.diffusion.ddpm import diffusion_loss
 from minildm.pipeline import LatentDiffusion
 from minildm.progress import step_rng
 from minildm.train.clip import train_clip_stage
-from minildm.train.common import Checkpoint, fit
+from minildm.train.common import Checkpoint, fit, stop_requested
 from minildm.train.ldm import GRID_PROMPTS, encode_latent_cache
 from minildm.viz import plot_curves, save_grid
 
@@ -137,6 +137,8 @@ def train_ip_adapter(base_dir: str | Path, device: torch.device, out_dir: str | 
     if not (out_dir / CLIP_FILE).is_file():
         print(f"no CLIP in {out_dir}: training one first (stage clip)")
         train_clip_stage(out_dir, device, seed=cfg.seed, show_progress=show_progress)
+        if stop_requested():  # Ctrl-C in the CLIP's training: the adapter does not start on a half-trained one
+            return out_dir / ADAPTER_FILE
     clip, _ = load_clip(out_dir / CLIP_FILE, device)
     clip.requires_grad_(False)
 
@@ -167,7 +169,8 @@ def train_ip_adapter(base_dir: str | Path, device: torch.device, out_dir: str | 
 
     def weights() -> dict:
         return {**ip_adapter_state_dict(pipe.unet, projection), "config": asdict(ip_cfg), "train_config": asdict(cfg),
-                "clip_fingerprint": clip_fingerprint(clip), "base": str(base_dir)}
+                "clip_fingerprint": clip_fingerprint(clip), "base": str(base_dir),
+                "ldm_fingerprint": pipe.fingerprint}  # the frozen base it learns to steer
 
     def load(saved: dict) -> None:
         if abs(saved["clip_fingerprint"] - clip_fingerprint(clip)) > 1e-3 * saved["clip_fingerprint"]:

@@ -142,7 +142,8 @@ def train_ldm(preset: Preset, run_dir: str | Path, device: torch.device, resume:
         return {"model": denoiser.state_dict(), "ema": ema.model.state_dict(), "tokenizer": tokenizer.state(),
                 "text_config": asdict(text_cfg), "unet_config": asdict(preset.unet),
                 "schedule": dict(preset.schedule), "image_size": preset.image_size, "prediction": cfg.prediction,
-                "preset": preset.name}
+                "preset": preset.name,
+                "autoencoder_fingerprint": autoencoder.fingerprint}  # the latents it learns: pipeline.load checks
 
     def load(saved: dict) -> None:
         denoiser.load_state_dict(saved["model"])

@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", help="(--sd) float32, float16 or bfloat16 (auto: float16 on CUDA, float32 on CPU)")
     p.add_argument("--dry-run", action="store_true", help="(--sd) print parameters, activation memory and an estimated "
                    "time for 512x512 on a 24 GB GPU, then exit")
-    p.add_argument("--seed", type=int, default=0, help="column j of the grid is drawn with seed + j (0 <= seed + j < 2**32)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="column j of the grid is drawn with seed + j (0 <= seed + j < 2**32)")
     p.add_argument("--batch-size", type=int, default=16,
                    help="images sampled at once (lower it if the GPU runs out of memory); the images do not change")
     p.add_argument("--lora", default=None, help="a LoRA file from train.py --stage lora")
@@ -62,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="body_lambda: weight of the body stream (0 = the body stage's fine-tuned UNet without it; for the "
                         "base model leave out --body-id/--body-views); --ip-lambda is ref_lambda with --image-prompt")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="output PNG, or a folder for the default name (default: RUN/samples/<prompt>_seed<S>.png)")
+    p.add_argument("--out", default=None,
+                   help="output PNG, or a folder for the default name (default: RUN/samples/<prompt>_seed<S>.png)")
     args = p.parse_args(argv)
     args.guidance = args.guidance if args.guidance is not None else (7.5 if args.sd or args.dry_run else 3.0)
     args.n = args.n if args.n is not None else (1 if args.sd or args.dry_run else 4)
@@ -71,9 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}.")
     if not 0 <= args.seed <= MAX_SEED - (args.n - 1):
-        p.error(f"--seed must lie in [0, {MAX_SEED - (args.n - 1)}] so that every image's seed, --seed + j for j < --n, "
-                f"fits torch's 32-bit generator (larger seeds would repeat smaller ones); got {args.seed}.")
-    for flag in ("guidance", "eta", "strength", "lora_strength", "ip_lambda", "body_lambda"):
+        p.error(f"--seed must lie in [0, {MAX_SEED - (args.n - 1)}] so that every image's seed, --seed + j for "
+                f"j < --n, fits torch's 32-bit generator (larger seeds would repeat smaller ones); got {args.seed}.")
+    for flag in ("guidance", "eta", "lora_strength", "ip_lambda", "body_lambda"):
         if not math.isfinite(getattr(args, flag)):
             p.error(f"--{flag.replace('_', '-')} must be a finite number, got {getattr(args, flag)}.")
     if args.body_id is not None and args.body_views:
@@ -122,8 +124,8 @@ def check_memory(n_images: int, image_size: int, upscale: int) -> None:
     if need > free // 2:
         fits = max(1, int(free // 2 // (need / n_images)))
         raise ValueError(f"{n_images} images make a grid of {need / 2**30:.1f} GB, more than half the free memory "
-                         f"({free / 2**30:.1f} GB): ask for at most {fits} images per run (--n x prompts), and the next "
-                         "ones with a higher --seed.")
+                         f"({free / 2**30:.1f} GB): ask for at most {fits} images per run (--n x prompts), and "
+                         "the next ones with a higher --seed.")
 
 
 def save(images: torch.Tensor, out: Path, nrow: int, upscale: int) -> Path:

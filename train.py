@@ -34,8 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoints")
     p.add_argument("--overwrite", action="store_true", help="start the stage over, replacing its checkpoint in --out")
     p.add_argument("--lr-scale", type=float, default=1.0,
-                   help="multiply the learning rates of the autoencoder, ldm and ip-adapter stages (e.g. 0.3 after a "
-                        "divergence)")
+                   help="multiply the stage's learning rates (all but clip; e.g. 0.3 after a divergence; the body "
+                        "stage scales its regressor, VAE and adapter, not the base model it trains first)")
     p.add_argument("--dry-run", action="store_true", help="print the models' sizes and exit")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give --resume (continue the run) or --overwrite (start it over), not both.")
     if not 0 < args.lr_scale < float("inf"):
         p.error(f"--lr-scale must be a positive number, got {args.lr_scale}.")
+    if args.lr_scale != 1 and args.stage == "clip":
+        p.error("--lr-scale does not apply to the clip stage (its recipe is fixed in minildm/train/clip.py).")
     return args
 
 
@@ -162,7 +164,7 @@ def main(argv=None) -> int:
         if args.stage == "lora":
             from minildm.train.lora import train_lora
             train_lora(preset, Path(args.base or run_dir), device, concept=args.concept, rank=args.rank,
-                       alpha=args.alpha, steps=args.steps, out=args.out, resume=args.resume)
+                       alpha=args.alpha, steps=args.steps, out=args.out, resume=args.resume, lr_scale=args.lr_scale)
         if args.stage == "clip":  # the small CLIP: IP-Adapter's image encoder and the CLIP-T/CLIP-I judge
             from minildm.train.clip import train_clip_stage
             train_clip_stage(run_dir, device, steps=args.steps, batch_size=args.batch_size, resume=args.resume)
@@ -170,7 +172,9 @@ def main(argv=None) -> int:
             from minildm.train.body import body_stage_config, train_body_stage
             cfg = body_stage_config("micro" if args.preset == "micro" else "body")
             cfg = replace(cfg, adapter_steps=args.steps or cfg.adapter_steps,
-                          adapter_batch=args.batch_size or cfg.adapter_batch)
+                          adapter_batch=args.batch_size or cfg.adapter_batch,
+                          regressor_lr=cfg.regressor_lr * args.lr_scale, vae_lr=cfg.vae_lr * args.lr_scale,
+                          adapter_lr=cfg.adapter_lr * args.lr_scale)
             run_dir = out_dir
             if not train_body_stage(run_dir, device, cfg, base_dir=args.base, resume=args.resume):
                 return stopped(run_dir)

@@ -251,3 +251,6 @@ def test_bad_lr_scale_is_refused(capsys):
         with pytest.raises(SystemExit):
             train.main(["--lr-scale", bad])
         assert "--lr-scale must be a positive number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--stage", "clip", "--lr-scale", "0.3"])
+    assert "does not apply to the clip stage" in capsys.readouterr().err

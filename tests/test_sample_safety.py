@@ -211,3 +211,12 @@ def test_an_autoencoder_from_another_run_is_refused(run, tmp_path, capsys):
     save_checkpoint(other / "autoencoder.pt", "autoencoder", state)  # new weights -> new fingerprint
     assert cli(other, "a red circle", "--out", str(tmp_path / "x.png")) == 2
     assert "was trained on another autoencoder" in capsys.readouterr().err
+
+
+def test_gaussian_noise_draws_each_image_from_its_own_generator():
+    from minildm.diffusion.ddpm import gaussian_noise
+    z = gaussian_noise(torch.empty(2, 4, 2, 2), [torch.Generator().manual_seed(s) for s in (3, 4)])
+    assert torch.equal(z[1], torch.randn(4, 2, 2, generator=torch.Generator().manual_seed(4)))
+    assert torch.equal(z[0], torch.randn(4, 2, 2, generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="one generator per image: got 2 for a batch of 3"):
+        gaussian_noise(torch.empty(3, 1), [torch.Generator(), torch.Generator()])

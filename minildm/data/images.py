@@ -59,7 +59,8 @@ def read_image(path: str | Path, size: int, background: tuple[int, int, int] = W
             return np.array(resize_center_crop(to_rgb(image, background), size))
     except Image.DecompressionBombError:
         raise ImageReadError(f"{path} has more pixels than PIL's guard against decompression bombs allows "
-                             f"({2 * Image.MAX_IMAGE_PIXELS:,}): resize it to a few thousand pixels a side first.") from None
+                             f"({2 * Image.MAX_IMAGE_PIXELS:,}): resize it to a few thousand pixels a side "
+                             "first.") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, EOFError, zlib.error, ValueError...
         raise ImageReadError(f"cannot read {path} as an image ({type(e).__name__}: {e}): give a PNG or JPG "
                              "file.") from None

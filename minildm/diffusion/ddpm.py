@@ -122,7 +122,8 @@ def p_sample_step(
     return mean + sigma_t * noise  # x_{t-1} = mu_theta + sigma_t z
 
 
-def gaussian_noise(like: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+def gaussian_noise(like: torch.Tensor,
+                   generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
     """z ~ N(0, I) shaped like `like` [B, ...], on its device.
 
     generator: None (torch's global stream), one generator for the whole batch, or a list of B generators,
@@ -150,8 +151,9 @@ def ddpm_sample(
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Ancestral sampling through all T steps, from x_T ~ N(0, I) [B, ...] to x_0 [B, ...].
 
-    eps_fn(x_t [B, ...], t [B]) -> eps [B, ...]. Fresh noise z ~ N(0, I) is drawn (from `generator`, or
-    one generator per image, see gaussian_noise) for every step except the last. With return_trajectory, also returns [x_T, x_{T-1}, ..., x_0] (T + 1 tensors).
+    eps_fn(x_t [B, ...], t [B]) -> eps [B, ...]. Fresh noise z ~ N(0, I) is drawn (from `generator`, or one
+    generator per image, see gaussian_noise) for every step except the last. With return_trajectory, also returns
+    [x_T, x_{T-1}, ..., x_0] (T + 1 tensors).
     """
     x = x_T
     trajectory = [x]

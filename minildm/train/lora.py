@@ -198,13 +198,15 @@ def finetune_concept(pipe: LatentDiffusion, concept: str, cfg: LoRATrainConfig, 
 def train_lora(preset: Preset, base_dir: str | Path, device: torch.device, concept: str = "corner",
                rank: int | None = None, alpha: float | None = None, steps: int | None = None,
                out: str | Path | None = None, batch_size: int | None = None, show_progress: bool = True,
-               resume: bool = False) -> Path:
+               resume: bool = False, lr_scale: float = 1.0) -> Path:
     """Fine-tune the base run in `base_dir` on `concept`; writes OUT/lora_<concept>_r<rank>.pt (OUT defaults to
-    base_dir), a loss plot and a sample grid; returns the path of the LoRA file. resume: continue that file."""
+    base_dir), a loss plot and a sample grid; returns the path of the LoRA file. resume: continue that file;
+    lr_scale multiplies the recipe's learning rates (train.py --lr-scale, e.g. after a divergence)."""
     base_dir = Path(base_dir)
     recipe = lora_train_config(preset)
     cfg = replace(recipe, rank=rank or recipe.rank, alpha=alpha, steps=steps or recipe.steps,
-                  batch_size=batch_size or recipe.batch_size)
+                  batch_size=batch_size or recipe.batch_size, lr=recipe.lr * lr_scale,
+                  embedding_lr=recipe.embedding_lr * lr_scale)
     out_dir = Path(out) if out else base_dir
     path = out_dir / f"lora_{concept}_r{cfg.rank}.pt"
     pipe = LatentDiffusion.load(base_dir, device)  # the EMA weights, which sample.py loads too

@@ -91,8 +91,11 @@ def test_image_to_image_matches_img2img_pipeline(sd):
     init = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     ours = pipe.generate(PROMPTS, steps=4, guidance_scale=7.5, init_images=init, strength=0.5, seed=3)
     theirs = diffusers_pipe(components, tok, img2img=True)(PROMPTS, image=init, strength=0.5, num_inference_steps=4,
-                                                           guidance_scale=7.5, generator=torch.Generator().manual_seed(3),
-                                                           output_type="pt").images
+                                                           guidance_scale=7.5, output_type="pt",
+                                                           # minildm's seed=3: image i draws from its own generator,
+                                                           # seeded 3 + i (diffusers' list of generators)
+                                                           generator=[torch.Generator().manual_seed(3 + i)
+                                                                      for i in range(2)]).images
     assert (ours - theirs).abs().max() < 1e-4
 
 

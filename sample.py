@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from minildm.pipeline import MAX_SEED
+from minildm.diffusion.ddpm import MAX_SEED
 
 
 def parse_args(argv=None) -> argparse.Namespace:

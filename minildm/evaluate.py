@@ -195,12 +195,12 @@ def scene_prompts(split: str) -> list[str]:
 def scene_samples(sample, prompts: list[str], n: int = 4, batch_size: int = 96, seed: int = 0,
                   progress: bool = True) -> tuple[torch.Tensor, list[str]]:
     """n samples of every prompt by sample(prompts, seed) -> images [B, 3, H, W] in [0, 1] (e.g. pipe.generate
-    or Attend-and-Excite); batch b of the repeated prompt list uses seed + b, so every method given the same
-    sample call order sees the same x_T."""
+    or Attend-and-Excite); the batch starting at image i of the repeated prompt list uses seed + i, so image k
+    draws its x_T from seed + k whatever the method and the batch size."""
     repeated = [p for p in prompts for _ in range(n)]
     batches = list(range(0, len(repeated), batch_size))
-    images = [sample(repeated[i:i + batch_size], seed + b).cpu()
-              for b, i in enumerate(tqdm(batches, desc="sampling scenes", disable=not progress, leave=False))]
+    images = [sample(repeated[i:i + batch_size], seed + i).cpu()
+              for i in tqdm(batches, desc="sampling scenes", disable=not progress, leave=False)]
     return torch.cat(images), repeated
 
 

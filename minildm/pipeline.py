@@ -14,7 +14,6 @@ image-to-image (Meng et al. 2022, arXiv:2108.01073): encode, noise to the streng
 from __future__ import annotations
 
 import math
-import numbers
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from minildm.autoencoder.kl import AutoencoderKL, DiagonalGaussian, KLConfig
 from minildm.autoencoder.vqvae import VQConfig, VQVAE
 from minildm.checkpoint import CheckpointError, fits, load_checkpoint
 from minildm.diffusion.ddim import ddim_sample, ddim_timesteps
-from minildm.diffusion.ddpm import as_eps_fn, ddpm_sample, gaussian_noise
+from minildm.diffusion.ddpm import as_eps_fn, ddpm_sample, gaussian_noise, seeded_generators
 from minildm.diffusion.guidance import cfg_model_fn
 from minildm.diffusion.schedule import NoiseSchedule
 from minildm.modules.unet import UNet, UNetConfig
@@ -32,8 +31,6 @@ from minildm.text.encoder import PromptEncoder, TextEncoderConfig
 from minildm.text.tokenizer import Tokenizer
 
 SAMPLERS = ("ddim", "ddpm")
-# torch's CPU generator (mt19937) keeps only the low 32 bits of a seed: 2**32 would draw what 0 draws
-MAX_SEED = 2**32 - 1
 
 
 def load_autoencoder(run_dir: str | Path, device="cpu") -> VQVAE | AutoencoderKL:
@@ -155,7 +152,7 @@ class LatentDiffusion(nn.Module):
 
         seed: image i is drawn from its own generator, seeded seed + i (or seed[i] for a list of N seeds), so
         an image depends on its prompt and its seed only, never on the other images of the batch: image i
-        alone, generate([prompts[i]], seed=seed + i), is the same picture. Seeds lie in [0, MAX_SEED].
+        alone, generate([prompts[i]], seed=seed + i), is the same picture. Seeds lie in [0, ddpm.MAX_SEED = 2**32 - 1].
 
         guidance_scale: the CFG scale s of eps_u + s (eps_c - eps_u) (1 = plain conditional model, 0 = unconditional).
         sampler "ddim" uses `steps` steps (eta = 0 deterministic, eta = 1 DDPM-like); "ddpm" always walks all T.
@@ -188,12 +185,7 @@ class LatentDiffusion(nn.Module):
         if len(negative) not in (1, len(prompts)):
             raise ValueError(f"give one negative prompt or one per prompt ({len(prompts)}), got {len(negative)}.")
 
-        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
-        if len(seeds) != len(prompts) or not all(isinstance(s, numbers.Integral) and 0 <= s <= MAX_SEED for s in seeds):
-            raise ValueError(f"seed must be an integer with seed + {len(prompts) - 1} <= {MAX_SEED} (torch's generator "
-                             f"keeps 32 bits, larger seeds repeat smaller ones), or a list of {len(prompts)} such "
-                             f"seeds; got {seed}.")
-        generator = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]  # one per image
+        generator = seeded_generators(seed, len(prompts))  # one per image
         shape = (len(prompts), *self.latent_shape(height, width))
         skip = 0
         if init_images is not None:  # SDEdit: start from the noised latents of the given images

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from minildm.diffusion.ddim import ddim_step, ddim_timesteps
-from minildm.diffusion.ddpm import as_eps_fn
+from minildm.diffusion.ddpm import as_eps_fn, gaussian_noise, seeded_generators
 from minildm.diffusion.guidance import cfg_model_fn
 from minildm.modules.attention_maps import AttentionMaps
 
@@ -84,8 +84,8 @@ def attend_and_excite(pipe, prompts: list[str], object_words: list[list[str]], s
     index = torch.tensor(index, device=pipe.device)  # [B, S]
     n_tokens = (tokens != 0).sum(1).to(pipe.device)
 
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    z = torch.randn((len(prompts), *pipe.latent_shape()), generator=generator).to(pipe.device)
+    generator = seeded_generators(seed, len(prompts))  # image i: seed + i, as in pipe.generate
+    z = gaussian_noise(torch.empty(len(prompts), *pipe.latent_shape()), generator).to(pipe.device)
     context_c, mask_c = pipe.encode_prompts(prompts)
     context_u, mask_u = pipe.encode_prompts([""])
     eps_fn = as_eps_fn(cfg_model_fn(pipe.unet, context_c, mask_c, context_u, mask_u, guidance_scale),

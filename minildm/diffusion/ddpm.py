@@ -18,6 +18,7 @@ with sigma_t^2 the posterior variance (or beta_t) and no noise on the last step.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 import torch
@@ -120,6 +121,20 @@ def p_sample_step(
     sigma2_table = torch.cat([sigma2_table.new_zeros(1), sigma2_table[1:]])  # sigma_0 = 0: no noise on the last step
     sigma_t = gather_at(sigma2_table, t, x_t).sqrt()
     return mean + sigma_t * noise  # x_{t-1} = mu_theta + sigma_t z
+
+
+# torch's CPU generator (mt19937) keeps only the low 32 bits of a seed: 2**32 would draw what 0 draws
+MAX_SEED = 2**32 - 1
+
+
+def seeded_generators(seed: int | list[int], n: int) -> list[torch.Generator]:
+    """One CPU generator per image: image i's seeded seed + i (or seed[i] for a list of n seeds); ValueError
+    for seeds outside [0, MAX_SEED]. Every sampler of minildm draws image i's noise from generator i only."""
+    seeds = [seed + i for i in range(n)] if isinstance(seed, numbers.Integral) else list(seed)
+    if len(seeds) != n or not all(isinstance(s, numbers.Integral) and 0 <= s <= MAX_SEED for s in seeds):
+        raise ValueError(f"seed must be an integer with seed + {n - 1} <= {MAX_SEED} (torch's generator keeps 32 "
+                         f"bits, larger seeds repeat smaller ones), or a list of {n} such seeds; got {seed}.")
+    return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
 
 
 def gaussian_noise(like: torch.Tensor,

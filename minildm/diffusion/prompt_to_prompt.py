@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from minildm.diffusion.ddim import ddim_step, ddim_timesteps
-from minildm.diffusion.ddpm import as_eps_fn
+from minildm.diffusion.ddpm import as_eps_fn, gaussian_noise, seeded_generators
 from minildm.diffusion.guidance import cfg_model_fn
 from minildm.modules.attention_maps import AttentionMaps
 
@@ -55,8 +55,8 @@ def word_swap(pipe, sources: list[str], targets: list[str], steps: int = 50, gui
     if not 0 <= inject_fraction <= 1:
         raise ValueError(f"inject_fraction must lie in [0, 1], got {inject_fraction}.")
 
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    x_T = torch.randn((n, *pipe.latent_shape()), generator=generator).to(pipe.device)
+    generator = seeded_generators(seed, n)  # image i: seed + i, as in pipe.generate
+    x_T = gaussian_noise(torch.empty(n, *pipe.latent_shape()), generator).to(pipe.device)
     z = torch.cat([x_T, x_T])  # [sources; targets] from the same noise
     context_c, mask_c = pipe.encode_prompts(sources + targets)
     context_u, mask_u = pipe.encode_prompts([""])

@@ -25,7 +25,6 @@ import argparse
 import os
 import hashlib
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,6 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(ROOT / "bench"))
+from machine import commit  # noqa: E402  (bench/machine.py)
 
 RESULTS = ROOT / "bench" / "results" / "numbers"
 BLOCK = re.compile(r"<!-- numbers: (\w+) -->\n(.*?)<!-- /numbers -->", re.S)
@@ -145,16 +147,6 @@ def diagnostics(pipe) -> str:
 
 MEASUREMENTS = {f.__name__: f for f in (autoencoder, evaluation, lesson09_attention, lesson11_ddim,
                                          lesson12_guidance, lesson16_broken, diagnostics)}
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + (" + uncommitted changes" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def provenance(name: str, run: Path) -> str:

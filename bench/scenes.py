@@ -17,9 +17,6 @@ Prompt-to-Prompt word swaps.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,17 +32,10 @@ from minildm.diffusion.prompt_to_prompt import word_swap  # noqa: E402
 from minildm.evaluate import format_scenes_report, scene_prompts, scenes_report  # noqa: E402
 from minildm.pipeline import LatentDiffusion  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import commit, machine  # noqa: E402  (bench/machine.py)
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{model}, {os.cpu_count()} cores visible (shared with other jobs), {torch.get_num_threads()} torch "
-            f"thread(s), load average {os.getloadavg()[0]:.1f} at the end, torch {torch.__version__}")
 
 
 def _scene(prompt: str) -> tuple:
@@ -126,7 +116,6 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     pipe = LatentDiffusion.load(args.run)
     start = time.time()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
 
     def plain(prompts, seed):
         return pipe.generate(prompts, args.steps, args.guidance, seed=seed)
@@ -158,7 +147,7 @@ def main() -> int:
         f"eta 0), guidance {args.guidance}, {args.n} samples per prompt, the same seeds (same x_T) in every column. "
         f"Judge: `scenes.describe_scene` (right on at least 0.99 of fresh renders, tests/test_scenes.py).",
         f"Command: `python bench/scenes.py --run {args.run} --steps {args.steps} --n {args.n} --alpha {args.alpha} "
-        f"--inject {args.inject} --edit-seeds {args.edit_seeds}`; commit {commit}; {time.time() - start:.0f} s.",
+        f"--inject {args.inject} --edit-seeds {args.edit_seeds}`; commit {commit()}; {time.time() - start:.0f} s.",
         f"Machine: {machine()}.", "",
         "## Both objects right, and the binding errors (fractions of all samples)", "",
         format_scenes_report(columns), "",

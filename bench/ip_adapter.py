@@ -1,9 +1,13 @@
 """IP-Adapter on a trained base: cost, image-prompt fidelity, image + text, and the paper's CLIP-T / CLIP-I table.
 
-    python bench/ip_adapter.py --base runs/tiny [--steps 50] [--retrain]     # writes bench/results/ip_adapter.md
+    python bench/lesson_numbers.py lesson14_ip_adapter   # on runs/tiny, everything trained afresh
+                                                         # -> bench/results/numbers/lesson14_ip_adapter.md, the
+                                                         # tables lesson 14 quotes (tests check they are current)
+    python bench/ip_adapter.py --base runs/tiny [--steps 50] [--retrain]     # the same, printed: for experiments
 
-Trains (or reuses) a CLIP and an adapter in bench/out/ip_adapter_<base>/ (the base run is only read; the adapter
-is trained again when the base's ldm.pt is newer or the stage's recipe changed), then:
+The CLI trains (or reuses) a CLIP and an adapter in bench/out/ip_adapter_<base>/ (the base run is only read; the
+adapter is trained again when the base's ldm.pt is newer or the stage's recipe changed, the CLIPs only with
+--retrain); bench/lesson_numbers.py trains all three in a temporary directory. Then:
 - fidelity: one image prompt per shapes combination (all 90, fresh jitter), empty text, lambda = 1; a sample
   counts when `describe` reads the prompt image's colour and shape back (position reported apart);
 - image + text: the text "on the left" with an image of a red square placed elsewhere; a sample counts when it
@@ -18,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `python bench/x.py` works
 
-from machine import machine  # noqa: E402  (bench/machine.py)
+from machine import machine, shown  # noqa: E402  (bench/machine.py)
 from minildm.adapters.image_prompt import ADAPTER_FILE, CLIP_FILE, load_image_prompter  # noqa: E402
 from minildm.adapters.ip_adapter import set_ip_lambda  # noqa: E402
 from minildm.checkpoint import load_checkpoint  # noqa: E402
@@ -62,38 +68,38 @@ def sample(pipe, prompter, prompts, images, scale, steps, seed=0, batch=30) -> t
     return torch.cat(out)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", default="runs/tiny", help="the trained base run (only read)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps per sample (guidance 3)")
-    p.add_argument("--train-steps", type=int, default=None, help="adapter training steps (default: the stage's)")
-    p.add_argument("--clip-steps", type=int, default=CLIP_STEPS, help="training steps of each CLIP")
-    p.add_argument("--retrain", action="store_true", help="train CLIP and adapter again even if cached")
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    base = Path(args.base)
-    cache = ROOT / "bench" / "out" / f"ip_adapter_{base.name}"  # git-ignored
+def measure(base: str | Path, cache: str | Path | None = None, steps: int = 50, train_steps: int | None = None,
+            clip_steps: int = CLIP_STEPS, retrain: bool = False) -> str:
+    """Train (or reuse, from `cache`) the CLIP, the judge CLIP and the adapter on the run `base` (only read),
+    sample, and return the markdown tables. cache None: a temporary directory (everything trained afresh).
+
+    steps: DDIM steps per sample (guidance 3); train_steps: adapter steps (None: the stage's recipe);
+    clip_steps: training steps of each CLIP. The tables quoted in lesson 14 use the defaults."""
+    if cache is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return measure(base, tmp, steps, train_steps, clip_steps, retrain=True)
+    base, cache = Path(base), Path(cache)
     cpu = torch.device("cpu")
-    note = "" if (base / "READY").exists() or base.name != "tiny" else " (runs/tiny/READY missing: base may still change)"
 
     # --- training: CLIP, judge CLIP, adapter ------------------------------------------------------------------
-    if args.retrain or not (cache / CLIP_FILE).is_file():
-        train_clip_stage(cache, cpu, steps=args.clip_steps, show_progress=False)
+    with torch.enable_grad():
+        if retrain or not (cache / CLIP_FILE).is_file():
+            train_clip_stage(cache, cpu, steps=clip_steps, show_progress=False)
+        if retrain or not (cache / "judge_clip.pt").is_file():
+            judge, judge_tok, _ = train_clip(steps=clip_steps, seed=1, progress=False)
+            save_clip(cache / "judge_clip.pt", judge, judge_tok)
+        cfg = IPAdapterTrainConfig()
+        if train_steps:
+            cfg.steps = train_steps
+        cached = cache / ADAPTER_FILE
+        stale = (not cached.is_file() or cached.stat().st_mtime < (base / "ldm.pt").stat().st_mtime
+                 or load_checkpoint(cached, "ip-adapter")["train_config"] != asdict(cfg))  # another base or recipe
+        if retrain or stale:
+            train_ip_adapter(base, cpu, out_dir=cache, cfg=cfg, show_progress=False)
+    torch.set_grad_enabled(False)
     clip, clip_tok = load_clip(cache / CLIP_FILE)
     clip_acc = evaluate_clip(clip, clip_tok)
-    if args.retrain or not (cache / "judge_clip.pt").is_file():
-        judge, judge_tok, _ = train_clip(steps=args.clip_steps, seed=1, progress=False)
-        save_clip(cache / "judge_clip.pt", judge, judge_tok)
     judge, judge_tok = load_clip(cache / "judge_clip.pt")
-    cfg = IPAdapterTrainConfig()
-    if args.train_steps:
-        cfg.steps = args.train_steps
-    cached = cache / ADAPTER_FILE
-    stale = (not cached.is_file() or cached.stat().st_mtime < (base / "ldm.pt").stat().st_mtime
-             or load_checkpoint(cached, "ip-adapter")["train_config"] != asdict(cfg))  # another base or recipe
-    if args.retrain or stale:
-        train_ip_adapter(base, cpu, out_dir=cache, cfg=cfg, show_progress=False)
     state = load_checkpoint(cache / ADAPTER_FILE, "ip-adapter")
     train_cfg, seconds = state["train_config"], state["seconds"]
     pipe = LatentDiffusion.load(base)
@@ -105,7 +111,7 @@ def main() -> None:
     t0 = time.time()
     combos = list(shapes.ALL_COMBOS)
     prompts_img = renders(combos, seed=0)
-    ip_only = sample(pipe, prompter, [""] * len(combos), prompts_img, 1.0, args.steps)
+    ip_only = sample(pipe, prompter, [""] * len(combos), prompts_img, 1.0, steps)
     read = [describe(x) for x in ip_only]
     seen = [c not in shapes.HELD_OUT for c in combos]
 
@@ -121,30 +127,32 @@ def main() -> None:
     red_squares = renders(elsewhere, seed=1)
     multimodal = {}
     for scale in LAMBDAS:
-        images = sample(pipe, prompter, ["on the left"] * len(elsewhere), red_squares, scale, args.steps, seed=100)
+        images = sample(pipe, prompter, ["on the left"] * len(elsewhere), red_squares, scale, steps, seed=100)
         looks = [describe(x) for x in images]
         multimodal[scale] = (np.mean([r == ("red", "square", "left") for r in looks]),
                              np.mean([r[:2] == ("red", "square") for r in looks]), np.mean([r[2] == "left" for r in looks]))
     # the same conflict for every colour and shape: a position phrase + an image of the shape elsewhere
     general = {}
+    combos_elsewhere = [(c, s, p) for c in shapes.COLORS for s in shapes.SHAPES for p in ("right", "bottom", "center")]
+    images_elsewhere = renders(combos_elsewhere, seed=7)
     for target in ("left", "top"):
         phrase = shapes.position_phrase(target)  # "on the left" / "on the top"
-        combos_elsewhere = [(c, s, p) for c in shapes.COLORS for s in shapes.SHAPES
-                            for p in ("right", "bottom", "center")]
-        images_elsewhere = renders(combos_elsewhere, seed=7)
         for scale in LAMBDAS:
             looks = [describe(x) for x in sample(pipe, prompter, [phrase] * len(combos_elsewhere),
-                                                        images_elsewhere, scale, args.steps, seed=300)]
+                                                 images_elsewhere, scale, steps, seed=300)]
             general[phrase, scale] = np.mean([r == (c[0], c[1], target) for r, c in zip(looks, combos_elsewhere)])
-    text_only_left = sample(pipe, prompter, ["on the left"] * 16, None, 0.0, args.steps, seed=100)
-    text_only_left_rate = np.mean([describe(x)[2] == "left" for x in text_only_left])
+    # the text alone (lambda = 0: the base model): where it draws, and the "ghost" colour and shape it draws
+    text_only_left = [describe(x) for x in sample(pipe, prompter, ["on the left"] * 16, None, 0.0, steps, seed=100)]
+    text_only_left_rate = np.mean([r[2] == "left" for r in text_only_left])
+    (ghost_colour, ghost_shape), ghost_count = Counter(r[:2] for r in text_only_left).most_common(1)[0]
+    ghost = f"{ghost_colour} {ghost_shape}" if ghost_colour else "no shape"
 
     # --- CLIP-T / CLIP-I (judge CLIP) ------------------------------------------------------------------------------
     captions = [shapes.caption(*c) for c in combos]
     second_renders = renders(combos, seed=5)  # real images: another jittered render of the same combination
-    text_samples = sample(pipe, prompter, captions, None, 0.0, args.steps)
-    uncond_samples = sample(pipe, prompter, [""] * len(combos), None, 0.0, args.steps)
-    both_samples = sample(pipe, prompter, captions, prompts_img, 1.0, args.steps)
+    text_samples = sample(pipe, prompter, captions, None, 0.0, steps)
+    uncond_samples = sample(pipe, prompter, [""] * len(combos), None, 0.0, steps)
+    both_samples = sample(pipe, prompter, captions, prompts_img, 1.0, steps)
 
     def scores(images01):
         x = images01 * 2 - 1
@@ -159,11 +167,17 @@ def main() -> None:
         ("IP-Adapter, image prompt + caption (lambda = 1)", f"{trainable / 1e6:.2f}M", scores(both_samples)),
     ]
 
-    best = max(LAMBDAS, key=lambda s: multimodal[s][0])
+    def sweep_row(label: str, values: list[float]) -> str:
+        """One table row over LAMBDAS with the largest value in bold (none when they are all equal)."""
+        top = max(values) if max(values) > min(values) else None
+        return f"| {label} | " + " | ".join(f"**{v:.3f}**" if v == top else f"{v:.3f}" for v in values) + " |"
+
+    n_seen = sum(seen)
     lines = [
-        f"IP-Adapter on `{base}`{note}. Machine: {machine()}.",
+        f"IP-Adapter on `{shown(base)}`. Machine: {machine()}.",
         "",
-        f"Training: CLIP zero-shot accuracy {clip_acc:.3f} among all 90 captions (chance 0.011). Adapter: "
+        f"Training: CLIP zero-shot accuracy {clip_acc:.3f} among all {len(combos)} captions "
+        f"(chance {1 / len(combos):.3f}). Adapter: "
         f"{train_cfg['steps']} steps x batch {train_cfg['batch_size']} (lr {train_cfg['lr']}, drop text / image / "
         f"both p = {train_cfg['drop_prob']} each, kept text full / colour+shape / position / empty "
         f"p = {' / '.join(str(p) for p in train_cfg['caption_mix'])}), "
@@ -171,35 +185,58 @@ def main() -> None:
         f"CPU time (all threads) = {steps_per_cpu_s * 60:.0f} steps per CPU-minute; on 2 uncontended cores about "
         f"{seconds['cpu'] / 2 / 60:.1f} min. Trainable {trainable:,} parameters against the frozen UNet's "
         f"{unet_params:,} ({100 * trainable / unet_params:.1f}%; the paper: 22M of ~860M, 2.6%).",
-        f"Sampling: DDIM {args.steps} steps, guidance 3 over (text, image) jointly (unconditional half: empty text "
+        f"Sampling: DDIM {steps} steps, guidance 3 over (text, image) jointly (unconditional half: empty text "
         f"+ zero image embedding); evaluation took {sample_seconds / 60:.1f} min wall.",
         "",
-        "| measure | value |",
+        "| image prompt only (empty text, lambda = 1), one sample per combination | value |",
         "|---|---|",
-        f"| image prompt only: colour and shape kept (all 90 combinations) | **{rate(colour_shape):.3f}** |",
-        f"| ... seen / held-out combinations | {rate(colour_shape, seen):.3f} / "
+        f"| colour and shape kept (all {len(combos)} combinations) | **{rate(colour_shape):.3f}** |",
+        f"| ... seen ({n_seen}) / held-out ({len(combos) - n_seen}) combinations | {rate(colour_shape, seen):.3f} / "
         f"{rate(colour_shape, [not s for s in seen]):.3f} |",
         f"| ... position kept too (all three attributes) | {rate(position):.3f} "
         f"({rate([a and b for a, b in zip(colour_shape, position)]):.3f}) |",
-        *[f"| \"on the left\" + image of a red square elsewhere, lambda = {s}: red square on the left "
-          f"(colour+shape / left) | {'**' if s == best else ''}{multimodal[s][0]:.3f}{'**' if s == best else ''} "
-          f"({multimodal[s][1]:.2f} / {multimodal[s][2]:.2f}) |" for s in LAMBDAS],
-        *[f"| {phrase!r} + an image of any colour and shape elsewhere (54), lambda = {s}: colour, shape and "
-          f"position all right | {general[phrase, s]:.3f} |" for phrase in ("on the left", "on the top") for s in LAMBDAS],
-        f"| text \"on the left\" alone (base model): position left | {text_only_left_rate:.3f} |",
+        "",
+        "A position phrase + an image prompt of a shape placed elsewhere: colour and shape should come from the image, "
+        "the position from the text.",
+        "",
+        "| lambda | " + " | ".join(str(s) for s in LAMBDAS) + " |",
+        "|---|" + "---|" * len(LAMBDAS),
+        sweep_row(f"\"on the left\" + a red square elsewhere ({len(elsewhere)}): red square on the left",
+                  [multimodal[s][0] for s in LAMBDAS]),
+        "| ... red square / on the left | " + " | ".join(f"{multimodal[s][1]:.2f} / {multimodal[s][2]:.2f}"
+                                                      for s in LAMBDAS) + " |",
+        *[sweep_row(f"\"{phrase}\" + any colour and shape elsewhere ({len(combos_elsewhere)}): all three right",
+                    [general[phrase, s] for s in LAMBDAS]) for phrase in ("on the left", "on the top")],
+        "",
+        f"The text \"on the left\" alone (lambda = 0, the base model), {len(text_only_left)} samples: position left "
+        f"{text_only_left_rate:.3f}; its most frequent colour and shape: {ghost}, "
+        f"{ghost_count} of {len(text_only_left)}.",
         "",
         "CLIP-T: cosine of a sample with the caption of its image prompt; CLIP-I: cosine of a sample with the image "
-        "prompt (the paper's table 1), scored by a judge CLIP trained with another seed; 90 samples per row.",
+        f"prompt (the paper's table 1), scored by a judge CLIP trained with another seed; {len(combos)} samples per row.",
         "",
         "| method | trainable parameters | CLIP-T | CLIP-I |",
         "|---|---|---|---|",
         *[f"| {name} | {params} | {t:.3f} | {i:.3f} |" for name, params, (t, i) in rows_clip],
     ]
-    table = "\n".join(lines)
-    out = ROOT / "bench" / "results" / "ip_adapter.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table + "\n")
-    print(table)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", default="runs/tiny", help="the trained base run (only read)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps per sample (guidance 3)")
+    p.add_argument("--train-steps", type=int, default=None, help="adapter training steps (default: the stage's)")
+    p.add_argument("--clip-steps", type=int, default=CLIP_STEPS, help="training steps of each CLIP")
+    p.add_argument("--retrain", action="store_true", help="train CLIP and adapter again even if cached")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    base = Path(args.base)
+    if not (base / "ldm.pt").is_file():
+        p.error(f"no trained model in {base}: run `python train.py` first.")
+    torch.set_num_threads(args.threads)
+    cache = ROOT / "bench" / "out" / f"ip_adapter_{base.name}"  # git-ignored
+    print(measure(base, cache, args.steps, args.train_steps, args.clip_steps, args.retrain))
 
 
 if __name__ == "__main__":

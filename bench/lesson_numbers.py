@@ -4,6 +4,7 @@ can compare them with the READMEs.
     python train.py                                   # runs/tiny (the numbers are about this model)
     python bench/lesson_numbers.py                    # every measurement -> bench/results/numbers/<name>.md
     python bench/lesson_numbers.py lesson11_ddim      # one of them
+    python bench/lesson_numbers.py lesson13_lora lesson14_ip_adapter   # the adapters: they train, ~15 min
     python bench/lesson_numbers.py --readmes          # copy the results into the READMEs' number blocks
 
 A README quotes a result inside a block
@@ -18,6 +19,9 @@ numbers were measured on: change the recipe and the numbers must be measured aga
 
 Each measurement calls the same function the lesson itself runs (with the library's reference solutions), so
 a learner who runs the lesson on their own `python train.py` model sees these numbers up to training noise.
+Lessons 13 and 14 quote benchmarks instead: lesson13_lora and lesson14_ip_adapter call bench/lora.py and
+bench/ip_adapter.py, which train a LoRA and an IP-Adapter (with its CLIPs) of the stages' recipes on the frozen
+model and measure them (the scripts' own command lines print the same tables for other settings).
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(ROOT / "bench"))
-from machine import commit  # noqa: E402  (bench/machine.py)
+from machine import commit, shown  # noqa: E402  (bench/machine.py)
 
 RESULTS = ROOT / "bench" / "results" / "numbers"
 BLOCK = re.compile(r"<!-- numbers: (\w+) -->\n(.*?)<!-- /numbers -->", re.S)
@@ -135,6 +139,28 @@ def lesson16_broken(pipe) -> str:
     return format_evaluation(columns)
 
 
+def _bench(name: str):
+    """bench/<name>.py as a module (its functions measure; its CLI prints the same for other settings)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def lesson13_lora(pipe) -> str:
+    """Lesson 13: a rank-8 LoRA learns the word "corner" (the preset's recipe, as `train.py --stage lora` trains
+    it): its cost, the concept and base-prompt accuracy before and after (bench/lora.py)."""
+    return _bench("lora").measure(pipe.run)
+
+
+def lesson14_ip_adapter(pipe) -> str:
+    """Lesson 14: an IP-Adapter (and its CLIP, and a judge CLIP) trained afresh on the frozen model: image-prompt
+    fidelity, the lambda sweep of text + image, CLIP-T / CLIP-I (bench/ip_adapter.py)."""
+    return _bench("ip_adapter").measure(pipe.run)
+
+
 def diagnostics(pipe) -> str:
     """`python -m minildm.diagnostics --run runs/tiny` (and lesson 16 part 3): the four diagnostics' numbers."""
     import tempfile
@@ -146,7 +172,8 @@ def diagnostics(pipe) -> str:
 
 
 MEASUREMENTS = {f.__name__: f for f in (autoencoder, evaluation, lesson09_attention, lesson11_ddim,
-                                         lesson12_guidance, lesson16_broken, diagnostics)}
+                                         lesson12_guidance, lesson13_lora, lesson14_ip_adapter, lesson16_broken,
+                                         diagnostics)}
 
 
 def provenance(name: str, run: Path) -> str:
@@ -156,8 +183,7 @@ def provenance(name: str, run: Path) -> str:
     state = torch.load(run / "ldm.pt", map_location="cpu", weights_only=True)
     preset = state.get("preset", "?")
     recipe = f"tiny preset {recipe_fingerprint()}" if preset == "tiny" else f"preset {preset}, not the tiny recipe"
-    where = run.relative_to(ROOT) if run.is_relative_to(ROOT) else run
-    return (f"Measured by `python bench/lesson_numbers.py {name}` on `{where}` ({recipe}, LDM trained "
+    return (f"Measured by `python bench/lesson_numbers.py {name}` on `{shown(run)}` ({recipe}, LDM trained "
             f"{state.get('step', '?')} steps; code at commit {commit()}).")
 
 

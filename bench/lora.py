@@ -1,8 +1,10 @@
 """LoRA fine-tuning on a new word: time, trainable fraction, file size, concept accuracy, and what it costs the
 base prompts.
 
-    python bench/lora.py --base runs/tiny [--concept corner] [--rank 8] [--threads 2]
-                                                            # writes bench/results/lora.md
+    python bench/lesson_numbers.py lesson13_lora    # on runs/tiny -> bench/results/numbers/lesson13_lora.md,
+                                                    # the table lesson 13 quotes (tests check it is current)
+    python bench/lora.py --base runs/tiny [--concept corner] [--rank 8] [--steps 1000] [--n 4] [--threads 2]
+                                                    # the same measurement, printed: for trying other recipes
 
 1. Prompt accuracy of the base run on the 80 SEEN prompts (and the 10 HELD_OUT ones), 4 samples each, DDIM 50,
    guidance 3 (minildm.evaluate), and on the concept prompts (the base has no such word: a reference point).
@@ -25,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `python bench/x.py` works
 
-from machine import cpu_name  # noqa: E402  (bench/machine.py)
+from machine import cpu_name, shown  # noqa: E402  (bench/machine.py)
 from minildm.adapters.lora import apply_lora_file  # noqa: E402
 from minildm.checkpoint import load_checkpoint  # noqa: E402
 from minildm.config import get_preset  # noqa: E402
@@ -38,12 +40,11 @@ from minildm.train.ldm import encode_latent_cache  # noqa: E402
 from minildm.train.lora import (concept_prompts, first_stage_accuracy, lora_train_config, train_lora,
                                 trainable_counts)  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def concept_accuracy(pipe, concept: str, n: int) -> float:
-    """All three attributes right on n samples of every concept prompt (DDIM 50, guidance 3)."""
-    images, prompts = generate_split(pipe, shapes.concept_combos(concept), n, desc=f"sampling '{concept}'")
+def concept_accuracy(pipe, concept: str, n: int, steps: int = 50) -> float:
+    """All three attributes right on n samples of every concept prompt (DDIM `steps`, guidance 3)."""
+    images, prompts = generate_split(pipe, shapes.concept_combos(concept), n, steps=steps,
+                                     desc=f"sampling '{concept}'")
     return prompt_accuracy(images, prompts, (concept,))
 
 
@@ -61,82 +62,91 @@ def first_stage_ceilings(pipe, n: int = 256) -> dict[str, float]:
     return ceilings
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--base", default="runs/tiny")
-    p.add_argument("--concept", default="corner")
-    p.add_argument("--rank", type=int, default=None, help="adapter rank (default: the preset's recipe)")
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the preset's recipe)")
-    p.add_argument("--n", type=int, default=4, help="samples per prompt")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--note", default="", help="a line added under the table (e.g. which base this is)")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    base = Path(args.base)
-    state = load_checkpoint(base / "ldm.pt", "ldm")
-    preset = get_preset(state["preset"])
+def measure(base: str | Path, concept: str = "corner", rank: int | None = None, steps: int | None = None,
+            n: int = 4, sample_steps: int = 50) -> str:
+    """Fine-tune a LoRA on the run `base` (only read) and return the markdown table of its costs and accuracies.
+
+    rank, steps: None = the preset's recipe (minildm/train/lora.py); n samples per prompt, DDIM sample_steps,
+    guidance 3. The table quoted in lesson 13 uses the defaults."""
+    base = Path(base)
+    preset = get_preset(load_checkpoint(base / "ldm.pt", "ldm")["preset"])
     cfg = lora_train_config(preset)
-    steps, rank = args.steps or cfg.steps, args.rank or cfg.rank
-    sampling = dict(steps=50, guidance_scale=3.0, n=args.n)
+    steps, rank = steps or cfg.steps, rank or cfg.rank
+    threads = torch.get_num_threads()
+    sampling = dict(steps=sample_steps, guidance_scale=3.0, n=n)
     load_start = os.getloadavg()[0]
 
-    pipe = LatentDiffusion.load(base)
-    ceilings = first_stage_ceilings(pipe)
-    before = prompt_accuracy_report(pipe, **sampling)
-    concept_before = concept_accuracy(pipe, args.concept, args.n)
+    with torch.no_grad():
+        pipe = LatentDiffusion.load(base)
+        ceilings = first_stage_ceilings(pipe)
+        before = prompt_accuracy_report(pipe, **sampling)
+        concept_before = concept_accuracy(pipe, concept, n, sample_steps)
     print(f"base: seen {before['seen']['all']:.3f}, held-out {before['held_out']['all']:.3f}, "
           f"concept {concept_before:.3f}", flush=True)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = train_lora(preset, base, torch.device("cpu"), concept=args.concept, rank=rank, steps=steps,
+    with tempfile.TemporaryDirectory() as tmp, torch.enable_grad():
+        path = train_lora(preset, base, torch.device("cpu"), concept=concept, rank=rank, steps=steps,
                           out=tmp, show_progress=False)
         file_state = load_checkpoint(path, "lora")
         file_kb = path.stat().st_size / 1e3
         tuned = apply_lora_file(LatentDiffusion.load(base), path, lora_strength=1.0)
     adapter, total = trainable_counts(tuned)
     wall, cpu = file_state["train_seconds"], file_state["train_cpu_seconds"]
-    concept_after = concept_accuracy(tuned, args.concept, args.n)
-    after = prompt_accuracy_report(tuned, **sampling)
+    with torch.no_grad():
+        concept_after = concept_accuracy(tuned, concept, n, sample_steps)
+        after = prompt_accuracy_report(tuned, **sampling)
     load_end = os.getloadavg()[0]
 
     seen_change = after["seen"]["all"] - before["seen"]["all"]
     ldm_mb = (base / "ldm.pt").stat().st_size / 1e6
+    n_seen, n_held = len(shapes.SEEN), len(shapes.HELD_OUT)
     rows = [
         ("fine-tuning steps x batch", f"{steps} x {cfg.batch_size} (half concept, half base prompts), lr {cfg.lr:g}"),
-        ("fine-tuning time", f"{wall:.0f} s wall, {cpu:.0f} s CPU with {args.threads} torch thread(s): on 2 idle "
-                             + (f"cores ~{cpu / 2:.0f} s" if args.threads == 2 else
+        ("fine-tuning time", f"{wall:.0f} s wall, {cpu:.0f} s CPU with {threads} torch thread(s): on 2 idle "
+                             + (f"cores ~{cpu / 2:.0f} s" if threads == 2 else
                                 f"cores between {cpu / 2:.0f} s (perfect 2-thread scaling) and {cpu:.0f} s (one thread)")),
         ("trainable parameters", f"{adapter:,} of {total:,} = **{100 * adapter / total:.2f}%** "
                                  f"(LoRA A, B on {len(file_state['names'])} UNet projections + 1 word row)"),
         ("LoRA file", f"{file_kb:.0f} KB, against {4 * (total - adapter) / 1e6:.1f} MB of base weights "
                       f"(ldm.pt with EMA and optimizer state: {ldm_mb:.1f} MB)"),
         ("first stage round trip, describe(D(E(x))) of concept images (the ceiling)",
-         ", ".join(f"{'**' if c == args.concept else ''}{c} {a:.3f}{'**' if c == args.concept else ''}"
+         ", ".join(f"{'**' if c == concept else ''}{c} {a:.3f}{'**' if c == concept else ''}"
                    for c, a in ceilings.items())),
-        (f"concept accuracy ({len(concept_prompts(args.concept))} prompts x {args.n})",
+        (f"concept accuracy ({len(concept_prompts(concept))} prompts x {n})",
          f"{concept_before:.3f} base -> **{concept_after:.3f}** with the adapter"),
-        (f"seen accuracy (80 prompts x {args.n})",
+        (f"seen accuracy ({n_seen} prompts x {n})",
          f"{before['seen']['all']:.3f} base -> **{after['seen']['all']:.3f}** with the adapter "
          f"(change {seen_change:+.3f})"),
-        (f"held-out accuracy (10 prompts x {args.n})",
+        (f"held-out accuracy ({n_held} prompts x {n})",
          f"{before['held_out']['all']:.3f} base -> {after['held_out']['all']:.3f} with the adapter"),
     ]
-    table = "\n".join([
-        f"LoRA on `{base}` (preset {preset.name}), concept '{args.concept}' "
-        f"(e.g. \"{concept_prompts(args.concept)[0]}\"), rank {rank}, alpha {file_state['alpha']:g}; "
-        f"sampling: DDIM 50 steps, guidance 3, {args.n} samples per prompt, adapter strength 1.",
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} torch threads, torch {torch.__version__}; "
+    return "\n".join([
+        f"LoRA on `{shown(base)}` (preset {preset.name}), concept '{concept}' "
+        f"(e.g. \"{concept_prompts(concept)[0]}\"), rank {rank}, alpha {file_state['alpha']:g}; "
+        f"sampling: DDIM {sample_steps} steps, guidance 3, {n} samples per prompt, adapter strength 1.",
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, {threads} torch thread(s), torch {torch.__version__}; "
         f"load average {load_start:.1f} at the start, {load_end:.1f} at the end (shared machine).",
         "",
         "| measure | result |",
         "|---|---|",
         *[f"| {k} | {v} |" for k, v in rows],
-        *([f"\n{args.note}"] if args.note else []),
     ])
-    out = ROOT / "bench" / "results" / "lora.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table + "\n")
-    print(table)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="LoRA on a trained run, printed (the quoted table: "
+                                            "python bench/lesson_numbers.py lesson13_lora).")
+    p.add_argument("--base", default="runs/tiny")
+    p.add_argument("--concept", default="corner")
+    p.add_argument("--rank", type=int, default=None, help="adapter rank (default: the preset's recipe)")
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the preset's recipe)")
+    p.add_argument("--n", type=int, default=4, help="samples per prompt")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    if not (Path(args.base) / "ldm.pt").is_file():
+        p.error(f"no trained model in {args.base}: run `python train.py` first.")
+    torch.set_num_threads(args.threads)
+    print(measure(args.base, args.concept, args.rank, args.steps, args.n))
 
 
 if __name__ == "__main__":

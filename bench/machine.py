@@ -1,4 +1,5 @@
-"""The machine line of every benchmark table: CPU model, cores, torch threads, load, torch version, commit."""
+"""The machine line of every benchmark table: CPU model, cores, torch threads, load, torch version, commit; and
+how a table names a run."""
 import os
 import platform
 import subprocess
@@ -31,3 +32,10 @@ def commit() -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     return head + (" + changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def shown(run: Path) -> Path:
+    """A run's path as a table names it: relative to the repository when inside it (runs/tiny, never /home/...)."""
+    root = Path(__file__).resolve().parent.parent
+    run = Path(run)
+    return run.relative_to(root) if run.is_absolute() and run.is_relative_to(root) else run

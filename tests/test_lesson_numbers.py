@@ -37,8 +37,12 @@ def test_readme_block_matches_results(readme, name, contents):
 
 @pytest.mark.parametrize("path", RESULT_FILES, ids=lambda p: p.stem)
 def test_results_measured_on_todays_recipe(path):
-    recorded = re.search(r"tiny preset (\w+)", path.read_text())
-    assert recorded, f"{path.name} does not say which recipe it was measured on"
+    first = path.read_text().splitlines()[0]
+    command = f"python bench/lesson_numbers.py {path.stem}"
+    assert first.startswith(f"Measured by `{command}`"), (
+        f"{path.name} was not written by `{command}` (its first line names another command): measure it with that")
+    recorded = re.search(r"tiny preset (\w+)", first)
+    assert recorded, f"{path.name} does not say which recipe it was measured on: measure it with `{command}`"
     assert recorded[1] == numbers.recipe_fingerprint(), (
         f"the tiny preset changed since {path.name} was measured: train again (python train.py) and run "
         f"python bench/lesson_numbers.py {path.stem}, in the same commit as the recipe change")

@@ -48,7 +48,7 @@ if QUICK or not adapter.is_file():
     if not QUICK:
         print(f"  no IP-Adapter in {base.relative_to(ROOT)}: the README's numbers come from the 4000-step one that "
               f"`python train.py --stage ip-adapter --base runs/tiny` trains (about 5 minutes of CPU, "
-              "bench/results/ip_adapter.md). "
+              "bench/results/numbers/lesson14_ip_adapter.md). "
               f"This run trains a {short}-step adapter instead, which keeps the image prompt's colour and shape "
               "only some of the time; the figures say which adapter drew them.")
     cache = ROOT / "lessons" / ".cache" / f"ip_adapter_{base.name}"

@@ -32,7 +32,8 @@ image branch's output is added to the text branch's and cannot see which text it
 learn a colour signal strong enough to win against the ghost of every position phrase. With the three cuts
 equally likely (position phrases in 25% of the samples) the adapter settled for what suits the empty text:
 image-only prompts held (0.92), but a red square + "on the left" came out yellow (0.19 at best, even after
-4000 steps). With position phrases in half the samples: 0.94 at lambda = 1.5 (bench/results/ip_adapter.md).
+4000 steps). With position phrases in half the samples: 0.94 at lambda = 1.5 (at commit 04f5cbe; today's
+numbers: python bench/lesson_numbers.py lesson14_ip_adapter, quoted in lesson 14).
 Full captions (the paper's only case) stay at 10%: they teach the image branch little on shapes, but without
 them an image prompt + its full caption drifted (CLIP-T 0.80 in a 1500-step run without them, 0.93 with them
 at 4000 steps).

@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "stage scales its regressor, VAE and adapter, not the base model it trains first)")
     p.add_argument("--dry-run", action="store_true", help="print the models' sizes and exit")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="(autoencoder, ldm, all) the seed of the weights, batches and noise (default: the preset's, 0)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="mixed precision on CUDA (auto: bf16 where supported, else fp16; fp32 on CPU and MPS)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks (slow start, faster steps)")
@@ -64,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                 "autoencoder.pt, whichever kind it holds: drop --autoencoder.")
     if args.resume and args.overwrite:
         p.error("give --resume (continue the run) or --overwrite (start it over), not both.")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        p.error(f"--seed must lie in [0, 2**32 - 1], got {args.seed}.")
+    if args.seed is not None and args.stage not in ("all", "autoencoder", "ldm"):
+        p.error(f"--seed sets the autoencoder and ldm stages' seed; the {args.stage} stage has its own recipe: drop --seed.")
     if not 0 < args.lr_scale < float("inf"):
         p.error(f"--lr-scale must be a positive number, got {args.lr_scale}.")
     if args.lr_scale != 1 and args.stage == "clip":
@@ -71,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
+def main(argv=None, preset=None) -> int:
+    """preset: a Preset to train instead of --preset's (bench/train_speed.py compares recipes this way)."""
     args = parse_args(argv)
     import torch
 
@@ -84,7 +91,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        preset = get_preset(args.preset)
+        preset = preset or get_preset(args.preset)
         device = pick_device(args.device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -114,6 +121,9 @@ def main(argv=None) -> int:
     main_rank = distributed.is_main()
     precision = resolve_precision(args.precision, device)
     run_dir = Path(args.out or f"runs/{preset.name}")
+    if args.seed is not None:
+        preset.vq_train = replace(preset.vq_train, seed=args.seed)
+        preset.ldm = replace(preset.ldm, seed=args.seed)
     if args.lr_scale != 1:
         preset.vq_train = replace(preset.vq_train, lr=preset.vq_train.lr * args.lr_scale,
                                   disc_lr=preset.vq_train.disc_lr * args.lr_scale)

@@ -46,6 +46,7 @@ class LDMTrainConfig:
     ema_decay: float = 0.999
     prediction: str = "eps"  # what the UNet outputs: eps (DDPM), x0, or v = sqrt(abar) eps - sqrt(1 - abar) x0
     p_uncond: float = 0.1  # classifier-free guidance: train with the empty prompt this often
+    snr_gamma: float | None = None  # Min-SNR-gamma loss weighting over t (diffusion/ddpm.py); None: uniform
     cache_size: int = 8000  # shapes rendered and encoded once into the latent cache
     paraphrase_prob: float = 0.0
     sample_every: int = 1000

@@ -160,3 +160,40 @@ def test_ddpm_sample_is_reproducible_and_uses_noise():
     b = ddpm_sample(eps_fn, sch, x_T, generator=torch.Generator().manual_seed(9), progress=False)
     c = ddpm_sample(eps_fn, sch, x_T, generator=torch.Generator().manual_seed(10), progress=False)
     assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_min_snr_loss_is_the_capped_snr_times_the_x0_error(prediction):
+    """Min-SNR-gamma (Hang et al. 2023): whatever the target, the weighted loss is min(SNR, gamma) times the
+    squared error of the x_0 the output implies. A weight divided by SNR for v (instead of SNR + 1), or by
+    SNR + 1 for eps, fails here."""
+    sch = NoiseSchedule(1000, "linear")
+    gen = torch.Generator().manual_seed(7)
+    x0 = torch.randn(6, 2, 3, 3, generator=gen, dtype=torch.float64)
+    eps = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0, 3, 60, 250, 600, 999])  # SNR from ~1e4 down to ~4e-5: both sides of gamma
+    out = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+
+    def model(x_t, t_):
+        return out
+
+    gamma = 5.0
+    weighted = diffusion_loss(model, sch, x0, prediction, t=t, eps=eps, per_sample=True, snr_gamma=gamma)
+    abar = sch.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    x0_hat = {"eps": (x_t - (1 - abar).sqrt() * out) / abar.sqrt(), "x0": out,
+              "v": abar.sqrt() * x_t - (1 - abar).sqrt() * out}[prediction]
+    snr = abar.flatten() / (1 - abar.flatten())
+    expected = snr.clamp(max=gamma) * (x0_hat - x0).pow(2).flatten(1).mean(dim=1)
+    assert torch.allclose(weighted, expected, rtol=1e-5)
+    # a cap no SNR reaches leaves eps-prediction's loss as it was (w = SNR / SNR = 1)
+    plain = diffusion_loss(model, sch, x0, "eps", t=t, eps=eps, per_sample=True)
+    huge = diffusion_loss(model, sch, x0, "eps", t=t, eps=eps, per_sample=True, snr_gamma=1e9)
+    assert torch.allclose(huge, plain, rtol=1e-5)
+
+
+def test_min_snr_rejects_a_cap_that_is_not_positive():
+    sch = NoiseSchedule(10, "linear")
+    for gamma in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="snr_gamma"):
+            diffusion_loss(lambda x_t, t: x_t, sch, torch.zeros(2, 3), snr_gamma=gamma)

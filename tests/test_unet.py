@@ -193,3 +193,20 @@ def test_unet_learns_to_regress_a_target():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0]
+
+
+def test_channels_last_computes_the_same_function_and_gradients():
+    """channels_last is a memory layout only: the same weights give the same output and gradients."""
+    x, t, context, mask = inputs()
+    dense = make(tiny_cfg(kernel="sdpa"))
+    nhwc = UNet(tiny_cfg(kernel="sdpa", channels_last=True))
+    nhwc.load_state_dict(dense.state_dict())
+    conv = nhwc.input_blocks[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()  # kept by load
+    out_dense, out_nhwc = dense(x, t, context, mask), nhwc(x, t, context, mask)
+    assert out_nhwc.is_contiguous()  # handed back in the caller's layout
+    assert torch.allclose(out_nhwc, out_dense, atol=1e-5)
+    out_dense.pow(2).sum().backward()
+    out_nhwc.pow(2).sum().backward()
+    for (name, a), b in zip(dense.named_parameters(), nhwc.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-4, rtol=1e-4), name

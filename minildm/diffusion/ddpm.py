@@ -46,6 +46,7 @@ def diffusion_loss(
     eps: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     per_sample: bool = False,
+    snr_gamma: float | None = None,
 ) -> torch.Tensor:
     """Algorithm 1: the denoising regression loss on a batch of clean latents.
 
@@ -54,6 +55,13 @@ def diffusion_loss(
     t, eps:     drawn here when None (t ~ Uniform{0..T-1}, eps ~ N(0, I)); pass them to control the draw,
                 e.g. to know which timestep each per-sample loss belongs to.
     per_sample: return the mean squared error of each sample, [B], instead of the batch mean (a scalar).
+    snr_gamma:  None weights every t alike (Algorithm 1). gamma > 0: Min-SNR-gamma weighting (Hang et al. 2023,
+                "Efficient Diffusion Training via Min-SNR Weighting Strategy", arXiv:2303.09556). Measured as
+                an error on x_0, every target is ||x_0 - x0_theta||^2 times a weight that grows with
+                SNR(t) = abar_t / (1 - abar_t): SNR for eps, SNR + 1 for v, 1 for x_0, so the nearly clean
+                timesteps dominate the gradient while the noisy ones, where the prompt decides the layout,
+                get little. Min-SNR caps the x_0 weight at gamma:
+                    w_t = min(SNR, gamma) / SNR (eps),  min(SNR, gamma) / (SNR + 1) (v),  min(SNR, gamma) (x0).
     """
     _check_prediction(prediction)
     B = x0.shape[0]
@@ -74,7 +82,19 @@ def diffusion_loss(
         raise ValueError(f"model_fn returned shape {list(output.shape)} but the target has shape {list(target.shape)}.")
 
     per_sample_loss = (output - target).pow(2).flatten(1).mean(dim=1)  # ||target - output||^2 / dim, [B]
+    if snr_gamma is not None:
+        per_sample_loss = per_sample_loss * min_snr_weight(schedule.snr(t), snr_gamma, prediction)
     return per_sample_loss if per_sample else per_sample_loss.mean()
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights w_t [B] for SNR(t) [B] (see diffusion_loss): the x_0 weight min(SNR, gamma)
+    divided by what the prediction's own MSE already weighs x_0 by (SNR for eps, SNR + 1 for v, 1 for x0)."""
+    _check_prediction(prediction)
+    if not gamma > 0:
+        raise ValueError(f"snr_gamma must be a positive number (Hang et al. use 5), got {gamma}.")
+    capped = snr.clamp(max=gamma)  # min(SNR, gamma)
+    return {"eps": capped / snr, "v": capped / (snr + 1), "x0": capped}[prediction]
 
 
 def as_eps_fn(model_fn: ModelFn, schedule: NoiseSchedule, prediction: str) -> ModelFn:

@@ -82,6 +82,10 @@ class UNetConfig:
     dropout: float = 0.0
     norm_groups: int = 32  # GroupNorm groups; must divide every level's channel count
     kernel: str = "naive"  # attention kernel: "naive" | "chunked" | "sdpa"
+    # weights and activations in channels_last (NHWC) memory format: the layout oneDNN's CPU convolutions and
+    # cuDNN's tensor cores work in (NCHW costs them a reorder per convolution), and in which the
+    # SpatialTransformer's "b c h w -> b (h w) c" is a view instead of a copy (bench/unet_reference.py)
+    channels_last: bool = False
     use_checkpoint: bool = False  # gradient checkpointing: recompute block activations in backward
 
     def __post_init__(self):
@@ -198,6 +202,8 @@ class UNet(nn.Module):
         )
         nn.init.zeros_(self.out[-1].weight)  # a fresh UNet predicts eps = 0
         nn.init.zeros_(self.out[-1].bias)
+        if cfg.channels_last:
+            self.to(memory_format=torch.channels_last)  # the 4-d conv weights; load_state_dict keeps the layout
 
     def _run(self, block, h, emb, context, context_mask):
         if self.cfg.use_checkpoint and self.training and torch.is_grad_enabled():
@@ -219,7 +225,7 @@ class UNet(nn.Module):
             )
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
         skips = []
-        h = x
+        h = x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
         for block in self.input_blocks:
             h = self._run(block, h, emb, context, context_mask)
             skips.append(h)
@@ -227,4 +233,4 @@ class UNet(nn.Module):
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # skip connection
             h = self._run(block, h, emb, context, context_mask)
-        return self.out(h)
+        return self.out(h).contiguous()  # the caller's layout, whichever the UNet computes in

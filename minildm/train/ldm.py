@@ -174,7 +174,8 @@ def train_ldm(preset: Preset, run_dir: str | Path, device: torch.device, resume:
         z0 = z0_all[torch.from_numpy(idx)]
         z0, tokens, t, eps = (distributed.shard(v).to(device) for v in (z0, tokens, t, eps))
         with autocast(device, precision):
-            loss = diffusion_loss(lambda x_t, t_: model(x_t, t_, tokens), schedule, z0, cfg.prediction, t=t, eps=eps)
+            loss = diffusion_loss(lambda x_t, t_: model(x_t, t_, tokens), schedule, z0, cfg.prediction, t=t, eps=eps,
+                                  snr_gamma=cfg.snr_gamma)
         return loss, {"loss": loss.item()}
 
     denoiser.train()

@@ -115,6 +115,7 @@ def main() -> None:
 
     import torch
 
+    from lesson_numbers import recipe_fingerprint
     from machine import commit, machine
 
     rows = []
@@ -135,8 +136,9 @@ def main() -> None:
 
     threads = torch.get_num_threads()
     lines = [f"`python bench/train_speed.py --recipes {' '.join(args.recipes)} --seeds "
-             f"{' '.join(map(str, args.seeds))}` at commit {commit()}. Machine: {machine()}; "
-             f"each run in its own process with torch's default {threads} thread(s).", "",
+             f"{' '.join(map(str, args.seeds))}` at commit {commit()} (after = the tiny preset "
+             f"{recipe_fingerprint()}). Machine: {machine()}; each run in its own process with torch's default "
+             f"{threads} thread(s).", "",
              "| recipe | seed | wall | autoencoder | ldm | PSNR | codes | seen | held-out |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

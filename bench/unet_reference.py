@@ -9,8 +9,9 @@ equal), and one forward + backward of the v-prediction loss at batch 64 on 8x8x4
 context is timed for each, the models *interleaved* round by round in one process so that whatever else the
 machine is doing lands on all alike. Reported: the best and the median of the rounds, and ours / reference
 on the best (on a shared machine the best round is the one least disturbed), per attention kernel of ours
-and with the UNet and its input in channels_last memory format (oneDNN's preferred layout for convolutions
-on a CPU). Then torch.profiler's table of where our step spends its time (the top operators).
+in the default (NCHW) memory format and with `UNetConfig(channels_last=True)` (oneDNN's preferred layout for
+convolutions on a CPU), the layout and kernel the tiny preset trains with. Then torch.profiler's table of
+where the preset's step spends its time (the top operators).
 """
 from __future__ import annotations
 
@@ -62,6 +63,28 @@ def make_step(model, x, t, context, v, ours: bool):
     return step
 
 
+CATEGORIES = (  # (label, substrings of aten operator names), first match wins
+    ("convolutions (forward + backward)", ("convolution",)),
+    ("attention kernel", ("scaled_dot_product", "softmax", "_attention")),
+    ("linear layers and other matmuls", ("::mm", "addmm", "bmm", "matmul", "linear")),
+    ("GroupNorm / LayerNorm", ("group_norm", "layer_norm")),
+    ("activations (SiLU, GELU of GEGLU)", ("silu", "gelu")),
+    ("copies and layout changes (cat, copy_, contiguous)", ("copy_", "cat", "clone", "contiguous", "_to_copy")),
+    ("element-wise arithmetic (add, mul)", ("::add", "::mul", "::sub", "::div")),
+)
+
+
+def time_by_category(prof) -> list[tuple[str, float]]:
+    """Self CPU time of the profiled steps summed per kind of operator: [(label, seconds)], largest first."""
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        if not event.key.startswith("aten::"):
+            continue
+        label = next((lbl for lbl, keys in CATEGORIES if any(k in event.key for k in keys)), "everything else")
+        totals[label] = totals.get(label, 0.0) + event.self_cpu_time_total / 1e6
+    return sorted(totals.items(), key=lambda kv: -kv[1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -74,7 +97,8 @@ def main() -> None:
     except ImportError:
         raise SystemExit("bench/unet_reference.py needs diffusers (pip install -e '.[parity]').") from None
     torch.set_num_threads(args.threads)
-    cfg = tiny().unet
+    preset_cfg = tiny().unet  # what `python train.py` trains
+    cfg = replace(preset_cfg, kernel="naive", channels_last=False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, cfg.in_channels, 8, 8, generator=g)
     v = torch.randn(args.batch, cfg.in_channels, 8, 8, generator=g)
@@ -86,13 +110,14 @@ def main() -> None:
     kernels = ("naive", "sdpa", "chunked")
     ours = {k: UNet(replace(cfg, kernel=k)).train() for k in kernels}
     counts = {k: n_params(m) for k, m in ours.items()}
-    channels_last = UNet(replace(cfg, kernel="sdpa")).train().to(memory_format=torch.channels_last)
+    channels_last = UNet(replace(cfg, kernel="sdpa", channels_last=True)).train()
     assert len(set(counts.values())) == 1 and counts["naive"] == n_params(ref), (counts, n_params(ref))
 
     steps = {"diffusers": make_step(ref, x, t, context, v, ours=False)}
     steps.update({f"ours ({k})": make_step(m, x, t, context, v, ours=True) for k, m in ours.items()})
-    steps["ours (sdpa, channels_last)"] = make_step(channels_last, x.contiguous(memory_format=torch.channels_last),
-                                                    t, context, v, ours=True)
+    cl_name = "ours (sdpa, channels_last)" + (" = the tiny preset" if (preset_cfg.kernel, preset_cfg.channels_last)
+                                              == ("sdpa", True) else "")
+    steps[cl_name] = make_step(channels_last, x, t, context, v, ours=True)  # the UNet converts x itself
     times = {name: [] for name in steps}
     for name, step in steps.items():  # warm-up: allocator, oneDNN kernel selection
         step(), step()
@@ -107,8 +132,10 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.profile_steps):
-            steps["ours (sdpa)"]()
+            steps[cl_name]()
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    categories = time_by_category(prof)
+    total = sum(sec for _, sec in categories)
 
     rows = [f"| {name} | {best[name] * 1000:.0f} ms | {med[name] * 1000:.0f} ms | {best[name] / best['diffusers']:.2f} |"
             for name in steps]
@@ -126,7 +153,12 @@ def main() -> None:
         "|---|---|---|---|",
         *rows,
         "",
-        f"## Where our step spends its time (sdpa kernel, {args.profile_steps} steps, torch.profiler, self CPU time)",
+        f"## Where our step spends its time (sdpa kernel, channels_last, {args.profile_steps} steps, torch.profiler, "
+        "self CPU time)",
+        "",
+        "| kind of operator | share of the step |",
+        "|---|---|",
+        *[f"| {label} | {sec / total:.0%} |" for label, sec in categories],
         "",
         "```",
         table,

@@ -53,3 +53,12 @@ def test_block_syntax_is_not_mistyped():
     for path in numbers.readme_files():
         text = path.read_text()
         assert text.count("<!-- numbers:") == text.count("<!-- /numbers -->") == len(numbers.BLOCK.findall(text)), path
+
+
+def test_training_time_measured_on_todays_recipe():
+    """The README's training time comes from bench/train_speed.py, whose "after" recipe must be today's tiny preset."""
+    text = (ROOT / "bench" / "results" / "train_speed.md").read_text()
+    recorded = re.search(r"after = the tiny preset (\w+)", text)
+    assert recorded and recorded[1] == numbers.recipe_fingerprint(), (
+        "the tiny preset changed since bench/results/train_speed.md was measured: run "
+        "python bench/train_speed.py --recipes before after --seeds 0 1 2 in the same commit as the recipe change")

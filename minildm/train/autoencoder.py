@@ -243,7 +243,7 @@ def train_autoencoder(preset: Preset, run_dir: str | Path, device: torch.device,
               scaler=grad_scaler(device, precision), after_step=discriminator_step, log_every=cfg.log_every,
               postfix=("l1", "kl") if first_stage == "kl" else ("l1", "perplexity", "usage"),
               on_step=lambda step: reconstruction_grid(step) if cfg.image_every and step % cfg.image_every == 0
-              else None, finish=scale_and_summary)
+              and step < steps else None, finish=scale_and_summary)  # the last step's grid: below
     path = ckpt_path
     reconstruction_grid(run.step)
     distributed.barrier()  # the next stage reads autoencoder.pt on every rank

@@ -251,7 +251,7 @@ def fit(loss_fn: Callable[[int], tuple[torch.Tensor, dict]], opt: torch.optim.Op
             bar.update(1)
             if on_step is not None:
                 on_step(step)
-            if ckpt.every and step % ckpt.every == 0:
+            if ckpt.every and step % ckpt.every == 0 and step < steps:  # the last step's save follows the loop
                 save()
         interrupted = interrupt.requested
     bar.close()

@@ -182,7 +182,8 @@ def train_ldm(preset: Preset, run_dir: str | Path, device: torch.device, resume:
     run = fit(loss_fn, opt, steps, Checkpoint(ckpt_path, "ldm", weights, load, every=cfg.save_every),
               lr=cfg.lr, warmup=cfg.warmup, resume=resume, desc="ldm", show_progress=show_progress, device=device,
               scaler=grad_scaler(device, precision), max_norm=cfg.grad_clip, ema=ema, postfix=("loss",),
-              on_step=lambda step: sample_grid(step) if cfg.sample_every and step % cfg.sample_every == 0 else None)
+              on_step=lambda step: sample_grid(step) if cfg.sample_every and step % cfg.sample_every == 0
+              and step < steps else None)  # the last step's grid is drawn once, below
     path = ckpt_path
     distributed.barrier()
     if not main:

@@ -1,0 +1,156 @@
+"""How the tiny preset's faster recipe was chosen: each stage's variants trained and scored on their own.
+
+    python bench/recipe_search.py autoencoder a600_lr1e-3 --seeds 0 1 2   # one variant (see VARIANTS)
+    python bench/recipe_search.py ldm k1000_lr2e-3 --seeds 0               # on runs/recipe_search/ae_reference
+    python bench/recipe_search.py --table                                  # bench/results/recipe_search.md
+
+autoencoder: trains the tiny VQ-VAE with the variant's settings and reads fresh renders of all 90 colour x shape
+x position combinations (8 each, never seen in training) back through the round trip D(E(x)) with `describe`:
+the fraction still right is a ceiling on the LDM's prompt accuracy (a colour the autoencoder confuses, the LDM
+cannot draw). ldm: trains the prompt encoder + UNet with the variant's settings on one fixed autoencoder (the
+reference: the tiny recipe before the speed-up, seed 0; trained first if missing) and scores prompt accuracy as
+`python -m minildm.evaluate` (DDIM 50, guidance 3, 4 samples per prompt) on the 80 seen and 10 held-out prompts.
+Rows gather in runs/recipe_search/rows.jsonl; --table writes them out. Times are not compared here (these
+runs shared the machine): bench/train_speed.py times whole recipes side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+RUNS = ROOT / "runs" / "recipe_search"
+ROWS = RUNS / "rows.jsonl"
+
+# variant name -> settings replaced in the stage's train config (ldm: "unet" entries go to UNetConfig)
+VARIANTS = {
+    "autoencoder": {
+        "before": dict(steps=1200, batch_size=32, lr=2e-3),
+        "a600": dict(steps=600, batch_size=32, lr=2e-3),
+        "a600_lr4e-3": dict(steps=600, batch_size=32, lr=4e-3),
+        "a600_lr1e-3": dict(steps=600, batch_size=32, lr=1e-3),
+        "b16": dict(steps=1200, batch_size=16, lr=2e-3),
+        "b16_800": dict(steps=800, batch_size=16, lr=2e-3),
+        "b8": dict(steps=1200, batch_size=8, lr=2e-3),
+    },
+    "ldm": {
+        "k1000": dict(steps=1000, lr=1e-3),
+        "k1000_snr5": dict(steps=1000, lr=1e-3, snr_gamma=5.0),
+        "k1000_lr2e-3": dict(steps=1000, lr=2e-3),
+        "k1000_lr3e-3": dict(steps=1000, lr=3e-3),
+    },
+}
+FAST_UNET = dict(kernel="sdpa", channels_last=True)  # every ldm variant: the speed-up's kernel and layout
+
+
+def round_trip_accuracy(run: Path) -> dict:
+    """describe(D(E(x))) against the captions of 8 fresh renders of each of the 90 combinations."""
+    from minildm.data import shapes
+    from minildm.data.describe import attribute_accuracy
+    from minildm.pipeline import load_autoencoder
+    from minildm.progress import step_rng
+
+    autoencoder = load_autoencoder(run, torch.device("cpu")).eval()
+    combos = [c for c in shapes.ALL_COMBOS for _ in range(8)]
+    x = shapes.render_combos(combos, step_rng(123, 0, stream=2))  # a stream no training run draws
+    with torch.no_grad():
+        rec = torch.cat([autoencoder.decode(autoencoder.encode(x[i:i + 256])) for i in range(0, len(x), 256)])
+    return attribute_accuracy(((rec + 1) / 2).clamp(0, 1), [shapes.caption(*c) for c in combos])
+
+
+def train_autoencoder_variant(name: str, seed: int) -> dict:
+    from minildm.config import tiny
+    from minildm.train.autoencoder import train_autoencoder
+
+    preset = tiny()
+    preset.vq_train = replace(preset.vq_train, seed=seed, image_every=0, **VARIANTS["autoencoder"][name])
+    out = RUNS / f"ae_{name}_seed{seed}"
+    train_autoencoder(preset, out, torch.device("cpu"), show_progress=False)
+    summary = torch.load(out / "autoencoder.pt", weights_only=True)["summary"]
+    return {**round_trip_accuracy(out), "psnr": summary["psnr"]}
+
+
+def reference_autoencoder() -> Path:
+    """The autoencoder every ldm variant trains on: the tiny recipe before the speed-up, seed 0."""
+    out = RUNS / "ae_before_seed0"
+    if not (out / "autoencoder.pt").is_file():
+        train_autoencoder_variant("before", 0)
+    return out
+
+
+def train_ldm_variant(name: str, seed: int) -> dict:
+    from minildm.config import tiny
+    from minildm.evaluate import prompt_accuracy_report
+    from minildm.pipeline import LatentDiffusion
+    from minildm.train.ldm import train_ldm
+
+    preset = tiny()
+    preset.ldm = replace(preset.ldm, seed=seed, sample_every=0, **VARIANTS["ldm"][name])
+    preset.unet = replace(preset.unet, **FAST_UNET)
+    out = RUNS / f"ldm_{name}_seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(reference_autoencoder() / "autoencoder.pt", out / "autoencoder.pt")
+    train_ldm(preset, out, torch.device("cpu"), show_progress=False)
+    with torch.no_grad():
+        report = prompt_accuracy_report(LatentDiffusion.load(out), n=4, progress=False)
+    return {f"{split}_{k}": report[split][k] for split in report for k in ("color", "all")}
+
+
+def write_table() -> Path:
+    rows = [json.loads(line) for line in ROWS.read_text().splitlines()] if ROWS.is_file() else []
+    lines = ["`python bench/recipe_search.py STAGE VARIANT --seeds ...` for each row, then `--table` (module "
+             "docstring: what each stage's score means).", "",
+             "## Autoencoder: describe(D(E(x))) of 720 fresh renders", "",
+             "| variant | settings | seed | colour | all three | PSNR (held-back shapes) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["stage"] == "autoencoder":
+            lines.append(f"| {r['variant']} | {r['settings']} | {r['seed']} | {r['color']:.3f} | {r['all']:.3f} | "
+                         f"{r['psnr']:.1f} dB |")
+    lines += ["", f"## LDM on the reference autoencoder ({FAST_UNET['kernel']} kernel, channels_last): prompt "
+              "accuracy, 4 samples per prompt", "",
+              "| variant | settings | seed | seen | held-out | colour seen / held-out |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["stage"] == "ldm":
+            lines.append(f"| {r['variant']} | {r['settings']} | {r['seed']} | {r['seen_all']:.3f} | "
+                         f"{r['held_out_all']:.3f} | {r['seen_color']:.3f} / {r['held_out_color']:.3f} |")
+    out = ROOT / "bench" / "results" / "recipe_search.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("stage", nargs="?", choices=list(VARIANTS))
+    p.add_argument("variant", nargs="?")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--table", action="store_true", help="write bench/results/recipe_search.md from the rows so far")
+    args = p.parse_args()
+    if args.table:
+        print(f"wrote {write_table()}")
+        return
+    if args.stage is None or args.variant not in VARIANTS[args.stage]:
+        p.error(f"give a stage and one of its variants: {json.dumps({s: list(v) for s, v in VARIANTS.items()})}")
+    train = train_autoencoder_variant if args.stage == "autoencoder" else train_ldm_variant
+    RUNS.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        t0 = time.time()
+        row = {"stage": args.stage, "variant": args.variant, "seed": seed,
+               "settings": ", ".join(f"{k} {v:g}" for k, v in VARIANTS[args.stage][args.variant].items()),
+               **train(args.variant, seed), "minutes": (time.time() - t0) / 60}
+        with ROWS.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -14,10 +14,12 @@ image-to-image (Meng et al. 2022, arXiv:2108.01073): encode, noise to the streng
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from einops import rearrange
 
 from minildm.autoencoder.kl import AutoencoderKL, DiagonalGaussian, KLConfig
 from minildm.autoencoder.vqvae import VQConfig, VQVAE
@@ -26,6 +28,7 @@ from minildm.diffusion.ddim import ddim_sample, ddim_timesteps
 from minildm.diffusion.ddpm import as_eps_fn, ddpm_sample, gaussian_noise, seeded_generators
 from minildm.diffusion.guidance import cfg_model_fn
 from minildm.diffusion.schedule import NoiseSchedule
+from minildm.modules.attention_maps import AttentionMaps
 from minildm.modules.unet import UNet, UNetConfig
 from minildm.text.encoder import PromptEncoder, TextEncoderConfig
 from minildm.text.tokenizer import Tokenizer
@@ -157,7 +160,8 @@ class LatentDiffusion(nn.Module):
         guidance_scale: the CFG scale s of eps_u + s (eps_c - eps_u) (1 = plain conditional model, 0 = unconditional).
         sampler "ddim" uses `steps` steps (eta = 0 deterministic, eta = 1 DDPM-like); "ddpm" always walks all T.
         return_trajectory adds the decoded x_t along the way; return_attention adds the cross-attention maps
-        of the last step, averaged over heads and layers at the finest attended resolution, [N, L, h', w'].
+        of the last step, averaged over heads and layers at the finest attended resolution, [N, L, h', w']
+        (recorded by attention_maps.AttentionMaps; they are the prompts' maps, so guidance_scale must not be 0).
         extra_tokens: optional (cond [N or 1, n, d], uncond [1, n, d]) appended after the text context of the
         conditional and the unconditional half (IP-Adapter's image tokens: the UNet's decoupled cross-attention
         splits them off by count; the text mask still covers the text only).
@@ -180,6 +184,9 @@ class LatentDiffusion(nn.Module):
             raise ValueError(f"eta must lie in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like), got {eta}.")
         if not prompts:
             raise ValueError("give at least one prompt (the empty prompt \"\" samples unconditionally).")
+        if return_attention and guidance_scale == 0:
+            raise ValueError("return_attention needs guidance_scale > 0: at 0 the UNet runs only the negative prompt, "
+                             "so there are no maps of the prompts to return.")
 
         negative = [negative_prompts] if isinstance(negative_prompts, str) else list(negative_prompts or [""])
         if len(negative) not in (1, len(prompts)):
@@ -218,36 +225,30 @@ class LatentDiffusion(nn.Module):
         model_fn = cfg_model_fn(self.unet, context_c, mask_c, context_u, mask_u, guidance_scale)
         eps_fn = as_eps_fn(model_fn, self.schedule, self.prediction)
 
-        cross = [m for name, m in self.unet.named_modules() if name.endswith("attn2")]
-        for m in cross:
-            m.store_attention = return_attention
-        try:
+        # return_attention: record every cross-attention layer's maps, keeping each layer's latest (the last step)
+        maps = AttentionMaps(self.unet, keep_last=True) if return_attention else nullcontext()
+        with maps:
             if sampler == "ddim":
                 out = ddim_sample(eps_fn, self.schedule, x_T, steps, eta, generator=generator, progress=progress,
                                   return_trajectory=return_trajectory, skip_steps=skip, **self.ddim)
             else:
                 out = ddpm_sample(eps_fn, self.schedule, x_T, generator=generator, progress=progress,
                                   return_trajectory=return_trajectory)
-        finally:
-            for m in cross:
-                m.store_attention = False
         z0, trajectory = out if return_trajectory else (out, None)
         images = self.decode(z0)
         extras = {}
         if return_trajectory:
             extras["trajectory"] = [self.decode(z) for z in trajectory]
         if return_attention:
-            extras["attention"] = self._attention_maps(cross, len(prompts), guidance_scale)
+            extras["attention"] = self._finest_maps(maps, len(prompts))
         return (images, extras) if extras else images
 
     @staticmethod
-    def _attention_maps(cross: list[nn.Module], n: int, guidance_scale: float) -> torch.Tensor:
-        """Mean cross-attention probabilities per prompt token at the finest attended resolution: [n, L, h, w]."""
-        from einops import rearrange
-
-        maps = [m.last_attention for m in cross if getattr(m, "last_attention", None) is not None]
-        finest = max(a.shape[2] for a in maps)
-        maps = [a[-n:] for a in maps if a.shape[2] == finest]  # the conditional half of the CFG batch
-        probs = torch.stack(maps).mean(dim=(0, 2))  # [n, N = h*w, L], averaged over layers and heads
+    def _finest_maps(maps: AttentionMaps, n: int) -> torch.Tensor:
+        """Mean cross-attention probabilities per prompt token at the finest attended resolution, [n, L, h, w],
+        from the last step's records P [B, H, h*w, L] of every layer: the mean over layers and heads at once."""
+        finest = max(probs.shape[2] for _, probs in maps.records)
+        probs = [p[-n:] for _, p in maps.records if p.shape[2] == finest]  # the conditional half of the CFG batch
+        mean = torch.stack(probs).mean(dim=(0, 2))  # [n, N = h*w, L], averaged over layers and heads
         side = int(round(finest ** 0.5))
-        return rearrange(probs, "b (h w) l -> b l h w", h=side, w=side)
+        return rearrange(mean, "b (h w) l -> b l h w", h=side, w=side)

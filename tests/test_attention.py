@@ -144,7 +144,7 @@ def test_module_heads_split_matches_per_head_loop():
     torch.testing.assert_close(out, torch.cat(per_head, dim=-1), atol=1e-5, rtol=1e-5)
 
 
-def test_module_kernels_agree_and_store_attention():
+def test_module_kernels_agree_and_probs_hook_sees_the_probabilities():
     torch.manual_seed(0)
     x, ctx = torch.randn(2, 37, 32), torch.randn(2, 11, 20)
     mask = padding_mask()
@@ -156,13 +156,17 @@ def test_module_kernels_agree_and_store_attention():
     torch.testing.assert_close(outs["chunked"], outs["naive"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs["sdpa"], outs["naive"], atol=1e-5, rtol=1e-5)
 
-    attn.store_attention = True
-    out = attn(x, ctx, mask)
+    seen = []
+    attn.probs_hook = lambda module, probs: seen.append((module, probs)) or probs  # look, change nothing
+    out = attn(x, ctx, mask)  # the sdpa layer: with a hook it runs the naive kernel
     torch.testing.assert_close(out, outs["naive"], atol=1e-5, rtol=1e-5)
-    maps = attn.last_attention
-    assert maps.shape == (2, 2, 37, 11)
+    (module, maps), = seen
+    assert module is attn and maps.shape == (2, 2, 37, 11)
     torch.testing.assert_close(maps.sum(-1), torch.ones(2, 2, 37))
     assert torch.all(maps[1, :, :, 3:] == 0)
+    attn.probs_hook = lambda module, probs: torch.zeros_like(probs)  # a replacement is what the layer uses:
+    torch.testing.assert_close(attn(x, ctx, mask), attn.to_out.bias.expand(2, 37, 32))  # P = 0 -> O = 0 -> b_O
+    attn.probs_hook = None
     # all-True mask = no mask; self-attention when context is None
     full = torch.ones(2, 11, dtype=torch.bool)
     torch.testing.assert_close(attn(x, ctx, full), attn(x, ctx))
@@ -185,3 +189,66 @@ def test_kernel_gradients_match_naive(masking):
     for name in ("chunked", "sdpa"):
         for g_ref, g_kernel in zip(grads["naive"], grads[name]):
             torch.testing.assert_close(g_kernel, g_ref, atol=2e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- generate(return_attention=True)
+def random_pipeline():
+    """A micro pipeline with random weights (no training), attention at two levels."""
+    from dataclasses import replace
+
+    from minildm.autoencoder.vqvae import VQVAE
+    from minildm.config import micro
+    from minildm.diffusion.schedule import NoiseSchedule
+    from minildm.modules.unet import UNet
+    from minildm.pipeline import LatentDiffusion
+    from minildm.text.encoder import PromptEncoder, TextEncoderConfig
+    from minildm.text.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    p = micro()
+    tokenizer = Tokenizer.build(["a red circle on the left", "a blue square on the right"], max_len=8)
+    text = PromptEncoder(TextEncoderConfig(**{**p.text.__dict__, "vocab_size": tokenizer.vocab_size, "max_len": 8}))
+    unet = UNet(replace(p.unet, attention_levels=(0, 1)))
+    for w in unet.parameters():  # zero-initialised layers would make every step's input the same
+        if w.ndim > 1 and not w.any():
+            torch.nn.init.normal_(w, std=0.2)
+    return LatentDiffusion(VQVAE(p.vq), tokenizer, text, unet, NoiseSchedule(1000), 32, "v").eval().requires_grad_(False)
+
+
+def test_generate_returns_the_last_steps_maps_recomputed_from_each_layers_inputs():
+    """extras["attention"] [N, L, h, w] = softmax(Q K^T / sqrt(d)) of every attn2 layer at the finest level, from
+    the inputs it saw in the last UNet call, conditional half of the CFG batch, mean over layers and heads."""
+    from einops import rearrange
+
+    from minildm.modules.attention import attention_probs
+
+    pipe = random_pipeline()
+    prompts = ["a red circle on the left", "a blue square on the right"]
+    layers = {name: m for name, m in pipe.unet.named_modules() if name.endswith("attn2")}
+    last = {}  # name -> (x, context, mask) of the layer's latest call
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: last.update({name: args}))
+             for name, m in layers.items()]
+    try:
+        images, extras = pipe.generate(prompts, steps=3, guidance_scale=3.0, seed=0, return_attention=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert all(m.probs_hook is None for m in layers.values())  # recording ends with generate
+    assert torch.equal(images, pipe.generate(prompts, steps=3, guidance_scale=3.0, seed=0))  # recording changes nothing
+
+    probs = {}
+    for name, (x, context, mask) in last.items():
+        m = layers[name]
+        split = lambda v: rearrange(v, "b n (h d) -> b h n d", h=m.heads)  # noqa: E731
+        probs[name] = attention_probs(split(m.to_q(x)), split(m.to_k(context)), mask)  # [2N, H, h*w, L]
+    finest = max(p.shape[2] for p in probs.values())
+    side = round(finest**0.5)
+    expected = torch.stack([p[-2:] for p in probs.values() if p.shape[2] == finest]).mean(dim=(0, 2))
+    expected = rearrange(expected, "b (y x) l -> b l y x", y=side)
+    maps = extras["attention"]
+    assert maps.shape == (2, pipe.tokenizer.max_len, side, side) == (2, 8, 8, 8)
+    assert torch.equal(maps, expected)  # exactly: the same numbers as before the capture moved to AttentionMaps
+    assert torch.allclose(maps.sum(1), torch.ones(()), atol=1e-5)
+    assert not torch.allclose(maps[0], maps[1])  # each prompt its own maps
+    with pytest.raises(ValueError, match="return_attention needs guidance_scale > 0"):
+        pipe.generate(prompts, steps=2, guidance_scale=0.0, return_attention=True)

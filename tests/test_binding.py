@@ -46,33 +46,52 @@ def test_maps_sum_to_one_over_tokens_and_are_the_modules_own_attention(pipe):
     prompts = [PROMPT, "a green triangle on the top and a cyan circle on the bottom"]
     z, t, context, mask = unet_inputs(pipe, prompts)
     layers = cross_attention_layers(pipe.unet)
-    for _, m in layers:
-        m.store_attention = True
+    seen = {}  # each layer's input x and output
+    hooks = [m.register_forward_hook(lambda mod, args, output, name=name: seen.update({name: (args[0], output)}))
+             for name, m in layers]
     try:
         with AttentionMaps(pipe.unet) as maps:
             out = pipe.unet(z, t, context, mask)
     finally:
-        for _, m in layers:
-            m.store_attention = False
+        for hook in hooks:
+            hook.remove()
     assert [name for name, _ in maps.records] == [name for name, _ in layers]  # one record per layer, in order
-    for (_, probs), (_, m) in zip(maps.records, layers):
-        assert torch.equal(probs, m.last_attention)  # what the module used
+    split = lambda v: v.reshape(*v.shape[:2], m.heads, m.dim_head).transpose(1, 2)  # noqa: E731
+    for (_, probs), (name, m) in zip(maps.records, layers):
+        x, output = seen[name]
+        v = split(m.to_v(context))
+        used = m.to_out((probs @ v).transpose(1, 2).flatten(2))  # to_out(P V): the output the layer gave
+        assert torch.allclose(used, output, atol=1e-6)  # what the module used
+        # recomputed from the layer's own projections: softmax(Q K^T / sqrt(d)) of its input
+        assert torch.allclose(probs, attention_probs(split(m.to_q(x)), split(m.to_k(context)), mask), atol=1e-6)
         assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
         assert (probs[..., ~mask[0]][:1] == 0).all()  # padding gets no attention
-    # recomputed from the layer's own projections: softmax(Q K^T / sqrt(d)) of its input
-    name, m = layers[0]
-    seen = {}
-    hook = m.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))  # returns None: args untouched
-    with AttentionMaps(pipe.unet) as maps:
-        assert torch.equal(pipe.unet(z, t, context, mask), out)  # the hook changes nothing
-    hook.remove()
-    split = lambda v: v.reshape(*v.shape[:2], m.heads, m.dim_head).transpose(1, 2)  # noqa: E731
-    ref = attention_probs(split(m.to_q(seen["x"])), split(m.to_k(context)), mask)
-    assert torch.allclose(maps.records[0][1], ref, atol=1e-6)
+    with AttentionMaps(pipe.unet) as again:
+        assert torch.equal(pipe.unet(z, t, context, mask), out)  # recording changes nothing
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(again.records, maps.records))
     levels = maps.per_level()
     assert sorted(levels) == [4, 8] and levels[8].shape == (2, 16, 8, 8)  # micro: levels 0, 1 and the middle
     for side, a in levels.items():
         assert torch.allclose(a.sum(1), torch.ones(()), atol=1e-5)
+
+
+def test_keep_last_keeps_each_layers_latest_map_in_call_order(pipe):
+    """What generate(return_attention=True) records over a sampling loop: one map per layer, the last call's."""
+    z, t, context, mask = unet_inputs(pipe, [PROMPT])
+    z2 = torch.randn(z.shape, generator=torch.Generator().manual_seed(2))
+    with AttentionMaps(pipe.unet) as first:
+        pipe.unet(z, t, context, mask)
+    with AttentionMaps(pipe.unet) as last:
+        pipe.unet(z, t, context, mask)
+        pipe.unet(z2, t - 300, context, mask)
+    with AttentionMaps(pipe.unet, keep_last=True) as kept:
+        pipe.unet(z, t, context, mask)
+        pipe.unet(z2, t - 300, context, mask)
+    assert len(last.records) == 2 * len(first.records) and len(kept.records) == len(first.records)
+    assert [n for n, _ in kept.records] == [n for n, _ in first.records]
+    latest = last.records[len(first.records):]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(kept.records, latest))
+    assert not torch.equal(kept.records[0][1], first.records[0][1])
 
 
 def test_maps_keep_their_gradient_only_when_asked(pipe):

@@ -22,6 +22,7 @@ from minildm.adapters.ip_adapter import (
 )
 from minildm.checkpoint import load_checkpoint, save_checkpoint
 from minildm.modules.attention import KERNELS, Attention
+from minildm.modules.attention_maps import AttentionMaps, cross_attention_layers
 from minildm.modules.unet import UNet, UNetConfig
 
 CTX = 16  # context width of the tiny UNet
@@ -195,16 +196,17 @@ def test_install_remove_round_trip():
 
 
 def test_attention_maps_still_record_the_text_probabilities():
-    """The pipeline sets store_attention on the modules named attn2 and reads last_attention."""
+    """AttentionMaps hooks the modules named attn2: an adapter layer hands the hook to its text term only."""
     unet = tiny_unet()
     x, t, text, mask, tokens = inputs()
     install_ip_adapter(unet)
-    layers = [m for name, m in unet.named_modules() if name.endswith("attn2")]
-    for m in layers:
-        m.store_attention = True
+    randomise_adapter(unet)
     with torch.no_grad():
-        unet(x, t, torch.cat([text, tokens], dim=1), mask)
-    probs = layers[0].last_attention  # [B, H, N, M_text]: text maps, image tokens excluded
+        plain = unet(x, t, torch.cat([text, tokens], dim=1), mask)
+        with AttentionMaps(unet) as maps:
+            assert torch.equal(unet(x, t, torch.cat([text, tokens], dim=1), mask), plain)
+    assert [name for name, _ in maps.records] == [name for name, _ in cross_attention_layers(unet)]  # one each
+    probs = maps.records[0][1]  # [B, H, N, M_text]: text maps, image tokens excluded
     assert probs.shape[0] == 2 and probs.shape[-1] == text.shape[1]
     assert torch.allclose(probs.sum(-1), torch.ones(()))
     assert torch.all(probs[0, ..., 3:] == 0)  # padded text tokens get no weight

@@ -25,10 +25,16 @@ def reference_cross_attention(x, context, w_q, w_k, w_v, heads, mask=None):
     with torch.no_grad():
         for linear, w in ((layer.to_q, w_q), (layer.to_k, w_k), (layer.to_v, w_v)):
             linear.weight.copy_(w.T)
-    layer.store_attention = True  # keep the probabilities [B, heads, N, M]
+    kept = []
+
+    def keep(module, probs):  # the layer's probs_hook sees the probabilities [B, heads, N, M] it uses
+        kept.append(probs)
+        return probs  # unchanged
+
+    layer.probs_hook = keep
     with torch.no_grad():
         out = layer.attend(layer.to_q(x), layer.to_k(context), layer.to_v(context), mask)  # before to_out
-    return out, layer.last_attention
+    return out, kept[0]
 
 
 REFERENCE = {"timestep_embedding": timestep_embedding, "cross_attention": reference_cross_attention}

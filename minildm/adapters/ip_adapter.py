@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -89,7 +90,7 @@ class ImageProjection(nn.Module):
 def decoupled_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               k_ip: torch.Tensor | Sequence[torch.Tensor], v_ip: torch.Tensor | Sequence[torch.Tensor],
                               lambdas: float | Sequence[float], mask: torch.Tensor | None = None,
-                              kernel=attention) -> torch.Tensor:
+                              kernel=attention, stream_kernel=None) -> torch.Tensor:
     """Z = softmax(Q K^T / sqrt d) V + lambda softmax(Q K'^T / sqrt d) V'.
 
     q [B, H, N, d]; k, v [B, H, M, d] (text); k_ip, v_ip [B, H, M', d] (image); lambdas = lambda;
@@ -98,8 +99,8 @@ def decoupled_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Z = A(Q, K, V) + sum_s lambda_s A(Q, K'_s, V'_s).
     kernel(q, k, v, mask) computes one attention term; `DecoupledCrossAttention` passes its base layer's
     `attend`, which takes [B, N, H*d] tensors and splits the heads itself, so the same formula serves both.
-    The text term is added last, so an attention layer that stores its last probabilities keeps the text
-    maps (the pipeline's per-prompt-token attention maps).
+    stream_kernel (default: kernel) computes the stream terms: the layer passes `attend` without the
+    layer's probs_hook there, so recorded or edited attention maps are those of the prompt tokens only.
     """
     if isinstance(k_ip, torch.Tensor):  # one extra stream (IP-Adapter)
         k_ip, v_ip, lambdas = [k_ip], [v_ip], [lambdas]
@@ -107,7 +108,8 @@ def decoupled_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"give one key, one value and one lambda per extra stream, "
                          f"got {len(k_ip)}, {len(v_ip)} and {len(lambdas)}.")
     # sum_s lambda_s A(Q, K'_s, V'_s): no mask, every stream token is real
-    z_streams = sum(lam * kernel(q, k_s, v_s, None) for k_s, v_s, lam in zip(k_ip, v_ip, lambdas))
+    stream_kernel = stream_kernel or kernel
+    z_streams = sum(lam * stream_kernel(q, k_s, v_s, None) for k_s, v_s, lam in zip(k_ip, v_ip, lambdas))
     return z_streams + kernel(q, k, v, mask)  # + A(Q, K, V), text keys masked
 
 
@@ -141,18 +143,15 @@ class DecoupledCrossAttention(nn.Module):
                     layer.weight.copy_(source.weight)  # W'_k <- W_k, W'_v <- W_v
                 self.streams[f"{part}_{name}"] = layer
 
-    # The pipeline switches attention-map recording on the module named attn2: forward it to the base layer.
+    # AttentionMaps puts its probs_hook on the module named attn2: hand it to the base layer, whose text term
+    # calls it (attend_streams runs the image streams without it), so the maps are the prompt tokens'.
     @property
-    def store_attention(self) -> bool:
-        return self.base.store_attention
+    def probs_hook(self):
+        return self.base.probs_hook
 
-    @store_attention.setter
-    def store_attention(self, value: bool) -> None:
-        self.base.store_attention = value
-
-    @property
-    def last_attention(self) -> torch.Tensor | None:
-        return self.base.last_attention
+    @probs_hook.setter
+    def probs_hook(self, hook) -> None:
+        self.base.probs_hook = hook
 
     def split_context(self, context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """context [B, M, C] -> (text [B, M - sum_s n_s, C], [stream tokens [B, n_s, C] for each stream])."""
@@ -177,7 +176,8 @@ class DecoupledCrossAttention(nn.Module):
         k_s = [self.streams[f"to_k_{name}"](c) for name, c in zip(self.stream_tokens, tokens)]  # K'_s = c_s W'_k
         v_s = [self.streams[f"to_v_{name}"](c) for name, c in zip(self.stream_tokens, tokens)]  # V'_s = c_s W'_v
         lam_s = [self.lambdas[name] for name in self.stream_tokens]
-        return decoupled_cross_attention(q, base.to_k(text), base.to_v(text), k_s, v_s, lam_s, mask, kernel=base.attend)
+        return decoupled_cross_attention(q, base.to_k(text), base.to_v(text), k_s, v_s, lam_s, mask, kernel=base.attend,
+                                         stream_kernel=partial(base.attend, use_hook=False))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.base.dropout(self.base.to_out(self.attend_streams(x, context, mask)))  # one to_out for the sum

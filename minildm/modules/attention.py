@@ -136,9 +136,10 @@ class Attention(nn.Module):
     with c = context for cross-attention (LDM: c = tau_theta(y), the prompt) or c = x for self-attention.
 
     `kernel` picks the attention kernel ("naive", "chunked", "sdpa"); all give the same numbers.
-    Set `store_attention = True` to keep the last probabilities in `last_attention` [B, H, N, M]
-    (e.g. cross-attention maps per prompt token); this always uses the naive kernel, which is the only
-    one that materialises them.
+    `probs_hook(module, P) -> P` sees, and may replace, the probabilities P [B, H, N, M] the layer uses
+    (the cross-attention maps per prompt token): `attention_maps.AttentionMaps` sets it to record them,
+    with or without their gradient, or to edit them. While a hook is set the layer runs the naive kernel,
+    the only one that materialises P.
     """
 
     def __init__(
@@ -163,23 +164,18 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=qkv_bias)  # W_V (+ b_V)
         self.to_out = nn.Linear(inner, query_dim)  # W_O, b_O
         self.dropout = nn.Dropout(dropout)
-        self.store_attention = False
-        self.last_attention: torch.Tensor | None = None
         # probs_hook(module, P [B, H, N, M]) -> P: read (with gradients) or replace the attention probabilities
-        # (attention_maps.py: map capture, Attend-and-Excite, Prompt-to-Prompt); naive kernel, like store_attention
+        # (attention_maps.py: map capture for pipeline.generate, Attend-and-Excite, Prompt-to-Prompt)
         self.probs_hook = None
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Projected q [B,N,inner], k/v [B,M,inner], mask [B,M] | None -> [B, N, inner] (heads merged)."""
+               mask: torch.Tensor | None = None, use_hook: bool = True) -> torch.Tensor:
+        """Projected q [B,N,inner], k/v [B,M,inner], mask [B,M] | None -> [B, N, inner] (heads merged).
+        use_hook=False leaves `probs_hook` out (IP-Adapter's image streams: their keys are not prompt tokens)."""
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
-        if self.store_attention or self.probs_hook is not None:
-            probs = attention_probs(q, k, mask)
-            if self.probs_hook is not None:
-                probs = self.probs_hook(self, probs)
-            if self.store_attention:
-                self.last_attention = probs.detach()
-            out = einsum(probs.to(v.dtype), v, "b h n m, b h m d -> b h n d")
+        if use_hook and self.probs_hook is not None:
+            probs = self.probs_hook(self, attention_probs(q, k, mask))  # P, or the hook's replacement
+            out = einsum(probs.to(v.dtype), v, "b h n m, b h m d -> b h n d")  # O = P V
         elif self.kernel == "naive":
             out = attention(q, k, v, mask)
         elif self.kernel == "chunked":

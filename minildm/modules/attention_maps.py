@@ -16,9 +16,11 @@ puts a hook on every cross-attention layer:
 
 The hook sees the probabilities the layer really uses (they are the `attention_probs` of the naive kernel,
 whichever kernel the layer was built with), so a recorded map is the module's own attention, not a recomputation.
+`LatentDiffusion.generate(return_attention=True)` records its last sampling step this way (keep_last=True).
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -43,19 +45,23 @@ class AttentionMaps:
     keep_grad: keep P in the autograd graph (Attend-and-Excite's loss is differentiated through it);
     otherwise records are detached. edit(name, P) -> P' replaces what the layer uses (Prompt-to-Prompt);
     the record is the edited map. record=False only edits (no memory grows during long sampling).
+    keep_last: keep only each layer's latest P (after a whole sampling loop: its last step's maps, one per
+    layer in call order), so memory does not grow with the number of steps.
+    An IP-Adapter layer (minildm/adapters/ip_adapter.py) hands the hook to its text term only: L = text tokens.
     """
 
-    def __init__(self, unet: nn.Module, keep_grad: bool = False, edit: Edit | None = None, record: bool = True):
+    def __init__(self, unet: nn.Module, keep_grad: bool = False, edit: Edit | None = None, record: bool = True,
+                 keep_last: bool = False):
         self.layers = cross_attention_layers(unet)
-        self.keep_grad, self.edit, self.record = keep_grad, edit, record
-        self.names = {id(m): name for name, m in self.layers}
+        self.keep_grad, self.edit, self.record, self.keep_last = keep_grad, edit, record, keep_last
         self.records: list[tuple[str, torch.Tensor]] = []
 
-    def _hook(self, module: nn.Module, probs: torch.Tensor) -> torch.Tensor:
-        name = self.names[id(module)]
+    def _hook(self, name: str, module: nn.Module, probs: torch.Tensor) -> torch.Tensor:
         if self.edit is not None:
             probs = self.edit(name, probs)
         if self.record:
+            if self.keep_last:  # drop this layer's older map; the list stays in the latest pass's call order
+                self.records = [(n, p) for n, p in self.records if n != name]
             self.records.append((name, probs if self.keep_grad else probs.detach()))
         return probs
 
@@ -63,7 +69,8 @@ class AttentionMaps:
         for _, m in self.layers:
             if m.probs_hook is not None:
                 raise RuntimeError("a cross-attention layer already has a probs_hook: nest AttentionMaps only once.")
-            m.probs_hook = self._hook
+        for name, m in self.layers:
+            m.probs_hook = partial(self._hook, name)  # the layer calls probs_hook(module, P)
         return self
 
     def __exit__(self, *exc) -> None:

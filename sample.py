@@ -41,7 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--height", type=int, default=None, help="(--sd) image height, a multiple of 64 (default 512)")
     p.add_argument("--width", type=int, default=None, help="(--sd) image width, a multiple of 64 (default 512)")
     p.add_argument("--negative", default=None, help="negative prompt: the unconditional half of guidance (default \"\")")
-    p.add_argument("--init-image", default=None, help="image-to-image (SDEdit): start from this image, resized to the output size")
+    p.add_argument("--init-image", default=None, help="(--sd) image-to-image (SDEdit): start from this whole image, "
+                   "resized to --height x --width; with one of them, or neither (shorter side 512), it keeps its "
+                   "aspect ratio, the other side rounded to a multiple of 64")
     p.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much noise to add (1 = ignore the image)")
     p.add_argument("--dtype", default="auto", help="(--sd) float32, float16 or bfloat16 (auto: float16 on CUDA, float32 on CPU)")
     p.add_argument("--dry-run", action="store_true", help="(--sd) print parameters, activation memory and an estimated "
@@ -78,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("guidance", "eta", "lora_strength", "ip_lambda", "body_lambda"):
         if not math.isfinite(getattr(args, flag)):
             p.error(f"--{flag.replace('_', '-')} must be a finite number, got {getattr(args, flag)}.")
+    if args.init_image and not args.sd:
+        p.error("--init-image (image-to-image) is for Stable Diffusion weights: give --sd too.")
     if args.body_id is not None and args.body_views:
         p.error("give either --body-id or --body-views, not both.")
     args.prompts = args.prompts or ([""] if args.image_prompt else ["a red circle on the left"])
@@ -141,6 +145,18 @@ def save(images: torch.Tensor, out: Path, nrow: int, upscale: int) -> Path:
                          "instead.") from None
 
 
+def read_init_image(path: str, height: int | None, width: int | None, multiple: int) -> torch.Tensor:
+    """--init-image -> [1, 3, H, W] in [0, 1], read like every image input (data/images.py: 16-bit scaled, alpha
+    on white, one sentence for a bad file), whole: --height and --width as given; with one of them the other
+    follows the picture's aspect ratio, with neither the shorter side is 512 (SD v1's training size); a side
+    that follows the aspect ratio is rounded to a multiple of `multiple` (64: what SD's UNet takes)."""
+    from minildm.data.images import read_image
+
+    size = (height, width) if height or width else 512
+    pixels = torch.from_numpy(read_image(path, size, crop=False, multiple=multiple))  # uint8 [H, W, 3]
+    return pixels.permute(2, 0, 1).float().div(255)[None]
+
+
 def sample_sd(args) -> int:
     """python sample.py --sd PATH "prompt": Stable Diffusion v1.x on minildm's modules."""
     import resource
@@ -164,6 +180,11 @@ def sample_sd(args) -> int:
         dtype = dtypes.get(args.dtype, torch.float16 if device.type == "cuda" else torch.float32)
         if dtype != torch.float32 and device.type == "cpu":
             raise ValueError(f"--dtype {args.dtype} is for CUDA; on the CPU use float32.")
+        init_image, height, width = None, args.height, args.width
+        if args.init_image:  # before minutes of loading: a file that cannot be read is said at once
+            init_image = read_init_image(args.init_image, height, width, multiple=64)  # SD v1: f = 8, 3 halvings
+            height, width = init_image.shape[2:]
+            print(f"{args.init_image} read whole at {height}x{width} (height x width)")
         tokenizer = None
         if args.tokenizer:
             from minildm.text.bpe import BPETokenizer
@@ -174,17 +195,11 @@ def sample_sd(args) -> int:
         print(f"loaded {args.sd} in {time.perf_counter() - start:.1f} s, peak RSS so far {peak:.2f} GiB")
         n = args.n
         prompts = [p for p in args.prompts for _ in range(n)]
-        init = None
-        if args.init_image:
-            from PIL import Image
-            import numpy as np
-            h, w = args.height or 512, args.width or 512
-            img = Image.open(args.init_image).convert("RGB").resize((w, h), Image.BICUBIC)
-            init = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div(255)[None].repeat(len(prompts), 1, 1, 1)
+        init = None if init_image is None else init_image.repeat(len(prompts), 1, 1, 1)
         start = time.perf_counter()
         seeds = [args.seed + j for _ in args.prompts for j in range(n)]  # column j: seed + j, as below
         images = pipe.generate(prompts, steps=args.steps, guidance_scale=args.guidance, eta=args.eta, seed=seeds,
-                               progress=True, height=args.height, width=args.width, negative_prompts=args.negative,
+                               progress=True, height=height, width=width, negative_prompts=args.negative,
                                init_images=init, strength=args.strength)
         calls = args.steps - (args.steps - int(args.steps * args.strength) if init is not None else 0)
         seconds = time.perf_counter() - start

@@ -119,13 +119,18 @@ class LatentDiffusion(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
+    @property
+    def size_multiple(self) -> int:
+        """Image heights and widths must be multiples of this: the autoencoder's f times the UNet's downsampling
+        (64 for Stable Diffusion v1: f = 8, three halvings)."""
+        return self.autoencoder.cfg.downsample_factor * 2 ** (len(self.unet.cfg.channel_mult) - 1)
+
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         f = self.autoencoder.cfg.downsample_factor
         height, width = height or self.image_size, width or self.image_size
-        unet_f = f * 2 ** (len(self.unet.cfg.channel_mult) - 1)
-        if height % unet_f or width % unet_f:
-            raise ValueError(f"height and width must be multiples of {unet_f} (autoencoder f = {f} times the "
-                             f"UNet's downsampling), got {height}x{width}.")
+        if height % self.size_multiple or width % self.size_multiple:
+            raise ValueError(f"height and width must be multiples of {self.size_multiple} (autoencoder f = {f} "
+                             f"times the UNet's downsampling), got {height}x{width}.")
         return (self.autoencoder.cfg.z_channels, height // f, width // f)
 
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -167,7 +172,8 @@ class LatentDiffusion(nn.Module):
         splits them off by count; the text mask still covers the text only).
         height, width: image size (default image_size); negative_prompts: the unconditional half's text, one
         for all or one per prompt (default ""); latents: the starting noise x_T [N, c, height/f, width/f].
-        init_images [N, 3, H, W] in [0, 1]: image-to-image (DDIM only). z_0 = E(x) * scale_factor, then
+        init_images [N, 3, H, W] in [0, 1], H and W multiples of `size_multiple` (they set height and width):
+        image-to-image (DDIM only). z_0 = E(x) * scale_factor, then
         x_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) n at the (steps - int(steps * strength))-th DDIM timestep
         (Property 1), and DDIM runs the remaining int(steps * strength) steps: strength 1 ignores the image.
         """
@@ -193,15 +199,22 @@ class LatentDiffusion(nn.Module):
             raise ValueError(f"give one negative prompt or one per prompt ({len(prompts)}), got {len(negative)}.")
 
         generator = seeded_generators(seed, len(prompts))  # one per image
+        if init_images is not None:  # the images set the size (height, width may repeat it)
+            if init_images.ndim != 4 or init_images.shape[0] != len(prompts) or init_images.shape[1] != 3:
+                raise ValueError(f"init_images must be [{len(prompts)}, 3, H, W] in [0, 1] (one per prompt), "
+                                 f"got {tuple(init_images.shape)}.")
+            size = tuple(init_images.shape[2:])
+            if (height or size[0], width or size[1]) != size:
+                raise ValueError(f"init_images are {size[0]}x{size[1]} but height x width asks for {height}x{width}: "
+                                 "resize the images (data/images.read_image with crop=False) or leave height and "
+                                 "width out.")
+            height, width = size
         shape = (len(prompts), *self.latent_shape(height, width))
         skip = 0
         if init_images is not None:  # SDEdit: start from the noised latents of the given images
             if sampler != "ddim" or not 0 < strength <= 1 or int(steps * strength) < 1:
                 raise ValueError(f"image-to-image needs sampler ddim and 0 < strength <= 1 with int(steps * strength) "
                                  f">= 1, got {sampler}, strength {strength}, steps {steps}.")
-            if init_images.ndim != 4 or init_images.shape[0] != len(prompts):
-                raise ValueError(f"init_images must be [{len(prompts)}, 3, H, W] in [0, 1] (one per prompt), "
-                                 f"got {tuple(init_images.shape)}.")
             z0 = self.encode_images(init_images, generator)
             skip = steps - int(steps * strength)
             t_start = int(ddim_timesteps(T, steps, self.ddim["spacing"], self.ddim["offset"])[skip])

@@ -212,7 +212,8 @@ def random_pipeline():
     for w in unet.parameters():  # zero-initialised layers would make every step's input the same
         if w.ndim > 1 and not w.any():
             torch.nn.init.normal_(w, std=0.2)
-    return LatentDiffusion(VQVAE(p.vq), tokenizer, text, unet, NoiseSchedule(1000), 32, "v").eval().requires_grad_(False)
+    pipe = LatentDiffusion(VQVAE(p.vq), tokenizer, text, unet, NoiseSchedule(1000), 32, "v")
+    return pipe.eval().requires_grad_(False)
 
 
 def test_generate_returns_the_last_steps_maps_recomputed_from_each_layers_inputs():

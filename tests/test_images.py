@@ -73,3 +73,40 @@ def test_a_decompression_bomb_is_one_sentence(tmp_path, monkeypatch):
         load_image_file(tmp_path / "bomb.png", 32)
     with pytest.raises(ValueError, match="no usable captioned images"):
         load_folder(tmp_path, 32, show_progress=False)
+
+
+# ---------------------------------------------------------------- crop=False: the whole picture (SD's --init-image)
+def test_the_whole_picture_keeps_its_aspect_ratio(tmp_path):
+    picture = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)  # h 40 x w 56
+    Image.fromarray(picture).save(tmp_path / "wide.png")
+    Image.fromarray(picture.transpose(1, 0, 2).copy()).save(tmp_path / "tall.png")  # h 56 x w 40
+    assert read_image(tmp_path / "wide.png", 16).shape == (16, 16, 3)  # the default: the central square
+    assert read_image(tmp_path / "wide.png", 16, crop=False).shape == (16, 22, 3)  # 56 * 16 / 40 = 22.4
+    assert read_image(tmp_path / "wide.png", 16, crop=False, multiple=8).shape == (16, 24, 3)  # rounded to 8s
+    assert read_image(tmp_path / "tall.png", 16, crop=False, multiple=8).shape == (24, 16, 3)  # shorter side 16
+    assert read_image(tmp_path / "wide.png", (20, None), crop=False).shape == (20, 28, 3)  # height given
+    assert read_image(tmp_path / "wide.png", (None, 28), crop=False).shape == (20, 28, 3)  # width given
+    assert read_image(tmp_path / "wide.png", (33, 30), crop=False, multiple=8).shape == (33, 30, 3)  # as asked
+    # the same picture as the square reader where there is nothing to crop
+    Image.fromarray(picture[:, :40].copy()).save(tmp_path / "square.png")
+    assert np.array_equal(read_image(tmp_path / "square.png", 16, crop=False), read_image(tmp_path / "square.png", 16))
+    with pytest.raises(ValueError, match="a square crop takes one side length"):
+        read_image(tmp_path / "wide.png", (16, 16))
+    with pytest.raises(ValueError, match="give the shorter side, or a height, a width or both"):
+        read_image(tmp_path / "wide.png", (None, None), crop=False)
+
+
+def test_the_whole_picture_gets_the_same_treatment(tmp_path, monkeypatch):
+    grey = np.full((8, 12), 30000, np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    assert (read_image(tmp_path / "g16.png", 8, crop=False) == 117).all()  # 16-bit scaled, not clipped
+    a, b = rgba_pair(tmp_path)
+    assert np.array_equal(read_image(a, 8, crop=False), read_image(b, 8, crop=False))
+    assert (read_image(a, 8, crop=False)[0, 0] == WHITE).all()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes((tmp_path / "ok.png").read_bytes()[:1500])  # a truncated download
+    with pytest.raises(ImageReadError, match=r"cannot read .*broken.png as an image \(.*\): give a PNG or JPG file"):
+        read_image(tmp_path / "broken.png", 8, crop=False)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)
+    with pytest.raises(ImageReadError, match="g16.png has more pixels than PIL's guard"):
+        read_image(tmp_path / "g16.png", 8, crop=False)

@@ -12,6 +12,7 @@ from PIL import Image
 import sample
 from minildm.checkpoint import load_checkpoint, save_checkpoint
 from minildm.config import micro
+from minildm.data.images import read_image
 from minildm.pipeline import LatentDiffusion
 from minildm.train.autoencoder import train_autoencoder
 from minildm.train.ldm import train_ldm
@@ -220,3 +221,80 @@ def test_gaussian_noise_draws_each_image_from_its_own_generator():
     assert torch.equal(z[0], torch.randn(4, 2, 2, generator=torch.Generator().manual_seed(3)))
     with pytest.raises(ValueError, match="one generator per image: got 2 for a batch of 3"):
         gaussian_noise(torch.empty(3, 1), [torch.Generator(), torch.Generator()])
+
+
+# ---------------------------------------------------------------- --sd --init-image: read by data/images.py, whole
+@pytest.fixture
+def fake_sd(monkeypatch):
+    """sample.py --sd without weights: from_stable_diffusion hands back a stand-in whose generate records its
+    arguments (what the CLI made of --init-image) and returns grey images of the asked size."""
+    calls = []
+
+    class FakeSD:
+        def generate(self, prompts, **kwargs):
+            calls.append(kwargs)
+            init = kwargs["init_images"]
+            return torch.full((len(prompts), 3, *init.shape[2:]), 0.5)
+
+    def load(path, **kwargs):
+        calls.append("loaded")
+        return FakeSD()
+
+    monkeypatch.setattr(LatentDiffusion, "from_stable_diffusion", load)
+    return calls
+
+
+def sd_cli(tmp_path, image, *args):
+    return sample.main(["--sd", "weights.safetensors", "a cat", "--init-image", str(image), "--steps", "2",
+                        "--out", str(tmp_path / "out.png"), *args])
+
+
+def test_init_image_keeps_its_aspect_ratio(tmp_path, fake_sd, capsys):
+    picture = np.random.default_rng(0).integers(0, 256, (30, 60, 3), dtype=np.uint8)  # h 30 x w 60
+    Image.fromarray(picture).save(tmp_path / "wide.png")
+    for args, size in [([], (512, 1024)),  # shorter side 512, the other follows
+                       (["--height", "64"], (64, 128)), (["--width", "256"], (128, 256)),
+                       (["--height", "192", "--width", "128"], (192, 128))]:  # both given: exactly that
+        assert sd_cli(tmp_path, tmp_path / "wide.png", *args) == 0
+        kwargs = fake_sd[-1]
+        assert tuple(kwargs["init_images"].shape) == (1, 3, *size) and (kwargs["height"], kwargs["width"]) == size
+        assert f"read whole at {size[0]}x{size[1]}" in capsys.readouterr().out
+    Image.fromarray(picture[:, :30].copy()).save(tmp_path / "square.png")  # what the square reader sees, in [0, 1]
+    assert sd_cli(tmp_path, tmp_path / "square.png", "--height", "64", "--width", "64") == 0
+    assert torch.equal(fake_sd[-1]["init_images"][0],
+                       torch.from_numpy(read_image(tmp_path / "square.png", 64)).permute(2, 0, 1) / 255)
+
+
+def test_init_image_gets_the_treatment_of_every_image_input(tmp_path, fake_sd, capsys):
+    grey = np.full((64, 64), 30000, np.uint16)  # 16 bits: 30000 >> 8 = 117
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    assert sd_cli(tmp_path, tmp_path / "g16.png", "--height", "64", "--width", "64") == 0
+    assert torch.allclose(fake_sd[-1]["init_images"], torch.full((1, 3, 64, 64), 117 / 255))
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., :3] = (0, 255, 0)  # fully transparent green: shows as the white background
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    assert sd_cli(tmp_path, tmp_path / "clear.png", "--height", "64", "--width", "64") == 0
+    assert (fake_sd[-1]["init_images"] == 1).all()
+    fake_sd.clear()
+    capsys.readouterr()
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a damaged file
+    assert sd_cli(tmp_path, tmp_path / "broken.png") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read") and "give a PNG or JPG file." in err and err.count("\n") == 1
+    assert fake_sd == []  # said before loading the weights
+    with pytest.raises(SystemExit):
+        sample.main(["a cat", "--init-image", str(tmp_path / "g16.png")])  # no --sd: not silently ignored
+    assert "--init-image (image-to-image) is for Stable Diffusion weights" in capsys.readouterr().err
+
+
+def test_generate_takes_its_size_from_the_init_images(run):
+    pipe = LatentDiffusion.load(run)
+    init = torch.rand(1, 3, pipe.image_size, 2 * pipe.image_size, generator=torch.Generator().manual_seed(0))
+    images = pipe.generate(["a red circle"], steps=2, init_images=init, strength=0.5)
+    assert images.shape == init.shape
+    side = pipe.image_size
+    with pytest.raises(ValueError, match=rf"init_images are {side}x{2 * side} but height x width asks for "
+                                         rf"{side}x{side}"):
+        pipe.generate(["a red circle"], steps=2, init_images=init, height=side, width=side)
+    with pytest.raises(ValueError, match="height and width must be multiples of"):
+        pipe.generate(["a red circle"], steps=2, init_images=init[..., :-pipe.size_multiple // 2])

@@ -82,6 +82,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be a finite number, got {getattr(args, flag)}.")
     if args.init_image and not args.sd:
         p.error("--init-image (image-to-image) is for Stable Diffusion weights: give --sd too.")
+    sd_only = [flag for flag, given in (("--height", args.height is not None), ("--width", args.width is not None),
+                                        ("--tokenizer", args.tokenizer is not None), ("--dtype", args.dtype != "auto"))
+               if given]
+    if sd_only and not (args.sd or args.dry_run):
+        p.error(f"{' and '.join(sd_only)} apply to Stable Diffusion weights (--sd); a minildm run draws at the size "
+                "it was trained at: drop them or give --sd.")
     if args.body_id is not None and args.body_views:
         p.error("give either --body-id or --body-views, not both.")
     args.prompts = args.prompts or ([""] if args.image_prompt else ["a red circle on the left"])

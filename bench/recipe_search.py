@@ -42,12 +42,15 @@ VARIANTS = {
         "b16": dict(steps=1200, batch_size=16, lr=2e-3),
         "b16_800": dict(steps=800, batch_size=16, lr=2e-3),
         "b8": dict(steps=1200, batch_size=8, lr=2e-3),
+        "b8_800": dict(steps=800, batch_size=8, lr=2e-3),
     },
     "ldm": {
         "k1000": dict(steps=1000, lr=1e-3),
         "k1000_snr5": dict(steps=1000, lr=1e-3, snr_gamma=5.0),
         "k1000_lr2e-3": dict(steps=1000, lr=2e-3),
         "k1000_lr3e-3": dict(steps=1000, lr=3e-3),
+        "k1200": dict(steps=1200, lr=1e-3),
+        "b32_1500": dict(steps=1500, batch_size=32, lr=1e-3),
     },
 }
 FAST_UNET = dict(kernel="sdpa", channels_last=True)  # every ldm variant: the speed-up's kernel and layout

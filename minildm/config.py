@@ -22,7 +22,7 @@ from minildm.text.encoder import TextEncoderConfig
 class AutoencoderTrainConfig:
     # 1200, not 800: at 800 steps the encoder sometimes maps cyan (and purple) interiors onto blue's codes
     # (reconstructed colour right 0.67-0.96 of the time over 3 seeds, which caps the LDM's prompt accuracy);
-    # at 1200 steps 1.00 on the seeds tried, PSNR 33-35 dB.
+    # at 1200 steps 1.00 on the seeds tried (bench/results/recipe_search.md)
     steps: int = 1200
     batch_size: int = 32
     lr: float = 2e-3  # peak; cosine decay to 0
@@ -72,19 +72,28 @@ def tiny() -> Preset:
         name="tiny",
         image_size=32,
         vq=VQConfig.tiny(),
-        vq_train=AutoencoderTrainConfig(),
+        # batch 8, not 32: what the autoencoder needs is 1200 updates (at 800, batch 8 or 32, cyan and purple
+        # still land on blue's codes), not 38k images; a step of 8 costs ~0.4 of a step of 32
+        # (bench/results/recipe_search.md)
+        vq_train=AutoencoderTrainConfig(steps=1200, batch_size=8),
         text=TextEncoderConfig(vocab_size=0, max_len=12, dim=128, depth=2, heads=4, dim_head=32),
+        # PyTorch's fused attention kernel in channels_last layout: 0.89x the time of a naive-kernel step, same
+        # function (bench/results/unet_reference.md); the lessons still read and test the naive kernel
         unet=UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                        attention_levels=(1, 2), heads=4, dim_head=16, context_dim=128, norm_groups=16),
-        # v-prediction: at 2000 steps it reaches prompt accuracy 1.00 with deterministic DDIM (eta = 0), where
-        # eps-prediction reached 0.62 (its DDIM latents came out ~2.4x too wide; eta = 1 hid it: 0.92).
-        ldm=LDMTrainConfig(steps=2000, prediction="v"),
+                        attention_levels=(1, 2), heads=4, dim_head=16, context_dim=128, norm_groups=16,
+                        kernel="sdpa", channels_last=True),
+        # v-prediction: prompt accuracy 1.00 with deterministic DDIM (eta = 0), where eps-prediction reached 0.62
+        # at 2000 steps (its DDIM latents came out ~2.4x too wide; eta = 1 hid it: 0.92). 1200 steps: 1000 left
+        # colours wrong (0.96), higher peak rates or Min-SNR weighting broke shapes and positions
+        # (bench/results/recipe_search.md); the whole run against the 2000-step recipe: bench/results/train_speed.md
+        ldm=LDMTrainConfig(steps=1200, prediction="v"),
     )
 
 
 def scenes() -> Preset:
-    """Two objects per 32x32 picture (minildm/data/scenes.py): the tiny recipe (autoencoder 1200 steps, LDM
-    2000 steps with v-prediction) on 8000 scenes of the 78 seen pairings, trained by
+    """Two objects per 32x32 picture (minildm/data/scenes.py): the tiny networks with the tiny recipe before its
+    speed-up (autoencoder 1200 steps x 32, LDM 2000 steps with v-prediction, naive attention) on 8000 scenes of
+    the 78 seen pairings, trained by
     `python train.py --preset scenes` (CPU cost in bench/results/scenes.md)."""
     p = tiny()
     p.name = "scenes"

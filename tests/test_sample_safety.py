@@ -287,6 +287,15 @@ def test_init_image_gets_the_treatment_of_every_image_input(tmp_path, fake_sd, c
     assert "--init-image (image-to-image) is for Stable Diffusion weights" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags", [["--height", "64"], ["--width", "128"], ["--tokenizer", "tok"],
+                                   ["--dtype", "float16"]])
+def test_stable_diffusion_flags_without_sd_are_refused(flags, capsys):
+    """A minildm run draws at its training size: --height and friends are not silently ignored."""
+    with pytest.raises(SystemExit):
+        sample.main(["a red circle", *flags])
+    assert "apply to Stable Diffusion weights (--sd)" in capsys.readouterr().err
+
+
 def test_generate_takes_its_size_from_the_init_images(run):
     pipe = LatentDiffusion.load(run)
     init = torch.rand(1, 3, pipe.image_size, 2 * pipe.image_size, generator=torch.Generator().manual_seed(0))

@@ -161,6 +161,12 @@ def lesson14_ip_adapter(pipe) -> str:
     return _bench("ip_adapter").measure(pipe.run)
 
 
+def samplers(pipe) -> str:
+    """The README's sampler table: DDIM 10 / 25 / 50 (eta 0 and 1) and DDPM 1000, time and accuracy
+    (bench/samplers.py)."""
+    return _bench("samplers").measure(pipe)
+
+
 def diagnostics(pipe) -> str:
     """`python -m minildm.diagnostics --run runs/tiny` (and lesson 16 part 3): the four diagnostics' numbers."""
     import tempfile
@@ -173,7 +179,7 @@ def diagnostics(pipe) -> str:
 
 MEASUREMENTS = {f.__name__: f for f in (autoencoder, evaluation, lesson09_attention, lesson11_ddim,
                                          lesson12_guidance, lesson13_lora, lesson14_ip_adapter, lesson16_broken,
-                                         diagnostics)}
+                                         diagnostics, samplers)}
 
 
 def provenance(name: str, run: Path) -> str:

@@ -110,9 +110,15 @@ def train_ldm_variant(name: str, seed: int) -> dict:
 
 
 def write_table() -> Path:
+    from machine import cpu_name
+
     rows = [json.loads(line) for line in ROWS.read_text().splitlines()] if ROWS.is_file() else []
+    order = {(stage, name): i for stage in VARIANTS for i, name in enumerate(VARIANTS[stage])}
+    rows.sort(key=lambda r: (order.get((r["stage"], r["variant"]), 99), r["seed"]))
     lines = ["`python bench/recipe_search.py STAGE VARIANT --seeds ...` for each row, then `--table` (module "
-             "docstring: what each stage's score means).", "",
+             "docstring: what each stage's score means). The rows were trained one torch thread each, two to four "
+             "at a time on a 2-core machine, so their times are not compared (bench/results/train_speed.md times "
+             f"the chosen recipe); {cpu_name()}, torch {torch.__version__}.", "",
              "## Autoencoder: describe(D(E(x))) of 720 fresh renders", "",
              "| variant | settings | seed | colour | all three | PSNR (held-back shapes) |", "|---|---|---|---|---|---|"]
     for r in rows:

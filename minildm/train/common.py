@@ -109,8 +109,9 @@ class EMA:
     def update(self, model: torch.nn.Module, step: int | None = None) -> None:
         # warm-up: average over the steps seen so far while there are fewer than 1/(1-decay) of them
         d = self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
-        for p_ema, p in zip(self.model.parameters(), model.parameters()):
-            p_ema.lerp_(p.detach(), 1 - d)
+        # theta_ema <- theta_ema + (1 - d) (theta - theta_ema), all tensors in one call (the per-tensor loop
+        # cost ~2% of a tiny-preset LDM step)
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1 - d)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
 

@@ -136,6 +136,20 @@ def test_resume_with_another_preset_is_one_sentence(run, capsys, no_training):
     assert "--preset micro" in one_sentence(capsys.readouterr().err)
 
 
+def test_resume_of_an_earlier_recipe_of_the_same_preset_is_one_sentence(run, tmp_path):
+    """A run started before the preset's networks changed (same name, other UNet config) is not resumed."""
+    from minildm.checkpoint import load_checkpoint, save_checkpoint
+    from minildm.config import micro
+
+    old = tmp_path / "old"
+    old.mkdir()
+    state = load_checkpoint(run / "ldm.pt", "ldm")
+    state["unet_config"] = {**state["unet_config"], "kernel": "chunked"}
+    save_checkpoint(old / "ldm.pt", "ldm", state)
+    with pytest.raises(RunDirError, match="trained with an earlier recipe of the micro preset"):
+        check_resume_fits(old, micro())
+
+
 def changed_autoencoder(run, out):
     import shutil
     shutil.copytree(run, out)

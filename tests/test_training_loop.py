@@ -26,7 +26,7 @@ from minildm.train.autoencoder import train_autoencoder
 from minildm.train.body import ADAPTER_FILE, body_stage_config, train_body_stage
 from minildm.train.body_models import train_body_vae, train_keypoint_regressor
 from minildm.train.clip import train_clip_stage
-from minildm.train.common import Checkpoint, fit
+from minildm.train.common import EMA, Checkpoint, fit
 from minildm.train.ip_adapter import IPAdapterTrainConfig, train_ip_adapter
 from minildm.train.ldm import train_ldm
 from minildm.train.lora import finetune_concept, lora_train_config
@@ -126,6 +126,32 @@ def test_checkpoint_cadence_and_a_finished_file_without_optimizer(tmp_path):
     state = load_checkpoint(tmp_path / "w.pt", "w")
     assert state["step"] == 5 and "optimizer" not in state and len(state["log"]["loss"]) == 5
     assert run.log.history["loss"][-1][0] == 5
+
+
+def test_a_last_step_on_the_cadence_is_saved_once(tmp_path):
+    """steps = 4, every = 2: saves at step 2 and at the end, not twice at step 4."""
+    w = torch.nn.Parameter(torch.ones(1))
+    saves = []
+    ckpt = Checkpoint(tmp_path / "w.pt", "w", lambda: saves.append(1) or {"w": w.detach().clone()}, every=2)
+    fit(lambda step: (w.pow(2).sum(), {}), torch.optim.SGD([w], lr=0.1), 4, ckpt, show_progress=False)
+    assert len(saves) == 2
+
+
+def test_ema_is_the_exponential_average_with_its_warm_up():
+    """theta_ema <- d theta_ema + (1 - d) theta, d = min(decay, (1 + step) / (10 + step)); buffers copied."""
+    model = torch.nn.BatchNorm1d(3)  # a weight, a bias and running-statistics buffers
+    ema = EMA(model, decay=0.9)
+    expected = model.weight.detach().clone()
+    for step in range(20):
+        with torch.no_grad():
+            model.weight.add_(torch.randn(3))
+            model.running_mean.add_(1.0)
+        ema.update(model, step)
+        d = min(0.9, (1 + step) / (10 + step))
+        expected = d * expected + (1 - d) * model.weight.detach()
+        assert torch.allclose(ema.model.weight, expected, atol=1e-6), step
+    assert torch.equal(ema.model.running_mean, model.running_mean)
+    assert not ema.model.weight.requires_grad
 
 
 # ----------------------------------------------------------------------------------------------------------

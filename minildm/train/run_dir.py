@@ -131,6 +131,9 @@ def check_resume_fits(run_dir: Path, preset) -> None:
                               (ldm_path, ldm, lambda s: s.get("unet_config") == asdict(preset.unet))):
         if state is not None and (state.get("preset", preset.name) != preset.name or not same(state)):
             was = state.get("preset", "another")
+            if was == preset.name:  # same name, other networks: a run started before the preset's recipe changed
+                raise RunDirError(f"{path} was trained with an earlier recipe of the {was} preset (its networks "
+                                  f"differ from today's): start it over with --overwrite, or train into another --out.")
             raise RunDirError(f"{path} was trained with the {was} preset, not {preset.name}: resume with --preset "
                               f"{was}, or train {preset.name} into another --out.")
     if ae is not None and ldm is not None and ldm.get("autoencoder_fingerprint") not in (None, ae.get("fingerprint")):

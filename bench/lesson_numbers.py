@@ -186,9 +186,19 @@ def provenance(name: str, run: Path) -> str:
     """The first line of every results file: the command, the model (its preset and recipe, its training steps)
     and the code it came from. Only a run of today's tiny recipe gets "tiny preset <fingerprint>", which the
     test requires."""
+    from dataclasses import asdict
+
+    from minildm.config import tiny
+
     state = torch.load(run / "ldm.pt", map_location="cpu", weights_only=True)
-    preset = state.get("preset", "?")
-    recipe = f"tiny preset {recipe_fingerprint()}" if preset == "tiny" else f"preset {preset}, not the tiny recipe"
+    first = torch.load(run / "autoencoder.pt", map_location="cpu", weights_only=True)
+    preset, today = state.get("preset", "?"), tiny()
+    # what the checkpoints record of their recipe: an older runs/tiny never passes for today's
+    todays = (preset == "tiny" and state.get("unet_config") == asdict(today.unet)
+              and state.get("step") == today.ldm.steps and first.get("config") == asdict(today.vq)
+              and first.get("step") == today.vq_train.steps)
+    recipe = (f"tiny preset {recipe_fingerprint()}" if todays
+              else f"preset {preset}, not the tiny recipe of today's minildm/config.py")
     return (f"Measured by `python bench/lesson_numbers.py {name}` on `{shown(run)}` ({recipe}, LDM trained "
             f"{state.get('step', '?')} steps; code at commit {commit()}).")
 

@@ -15,6 +15,8 @@ The recipes, each one change on top of the one before it (RECIPES below):
     kernel       + the UNet trains with PyTorch's fused attention (sdpa) in channels_last memory format
     autoencoder  + the autoencoder's shorter recipe
     after        + the LDM's shorter recipe: the tiny preset of this commit
+Rows gather in RUNS/rows.jsonl (recipe fingerprint, commit and load average with each); the table shows them all,
+an "after" row of an earlier tiny preset as "candidate <fingerprint>".
 """
 from __future__ import annotations
 
@@ -113,12 +115,17 @@ def main() -> None:
     if args.one:
         return train_one(args.one[0], int(args.one[1]), args.one[2])
 
+    import hashlib
+
     import torch
 
     from lesson_numbers import recipe_fingerprint
     from machine import commit, machine
 
-    rows = []
+    # every row lands in RUNS/rows.jsonl with its recipe's fingerprint; the table shows all rows of the file, so
+    # runs of one sitting made by several invocations (e.g. more seeds of one recipe) end up side by side
+    rows_file = Path(args.runs) / "rows.jsonl"
+    rows_file.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     for seed in args.seeds:
         for recipe in args.recipes:
@@ -130,29 +137,39 @@ def main() -> None:
             stages = json.loads((out / "timing.json").read_text())
             t1 = time.time()
             scores = evaluate(out)
-            rows.append({"recipe": recipe, "seed": seed, "wall": wall, **stages, **scores,
-                         "eval": time.time() - t1})
-            print(json.dumps(rows[-1]), flush=True)
+            fingerprint = hashlib.sha256(repr(RECIPES[recipe]()).encode()).hexdigest()[:12]
+            row = {"recipe": recipe, "fingerprint": fingerprint, "seed": seed, "wall": wall, **stages, **scores,
+                   "eval": time.time() - t1, "commit": commit(), "load": os.getloadavg()[0]}
+            with rows_file.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
 
-    threads = torch.get_num_threads()
-    lines = [f"`python bench/train_speed.py --recipes {' '.join(args.recipes)} --seeds "
-             f"{' '.join(map(str, args.seeds))}` at commit {commit()} (after = the tiny preset "
-             f"{recipe_fingerprint()}). Machine: {machine()}; each run in its own process with torch's default "
-             f"{threads} thread(s).", "",
-             "| recipe | seed | wall | autoencoder | ldm | PSNR | codes | seen | held-out |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    today = recipe_fingerprint()
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+
+    def label(r: dict) -> str:  # "after" only for today's tiny preset; an earlier candidate by its fingerprint
+        if r["recipe"] == "after" and r["fingerprint"] != today:
+            return f"candidate {r['fingerprint']}"
+        return r["recipe"]
+
+    lines = [f"`python bench/train_speed.py --recipes ... --seeds ...` (the rows of {rows_file.as_posix()}, each with "
+             f"the commit it ran at); after = the tiny preset {today}. Machine: {machine()}; each run in its own "
+             f"process with torch's default {torch.get_num_threads()} thread(s).", "",
+             "| recipe | seed | wall | autoencoder | ldm | PSNR | codes | seen | held-out | commit, load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['recipe']} | {r['seed']} | {r['wall'] / 60:.2f} min | {r['autoencoder'] / 60:.2f} min | "
+        lines.append(f"| {label(r)} | {r['seed']} | {r['wall'] / 60:.2f} min | {r['autoencoder'] / 60:.2f} min | "
                      f"{r['ldm'] / 60:.2f} min | {r['psnr']:.1f} dB | {r['codes']} | {r['seen']:.3f} | "
-                     f"{r['held_out']:.3f} |")
-    lines += ["", "Per recipe over the seeds, mean (min-max):", "",
-              "| recipe | wall | / first recipe | seen | held-out |", "|---|---|---|---|---|"]
-    first = statistics.mean(r["wall"] for r in rows if r["recipe"] == args.recipes[0])
-    for recipe in args.recipes:
-        rs = [r for r in rows if r["recipe"] == recipe]
-        walls = [r["wall"] / 60 for r in rs]
-        lines.append(f"| {recipe} | {spread(walls, 2)} min | {statistics.mean(r['wall'] for r in rs) / first:.2f} | "
-                     f"{spread([r['seen'] for r in rs], 3)} | {spread([r['held_out'] for r in rs], 3)} |")
+                     f"{r['held_out']:.3f} | {r.get('commit', '?')}, {r.get('load', float('nan')):.1f} |")
+    labels = list(dict.fromkeys(label(r) for r in rows))
+    first = statistics.mean(r["wall"] for r in rows if label(r) == "before")
+    lines += ["", "Per recipe over its seeds, mean (min-max):", "",
+              "| recipe | wall | / before | seen | held-out |", "|---|---|---|---|---|"]
+    for name in labels:
+        rs = [r for r in rows if label(r) == name]
+        lines.append(f"| {name} | {spread([r['wall'] / 60 for r in rs], 2)} min | "
+                     f"{statistics.mean(r['wall'] for r in rs) / first:.2f} | {spread([r['seen'] for r in rs], 3)} | "
+                     f"{spread([r['held_out'] for r in rs], 3)} |")
     out = ROOT / "bench" / "results" / f"{args.name}.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -72,10 +72,11 @@ def tiny() -> Preset:
         name="tiny",
         image_size=32,
         vq=VQConfig.tiny(),
-        # batch 8, not 32: what the autoencoder needs is 1200 updates (at 800, batch 8 or 32, cyan and purple
-        # still land on blue's codes), not 38k images; a step of 8 costs ~0.4 of a step of 32
-        # (bench/results/recipe_search.md)
-        vq_train=AutoencoderTrainConfig(steps=1200, batch_size=8),
+        # batch 16, not 32: what the autoencoder needs is 1200 updates (at 800, batch 8 or 32, cyan and purple
+        # still land on blue's codes), not 38k images; a step of 16 costs ~0.6 of a step of 32. Batch 8 (~0.4)
+        # reconstructed less sharply (28.8-32.6 dB against 33-34) and an LDM on one of those drew 0.83 of the
+        # seen prompts right (bench/results/recipe_search.md, train_speed.md)
+        vq_train=AutoencoderTrainConfig(steps=1200, batch_size=16),
         text=TextEncoderConfig(vocab_size=0, max_len=12, dim=128, depth=2, heads=4, dim_head=32),
         # PyTorch's fused attention kernel in channels_last layout: 0.89x the time of a naive-kernel step, same
         # function (bench/results/unet_reference.md); the lessons still read and test the naive kernel
@@ -83,11 +84,11 @@ def tiny() -> Preset:
                         attention_levels=(1, 2), heads=4, dim_head=16, context_dim=128, norm_groups=16,
                         kernel="sdpa", channels_last=True),
         # v-prediction: prompt accuracy 1.00 with deterministic DDIM (eta = 0), where eps-prediction reached 0.62
-        # at 2000 steps (its DDIM latents came out ~2.4x too wide; eta = 1 hid it: 0.92). 1100 steps: 1000 left
+        # at 2000 steps (its DDIM latents came out ~2.4x too wide; eta = 1 hid it: 0.92). 1200 steps: 1000 left
         # colours wrong (0.96), 1200 drew every prompt right, higher peak rates or Min-SNR weighting broke shapes
-        # and positions (bench/results/recipe_search.md); the whole run against the 2000-step recipe, three
-        # seeds: bench/results/train_speed.md
-        ldm=LDMTrainConfig(steps=1100, prediction="v"),
+        # and positions (bench/results/recipe_search.md); the whole run against the 2000-step recipe:
+        # bench/results/train_speed.md
+        ldm=LDMTrainConfig(steps=1200, prediction="v"),
     )
 
 

@@ -72,7 +72,7 @@ def chunked_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None = None,
-    q_chunk: int = 128,
+    q_chunk: int = 512,
     k_chunk: int = 1024,
 ) -> torch.Tensor:
     """Memory-efficient attention with an online softmax (Milakov & Gimelshein 2018; FlashAttention).

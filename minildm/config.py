@@ -72,36 +72,35 @@ def tiny() -> Preset:
         name="tiny",
         image_size=32,
         vq=VQConfig.tiny(),
-        # batch 16, not 32: what the autoencoder needs is 1200 updates (at 800, batch 8 or 32, cyan and purple
-        # still land on blue's codes), not 38k images; a step of 16 costs ~0.6 of a step of 32. Batch 8 (~0.4)
-        # reconstructed less sharply (28.8-32.6 dB against 33-34) and an LDM on one of those drew 0.83 of the
-        # seen prompts right (bench/results/recipe_search.md, train_speed.md)
-        vq_train=AutoencoderTrainConfig(steps=1200, batch_size=16),
+        # 1200 steps at batch 32. Shorter or smaller recipes were measured and lost quality
+        # (bench/results/recipe_search.md, train_speed.md): 800 steps left cyan and purple on blue's codes; batch
+        # 8 or 16 read the shapes back right but, with a shorter LDM on top, drew held-out prompts worse
+        vq_train=AutoencoderTrainConfig(),
         text=TextEncoderConfig(vocab_size=0, max_len=12, dim=128, depth=2, heads=4, dim_head=32),
-        # PyTorch's fused attention kernel in channels_last layout: 0.89x the time of a naive-kernel step, same
-        # function (bench/results/unet_reference.md); the lessons still read and test the naive kernel
+        # PyTorch's fused attention kernel in channels_last layout: the same function as the naive kernel in NCHW
+        # (tests/test_unet.py) at 0.89x the time of an LDM step (bench/results/unet_reference.md,
+        # train_speed.md); the lessons still read and test the naive kernel
         unet=UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                         attention_levels=(1, 2), heads=4, dim_head=16, context_dim=128, norm_groups=16,
                         kernel="sdpa", channels_last=True),
         # v-prediction: prompt accuracy 1.00 with deterministic DDIM (eta = 0), where eps-prediction reached 0.62
-        # at 2000 steps (its DDIM latents came out ~2.4x too wide; eta = 1 hid it: 0.92). 1200 steps: 1000 left
-        # colours wrong (0.96), 1200 drew every prompt right, higher peak rates or Min-SNR weighting broke shapes
-        # and positions (bench/results/recipe_search.md); the whole run against the 2000-step recipe:
-        # bench/results/train_speed.md
-        ldm=LDMTrainConfig(steps=1200, prediction="v"),
+        # at 2000 steps (its DDIM latents came out ~2.4x too wide; eta = 1 hid it: 0.92). 2000 steps: 1000-1200
+        # drew seen prompts right on some seeds but held-out ones as low as 0.70, and higher peak rates or Min-SNR
+        # weighting broke shapes and positions (bench/results/recipe_search.md, train_speed.md)
+        ldm=LDMTrainConfig(steps=2000, prediction="v"),
     )
 
 
 def scenes() -> Preset:
-    """Two objects per 32x32 picture (minildm/data/scenes.py): the tiny networks with the tiny recipe before its
-    speed-up (autoencoder 1200 steps x 32, LDM 2000 steps with v-prediction, naive attention) on 8000 scenes of
-    the 78 seen pairings, trained by
+    """Two objects per 32x32 picture (minildm/data/scenes.py): the tiny networks and recipe (autoencoder 1200
+    steps x 32, LDM 2000 steps with v-prediction) with the naive attention kernel, on 8000 scenes of the 78 seen
+    pairings, trained by
     `python train.py --preset scenes` (CPU cost in bench/results/scenes.md)."""
     p = tiny()
     p.name = "scenes"
     p.text = replace(p.text, max_len=16)  # "a red circle on the left and a blue square on the right" is 12 words
-    # the recipe bench/results/scenes.md measured: the tiny preset's before its speed-up (train_speed.md), kept
-    # as it was so that those numbers stay true; the faster recipe is untried on two objects
+    # the kernel and layout bench/results/scenes.md was measured with (tiny trains with sdpa in channels_last
+    # since, the same function), kept so that those numbers stay exactly reproducible
     p.vq_train = AutoencoderTrainConfig()
     p.unet = replace(p.unet, kernel="naive", channels_last=False)
     p.ldm = LDMTrainConfig(steps=2000, prediction="v")
@@ -157,14 +156,11 @@ def micro() -> Preset:
 
 def with_kl_autoencoder(preset: Preset) -> Preset:
     """The preset with a KL-regularised first stage of its VQ-VAE's widths, f and latent channels (the same
-    training recipe, L1 (+ perceptual, GAN) + w_kl KL in place of the VQ loss; tiny's at batch 32):
-    `train.py --autoencoder kl`."""
+    training recipe, L1 (+ perceptual, GAN) + w_kl KL in place of the VQ loss): `train.py --autoencoder kl`."""
     vq = preset.vq
     kl = KLConfig(in_channels=vq.in_channels, channels=vq.channels, channel_mult=vq.channel_mult,
                   num_res_blocks=vq.num_res_blocks, z_channels=vq.z_channels, norm_groups=vq.norm_groups,
                   scale_factor=1.0)  # measured as 1 / std(z) after training
-    if preset.name == "tiny":  # the batch lesson 05's KL numbers were measured at; batch 8 is untried for it
-        return replace(preset, kl=kl, vq_train=replace(preset.vq_train, batch_size=32))
     return replace(preset, kl=kl)
 
 

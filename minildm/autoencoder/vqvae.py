@@ -69,8 +69,8 @@ class VQConfig:
         """32x32 shapes, f = 4 (8x8x4 latents), 256 codes, 0.23M parameters.
 
         Training recipe (with VQGANLossConfig.tiny(): L1 + VQ loss, no perceptual or GAN term):
-        1200 steps, batch 8 of fresh `sample_batch` shapes, Adam(lr=2e-3, betas=(0.5, 0.9)) with cosine decay
-        to 0. Measured (seeds 0-2, bench/results/recipe_search.md): held-out PSNR 31.6-32.6 dB, 256/256 codes
+        1200 steps, batch 32 of fresh `sample_batch` shapes, Adam(lr=2e-3, betas=(0.5, 0.9)) with cosine decay
+        to 0. Measured (bench/results/recipe_search.md, train_speed.md): held-out PSNR 32-35 dB, 256/256 codes
         in use, every colour, shape and position of 720 fresh renders read back right through D(E(x)).
         """
         return cls(

@@ -1,7 +1,7 @@
 """The default run, `python train.py`, against the recipe before it: wall time and prompt accuracy, several seeds.
 
     python bench/train_speed.py --recipes before after --seeds 0 1 2      # bench/results/train_speed.md
-    python bench/train_speed.py --recipes kernel autoencoder --seeds 0 --name train_speed_steps
+    python bench/train_speed.py --recipes after --seeds 3                  # one more row into the same table
 
 Each (recipe, seed) trains in a fresh process, as `python train.py --seed S --out DIR` does (train.main with
 the recipe's preset, stage by stage so that each stage is timed), the recipes taking turns (before s0, after
@@ -10,11 +10,11 @@ to exit, imports included, as `time python train.py` measures it. Then prompt ac
 `python -m minildm.evaluate` reads it (DDIM 50 steps, guidance 3, 4 samples per prompt, seed 0), on the 80 seen
 and the 10 held-out prompts, and the autoencoder's summary (PSNR on held-back shapes, codes in use).
 
-The recipes, each one change on top of the one before it (RECIPES below):
-    before       the tiny preset at commit 968ca07: autoencoder 1200 steps, LDM 2000 steps, naive attention
-    kernel       + the UNet trains with PyTorch's fused attention (sdpa) in channels_last memory format
-    autoencoder  + the autoencoder's shorter recipe
-    after        + the LDM's shorter recipe: the tiny preset of this commit
+The recipes (RECIPES below):
+    before       the tiny preset at commit 968ca07: autoencoder 1200 steps x 32, LDM 2000 steps x 64, naive attention
+    after        the tiny preset of this commit (the same steps, the sdpa kernel in channels_last layout)
+Shorter candidates that were tried as "after" (their rows carry their fingerprints): autoencoder batch 8 + LDM
+1100 steps, autoencoder batch 16 + LDM 1200 steps.
 Rows gather in RUNS/rows.jsonl (recipe fingerprint, commit and load average with each); the table shows them all,
 an "after" row of an earlier tiny preset as "candidate <fingerprint>".
 """
@@ -46,32 +46,18 @@ def before():
     return p
 
 
-def kernel():
-    p = before()
-    p.unet = replace(p.unet, kernel="sdpa", channels_last=True)
-    return p
-
-
-def autoencoder():
-    from minildm.config import tiny
-    p = kernel()
-    p.vq_train = tiny().vq_train
-    return p
-
-
 def after():
     from minildm.config import tiny
     return tiny()
 
 
-RECIPES = {"before": before, "kernel": kernel, "autoencoder": autoencoder, "after": after}
+RECIPES = {"before": before, "after": after}
 
 
 def train_one(recipe: str, seed: int, out: str) -> None:
     """The child process: train one run stage by stage, write the stage times to out/timing.json."""
-    start = time.time()
     import train  # noqa: E402  (train.py at the repository root)
-    times = {"imports": time.time() - start}
+    times = {}
     preset = RECIPES[recipe]()
     for stage in ("autoencoder", "ldm"):
         t0 = time.time()

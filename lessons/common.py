@@ -86,7 +86,7 @@ def start(lesson_file: str, title: str, trained_model: bool = False) -> tuple[Pa
 TINY_RUN = ROOT / "runs" / "tiny"  # what `python train.py` makes
 MICRO_RUN = ROOT / "lessons" / ".cache" / "micro"  # trained here in seconds when there is no TINY_RUN
 _announced = False  # trained_run() says which model once
-TRAIN_TIME = "about 5 to 6 minutes on 2 free CPU cores, longer on a busy machine"  # the main README's table
+TRAIN_TIME = "about 10 minutes on 2 free CPU cores, longer on a busy machine"  # the main README's table
 
 
 def model_label(run: Path) -> str:

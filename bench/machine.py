@@ -26,12 +26,15 @@ def machine() -> str:
 
 
 def commit() -> str:
-    """The short hash of the checked-out commit ('+ changes' when the tree differs from it)."""
+    """The short hash of the checked-out commit ('+ changes' when the code differs from it: anything tracked
+    but bench/results/)."""
     root = Path(__file__).resolve().parent.parent
     def git(*args):
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + (" + changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    # results files being written by the benchmarks themselves are not a change of the code that measured
+    return head + (" + changes" if git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                       ":(exclude)bench/results") else "")
 
 
 def shown(run: Path) -> Path:

@@ -100,6 +100,7 @@ def labelled_shapes(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, tor
     return shapes.render_combos([shapes.ALL_COMBOS[i] for i in labels.tolist()], rng), labels
 
 
+@torch.enable_grad()  # trains even when called from code that samples under torch.no_grad()
 def train_feature_net(steps: int = FEATURE_NET_STEPS, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
                       cfg: FeatureNetConfig | None = None, device: str | torch.device = "cpu",
                       progress: bool = True) -> tuple[ShapesFeatureNet, LossLog]:

@@ -236,3 +236,12 @@ def test_fid_falls_as_a_model_trains(judge, tmp_path):
         inception.append(is_shapes(judge[0], images * 2 - 1)[0])
     assert fids[1] < 0.3 * fids[0], fids
     assert inception[1] > inception[0], inception
+
+
+def test_the_feature_net_trains_inside_a_callers_no_grad():
+    """The evaluation trains its judge on first use, often from code that samples under torch.no_grad()."""
+    from minildm.feature_net import train_feature_net
+
+    with torch.no_grad():
+        model, log = train_feature_net(steps=2, batch_size=8, progress=False)
+    assert len(log.history["loss"]) == 2 and not model.training

@@ -137,6 +137,15 @@ def test_a_last_step_on_the_cadence_is_saved_once(tmp_path):
     assert len(saves) == 2
 
 
+def test_fit_trains_inside_a_callers_no_grad(tmp_path):
+    """A benchmark may sample under torch.no_grad() and then train: fit turns gradients back on for its loop."""
+    w = torch.nn.Parameter(torch.ones(1))
+    with torch.no_grad():
+        fit(lambda step: (w.pow(2).sum(), {}), torch.optim.SGD([w], lr=0.1), 3,
+            Checkpoint(tmp_path / "w.pt", "w", lambda: {"w": w.detach().clone()}), show_progress=False)
+    assert w.item() == pytest.approx(0.8 ** 3)
+
+
 def test_ema_is_the_exponential_average_with_its_warm_up():
     """theta_ema <- d theta_ema + (1 - d) theta, d = min(decay, (1 + step) / (10 + step)); buffers copied."""
     model = torch.nn.BatchNorm1d(3)  # a weight, a bias and running-statistics buffers

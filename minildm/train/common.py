@@ -225,7 +225,9 @@ def fit(loss_fn: Callable[[int], tuple[torch.Tensor, dict]], opt: torch.optim.Op
     interrupted = False
     diverged = DivergenceCheck(desc or ckpt.kind, ckpt.path)
     bar = progress(steps, step, desc, show_progress and distributed.is_main())
-    with GracefulInterrupt() as interrupt:
+    # enable_grad: a training loop trains even when its caller sampled under torch.no_grad() (e.g. a benchmark
+    # that measures a model, then trains an adapter on it)
+    with GracefulInterrupt() as interrupt, torch.enable_grad():
         while step < steps and not distributed.any_rank(interrupt.requested, device):
             try:
                 loss, logs = loss_fn(step)

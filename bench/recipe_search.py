@@ -119,19 +119,23 @@ def write_table() -> Path:
              "docstring: what each stage's score means). The rows were trained one torch thread each, two to four "
              "at a time on a 2-core machine, so their times are not compared (bench/results/train_speed.md times "
              f"the chosen recipe); {cpu_name()}, torch {torch.__version__}.", "",
-             "## Autoencoder: describe(D(E(x))) of 720 fresh renders", "",
-             "| variant | settings | seed | colour | all three | PSNR (held-back shapes) |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["stage"] == "autoencoder":
-            lines.append(f"| {r['variant']} | {r['settings']} | {r['seed']} | {r['color']:.3f} | {r['all']:.3f} | "
-                         f"{r['psnr']:.1f} dB |")
-    lines += ["", f"## LDM on the reference autoencoder ({FAST_UNET['kernel']} kernel, channels_last): prompt "
-              "accuracy, 4 samples per prompt", "",
-              "| variant | settings | seed | seen | held-out | colour seen / held-out |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["stage"] == "ldm":
-            lines.append(f"| {r['variant']} | {r['settings']} | {r['seed']} | {r['seen_all']:.3f} | "
-                         f"{r['held_out_all']:.3f} | {r['seen_color']:.3f} / {r['held_out_color']:.3f} |")
+             "## Autoencoder: describe(D(E(x))) of 720 fresh renders", ""]
+    # per stage: its section's heading, then (column, how a row fills it) after variant, settings and seed
+    sections = {
+        "autoencoder": ("", [("colour", lambda r: f"{r['color']:.3f}"), ("all three", lambda r: f"{r['all']:.3f}"),
+                             ("PSNR (held-back shapes)", lambda r: f"{r['psnr']:.1f} dB")]),
+        "ldm": (f"## LDM on the reference autoencoder ({FAST_UNET['kernel']} kernel, channels_last): prompt "
+                "accuracy, 4 samples per prompt",
+                [("seen", lambda r: f"{r['seen_all']:.3f}"), ("held-out", lambda r: f"{r['held_out_all']:.3f}"),
+                 ("colour seen / held-out", lambda r: f"{r['seen_color']:.3f} / {r['held_out_color']:.3f}")]),
+    }
+    for stage, (heading, columns) in sections.items():
+        if heading:
+            lines += ["", heading, ""]
+        lines += ["| variant | settings | seed | " + " | ".join(c for c, _ in columns) + " |",
+                  "|---|---|---|" + "---|" * len(columns)]
+        lines += [f"| {r['variant']} | {r['settings']} | {r['seed']} | " + " | ".join(f(r) for _, f in columns) + " |"
+                  for r in rows if r["stage"] == stage]
     out = ROOT / "bench" / "results" / "recipe_search.md"
     out.write_text("\n".join(lines) + "\n")
     return out

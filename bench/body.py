@@ -1,8 +1,11 @@
 """BoLID body identity on a trained body run: identity retrieval from c_body, and the body shape of generated people.
 
-    python bench/body.py --run runs/body [--samples 8] [--steps 25]      # writes bench/results/body.md
+    python train.py --stage body                          # runs/body, about 2 hours on 2 CPU cores
+    python bench/lesson_numbers.py lesson15_body          # these tables at the defaults, for lesson 15's README
+    python bench/body.py --run runs/body [--samples 16] [--steps 50]      # the same for other settings, printed
 
-Train the run first with `python train.py --stage body` (it writes runs/body). Everything here uses people the
+How each setting of the body stage was chosen (the experiments behind BodyStageConfig) is written up in
+bench/results/body.md. Everything here uses people the
 run never saw (identity numbers after its training identities) and fresh views of them (random stream 5).
 
 - retrieval: each of 20 unseen identities gets a gallery c_body (mu of 4 views) and queries (mu of 4 other
@@ -36,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from einops import rearrange  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 from machine import machine  # noqa: E402  (bench/machine.py)
 from minildm.adapters.body import ADAPTER_FILE, VAE_FILE, load_body_prompter, set_body_lambdas  # noqa: E402
@@ -48,7 +52,6 @@ from minildm.pipeline import LatentDiffusion  # noqa: E402
 from minildm.viz import save_grid  # noqa: E402
 
 EVAL_POSES = ("standing", "raising the left arm", "raising the right arm", "raising both arms")
-SETTINGS_NOTES = "## How the body stage's settings were chosen"
 TEXT_ONLY, BODY_STREAM = "text only (the base model)", "body stream (body_lambda = 1, no reference)"
 GALLERY, QUERY = 4, 4  # views per identity
 SAME_CLOTHES = dict(shirt=(200, 50, 50), trousers=(45, 50, 80), skin=(214, 160, 120))
@@ -96,7 +99,7 @@ def retrieval_lines(ret: dict, identities: int) -> list[str]:
             *[f"| {name} ({identities}) | **{a:.2f}** | {b:.2f} |" for name, (a, b) in ret.items()]]
 
 
-def measure(regressor, images01: torch.Tensor, poses: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def read_bodies(regressor, images01: torch.Tensor, poses: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Images [N, 3, H, W] in [0, 1] -> (limb ratios [N, 2] (NaN: unmeasurable), pose held [N] bool)."""
     kp, vis = regressor.predict(images01 * 2 - 1)
     kp, vis = kp.cpu().numpy(), vis.cpu().numpy()
@@ -130,49 +133,24 @@ def spread_followed(ratios: np.ndarray, ids: np.ndarray, truth: np.ndarray) -> l
     return slopes
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", default="runs/body")
-    p.add_argument("--identities", type=int, default=20)
-    p.add_argument("--samples", type=int, default=8, help="generated images per identity and pose prompt "
-                   "(8: 32 per identity; generated limb ratios scatter ~4x more than real ones, and with 16 images "
-                   "the body / text ratio moved from 0.77 to 0.90 between two sets of seeds)")
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "body.md"))
-    p.add_argument("--retrieval-only", action="store_true",
-                   help="only the retrieval table, from RUN/body_vae.pt (no adapter needed); printed, not written")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
-    start = time.time()
-    run = Path(args.run)
-    if args.retrieval_only:
-        vae = load_body_vae(run / VAE_FILE)
-        saved = load_checkpoint(run / VAE_FILE, "body-vae")
-        ret = retrieval_table(lambda im, kp, vis: vae.encode(im[None], kp[None], vis[None])[0],
-                              saved["num_identities"], args.identities, vae.cfg.image_size, saved["seed"])
-        print("\n".join(retrieval_lines(ret, args.identities)) + f"\n({time.time() - start:.0f} s)")
-        return 0
+def measure(run: Path, identities: int = 20, samples: int = 8, steps: int = 25, guidance: float = 3.0) -> str:
+    """The run's description, the retrieval table and the body-shape table as markdown (what lesson 15 quotes,
+    through `python bench/lesson_numbers.py lesson15_body`). Sample grids go to bench/out/body/."""
+    run = Path(run)
     state = load_checkpoint(run / ADAPTER_FILE, "body-adapter")
     cfg = state["train_config"]
     base = LatentDiffusion.load(run)  # the text rows: ldm.pt exactly (the stage fine-tunes a copy of its UNet)
     pipe = LatentDiffusion.load(run)
     prompter = load_body_prompter(pipe, run)
     size, seed, n_train = pipe.image_size, cfg["seed"], cfg["num_identities"]
-    shapes = [identity(n_train + k, seed) for k in range(args.identities)]
+    shapes = [identity(n_train + k, seed) for k in range(identities)]
 
     # 1. identity retrieval from c_body
-    t0 = time.time()
-    ret = retrieval_table(prompter.c_body, n_train, args.identities, size, seed)
-    t_retrieval = time.time() - t0
-    print("retrieval", ret)
+    ret = retrieval_table(prompter.c_body, n_train, identities, size, seed)
 
     # 2. body shape of generated people
-    t0 = time.time()
     truth = np.stack([true_limb_ratios(s) for s in shapes])
-    jobs = [(i, pose) for i in range(len(shapes)) for pose in EVAL_POSES for _ in range(args.samples)]
+    jobs = [(i, pose) for i in range(len(shapes)) for pose in EVAL_POSES for _ in range(samples)]
     ids = np.array([i for i, _ in jobs])
     poses = [pose for _, pose in jobs]
     c_body = []
@@ -184,7 +162,7 @@ def main(argv=None) -> int:
     rows = {}
     real = torch.cat([render(shapes[i], [random_view(np.random.default_rng([seed, 6, k]), pose)], size)[0]
                       for k, (i, pose) in enumerate(jobs)])
-    rows["real renders (regressor floor)"] = measure(prompter.regressor, (real + 1) / 2, poses)
+    rows["real renders (regressor floor)"] = read_bodies(prompter.regressor, (real + 1) / 2, poses)
     train_mean = np.stack([true_limb_ratios(identity(i, seed)) for i in range(n_train)]).mean(0)
     pose_only = [pose_caption(pose) for pose in poses]
     in_words = [pose_caption(pose, build_phrases(shapes[i]), shirt_name(shapes[i])) for i, pose in jobs]
@@ -194,18 +172,17 @@ def main(argv=None) -> int:
             "text with the person's build and shirt in words (the base model)": (False, in_words, "words"),
             BODY_STREAM: (True, pose_only, "body")}.items():
         images = []
-        for b in range(0, len(jobs), 64):
-            sampling = dict(steps=args.steps, guidance_scale=args.guidance, seed=b)
+        for b in tqdm(range(0, len(jobs), 64), desc=file, leave=False):
+            sampling = dict(steps=steps, guidance_scale=guidance, seed=b)
             if use_body:
                 tokens = prompter.extra_tokens(c_body[b:b + 64])
                 images.append(pipe.generate(captions[b:b + 64], **sampling, extra_tokens=tokens))
             else:
                 images.append(base.generate(captions[b:b + 64], **sampling))
         images = torch.cat(images)
-        rows[name] = measure(prompter.regressor, images, poses)
-        save_grid(images[:len(EVAL_POSES) * args.samples * 4], ROOT / "bench" / "out" / "body" / f"{file}.png",
-                  nrow=len(EVAL_POSES) * args.samples, upscale=3)
-    t_shape = time.time() - t0
+        rows[name] = read_bodies(prompter.regressor, images, poses)
+        save_grid(images[:len(EVAL_POSES) * samples * 4], ROOT / "bench" / "out" / "body" / f"{file}.png",
+                  nrow=len(EVAL_POSES) * samples, upscale=3)
 
     errors = {name: shape_error(r, ids, truth) for name, (r, _) in rows.items()}
     held = {name: h.mean() for name, (_, h) in rows.items()}
@@ -214,9 +191,6 @@ def main(argv=None) -> int:
     text_err, body_err = errors[TEXT_ONLY][0], errors[BODY_STREAM][0]
     seconds = state.get("seconds", {})
     lines = [
-        f"# Body identity (BoLID) on `{run}`", "",
-        f"Machine: {machine()}. Bench time: {(time.time() - start) / 60:.1f} min wall "
-        f"(retrieval {t_retrieval / 60:.1f}, generation + measuring {t_shape / 60:.1f}).", "",
         f"Run: {cfg['num_identities']} training identities x ({cfg['views_per_identity']} training + "
         f"{cfg['reference_views']} reference) views at {size}x{size}; base `{cfg['base']['name']}` "
         f"(autoencoder {cfg['base']['vq_train']['steps']} steps, LDM {cfg['base']['ldm']['steps']} steps x batch "
@@ -227,14 +201,13 @@ def main(argv=None) -> int:
            if cfg.get("unet_lr_scale") else "")
         + f", L = L_diff + {cfg['alpha_id']} L_id + "
         f"{cfg['beta_clip']} L_clip (L_clip off: no CLIP knows body captions). Training wall time: "
-        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()) + ".", "",
-        "## Identity retrieval from c_body (nearest neighbour, chance 1/{})".format(args.identities), "",
-        f"Gallery: mu of {GALLERY} views per identity; queries: mu of {QUERY} other views (a set) or of one view.", "",
-        *retrieval_lines(ret, args.identities),
-        "", "## Body shape of generated people", "",
-        f"{args.identities} unseen identities x {len(EVAL_POSES)} pose prompts ({', '.join(EVAL_POSES)}) x "
-        f"{args.samples} samples = {len(jobs)} images per row; DDIM {args.steps} steps, guidance {args.guidance} "
-        "(unconditional half: empty text, no body). Error: |measured - true| of the limb ratios "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()) + f". Measured on {machine()}.", "",
+        f"Identity retrieval from c_body (nearest neighbour, chance 1/{identities}). Gallery: mu of {GALLERY} views "
+        f"per identity; queries: mu of {QUERY} other views (a set) or of one view.", "",
+        *retrieval_lines(ret, identities), "",
+        f"Body shape of generated people: {identities} unseen identities x {len(EVAL_POSES)} pose prompts "
+        f"({', '.join(EVAL_POSES)}) x {samples} samples = {len(jobs)} images per row; DDIM {steps} steps, guidance "
+        f"{guidance:g} (unconditional half: empty text, no body). Error: |measured - true| of the limb ratios "
         f"({', '.join(LIMB_RATIOS)}), averaged. A model that always drew the average training body would score "
         f"{mean_body_error:.3f}.", "",
         "| images | shape error (identity mean) | shape error (per image) | slope vs truth (arm, leg) | measurable | "
@@ -245,16 +218,43 @@ def main(argv=None) -> int:
         "", "Slope vs truth: of the per-identity mean ratio against the true one (1: follows each body; 0: draws "
         "everyone alike; on real renders: how much of the true spread the regressor can see).",
         "", f"Body stream / text only, identity-mean error: **{body_err / text_err:.2f}** (target <= 0.5).",
-        "Samples: bench/out/body/text.png, words.png, body.png (first 4 identities, one row each).",
     ]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    notes = out.read_text().split(SETTINGS_NOTES, 1) if out.is_file() else []
-    if len(notes) == 2:  # the hand-written section on how the stage's settings were chosen stays
-        lines += ["", SETTINGS_NOTES + notes[1].rstrip("\n")]
-    out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {out}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", default="runs/body")
+    p.add_argument("--identities", type=int, default=20)
+    p.add_argument("--samples", type=int, default=8, help="generated images per identity and pose prompt "
+                   "(8: 32 per identity; generated limb ratios scatter ~4x more than real ones, and with 16 images "
+                   "the body / text ratio moved from 0.77 to 0.90 between two sets of seeds)")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--retrieval-only", action="store_true",
+                   help="only the retrieval table, from RUN/body_vae.pt (no adapter needed)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    start = time.time()
+    run = Path(args.run)
+    missing = [f for f in ([VAE_FILE] if args.retrieval_only else [ADAPTER_FILE, VAE_FILE, "ldm.pt"])
+               if not (run / f).is_file()]
+    if missing:
+        print(f"error: {run} has no {', '.join(missing)}: train it first with `python train.py --stage body "
+              f"--out {run}`.", file=sys.stderr)
+        return 2
+    if args.retrieval_only:
+        vae = load_body_vae(run / VAE_FILE)
+        saved = load_checkpoint(run / VAE_FILE, "body-vae")
+        ret = retrieval_table(lambda im, kp, vis: vae.encode(im[None], kp[None], vis[None])[0],
+                              saved["num_identities"], args.identities, vae.cfg.image_size, saved["seed"])
+        print("\n".join(retrieval_lines(ret, args.identities)))
+    else:
+        print(measure(run, args.identities, args.samples, args.steps, args.guidance))
+        print("Samples: bench/out/body/text.png, words.png, body.png (first 4 identities, one row each).")
+    print(f"({(time.time() - start) / 60:.1f} min)")
     return 0
 
 

@@ -5,6 +5,7 @@ can compare them with the READMEs.
     python bench/lesson_numbers.py                    # every measurement -> bench/results/numbers/<name>.md
     python bench/lesson_numbers.py lesson11_ddim      # one of them
     python bench/lesson_numbers.py lesson13_lora lesson14_ip_adapter   # the adapters: they train, ~15 min
+    python train.py --stage body && python bench/lesson_numbers.py lesson15_body   # runs/body, ~2 h + 6 min
     python bench/lesson_numbers.py --readmes          # copy the results into the READMEs' number blocks
 
 A README quotes a result inside a block
@@ -21,7 +22,9 @@ Each measurement calls the same function the lesson itself runs (with the librar
 a learner who runs the lesson on their own `python train.py` model sees these numbers up to training noise.
 Lessons 13 and 14 quote benchmarks instead: lesson13_lora and lesson14_ip_adapter call bench/lora.py and
 bench/ip_adapter.py, which train a LoRA and an IP-Adapter (with its CLIPs) of the stages' recipes on the frozen
-model and measure them (the scripts' own command lines print the same tables for other settings).
+model and measure them (the scripts' own command lines print the same tables for other settings). Lesson 15
+quotes bench/body.py on runs/body, the model `python train.py --stage body` trains: its numbers are tied to
+the body stage's recipe (BodyStageConfig, with its base preset) the same way.
 """
 from __future__ import annotations
 
@@ -50,6 +53,21 @@ def recipe_fingerprint() -> str:
     from minildm.config import tiny
 
     return hashlib.sha256(repr(tiny()).encode()).hexdigest()[:12]
+
+
+def body_fingerprint() -> str:
+    """A short hash of the body stage's recipe (every hyperparameter of `python train.py --stage body`)."""
+    from minildm.train.body import body_stage_config
+
+    return hashlib.sha256(repr(body_stage_config("body")).encode()).hexdigest()[:12]
+
+
+BODY = {"lesson15_body"}  # measured on runs/body; every other measurement on runs/tiny
+
+
+def recipe_of(name: str) -> tuple[str, str]:
+    """(the words a results file's first line must contain, today's fingerprint) of a measurement's recipe."""
+    return ("body stage", body_fingerprint()) if name in BODY else ("tiny preset", recipe_fingerprint())
 
 
 def _lesson(name: str):
@@ -167,6 +185,12 @@ def samplers(pipe) -> str:
     return _bench("samplers").measure(pipe)
 
 
+def lesson15_body(run: Path) -> str:
+    """Lesson 15: identity retrieval from c_body and the body shape of generated people, on runs/body at
+    bench/body.py's defaults (20 unseen people, 8 samples per pose prompt, DDIM 25, guidance 3)."""
+    return _bench("body").measure(run)
+
+
 def diagnostics(pipe) -> str:
     """`python -m minildm.diagnostics --run runs/tiny` (and lesson 16 part 3): the four diagnostics' numbers."""
     import tempfile
@@ -178,42 +202,56 @@ def diagnostics(pipe) -> str:
 
 
 MEASUREMENTS = {f.__name__: f for f in (autoencoder, evaluation, lesson09_attention, lesson11_ddim,
-                                         lesson12_guidance, lesson13_lora, lesson14_ip_adapter, lesson16_broken,
-                                         diagnostics, samplers)}
+                                         lesson12_guidance, lesson13_lora, lesson14_ip_adapter, lesson15_body,
+                                         lesson16_broken, diagnostics, samplers)}
 
 
 def provenance(name: str, run: Path) -> str:
     """The first line of every results file: the command, the model (its preset and recipe, its training steps)
-    and the code it came from. Only a run of today's tiny recipe gets "tiny preset <fingerprint>", which the
-    test requires."""
+    and the code it came from. Only a run of today's recipe gets "tiny preset <fingerprint>" (or "body stage
+    <fingerprint>"), which the test requires: an older run never passes for today's."""
     from dataclasses import asdict
 
     from minildm.config import tiny
+    from minildm.train.body import body_stage_config
 
     state = torch.load(run / "ldm.pt", map_location="cpu", weights_only=True)
     first = torch.load(run / "autoencoder.pt", map_location="cpu", weights_only=True)
-    preset, today = state.get("preset", "?"), tiny()
-    # what the checkpoints record of their recipe: an older runs/tiny never passes for today's
-    todays = (preset == "tiny" and state.get("unet_config") == asdict(today.unet)
-              and state.get("step") == today.ldm.steps and first.get("config") == asdict(today.vq)
-              and first.get("step") == today.vq_train.steps)
-    recipe = (f"tiny preset {recipe_fingerprint()}" if todays
-              else f"preset {preset}, not the tiny recipe of today's minildm/config.py")
+    preset = state.get("preset", "?")
+    words, fingerprint = recipe_of(name)
+    if name in BODY:  # what the checkpoints record of their recipe
+        cfg = body_stage_config("body")
+        adapter = torch.load(run / "body_adapter.pt", map_location="cpu", weights_only=True)
+        todays = (adapter.get("train_config") == asdict(cfg) and adapter.get("step") == cfg.adapter_steps
+                  and state.get("unet_config") == asdict(cfg.base.unet) and state.get("step") == cfg.base.ldm.steps
+                  and first.get("config") == asdict(cfg.base.vq) and first.get("step") == cfg.base.vq_train.steps)
+        wrong = "not the recipe of today's minildm/train/body.py"
+    else:
+        today = tiny()
+        todays = (preset == "tiny" and state.get("unet_config") == asdict(today.unet)
+                  and state.get("step") == today.ldm.steps and first.get("config") == asdict(today.vq)
+                  and first.get("step") == today.vq_train.steps)
+        wrong = "not the tiny recipe of today's minildm/config.py"
+    recipe = f"{words} {fingerprint}" if todays else f"preset {preset}, {wrong}"
     return (f"Measured by `python bench/lesson_numbers.py {name}` on `{shown(run)}` ({recipe}, LDM trained "
             f"{state.get('step', '?')} steps; code at commit {commit()}).")
 
 
-def measure(names: list[str], run: Path) -> None:
+def measure(names: list[str], run: Path, body_run: Path) -> None:
     from minildm.pipeline import LatentDiffusion
 
     torch.set_grad_enabled(False)
-    pipe = LatentDiffusion.load(run)
-    pipe.label, pipe.run = "runs/tiny", run
+    if set(names) - BODY:
+        pipe = LatentDiffusion.load(run)
+        pipe.label, pipe.run = "runs/tiny", run
     RESULTS.mkdir(parents=True, exist_ok=True)
     for name in names:
         print(f"measuring {name}")
         torch.manual_seed(0)
-        text = provenance(name, run) + "\n\n" + MEASUREMENTS[name](pipe) + "\n"
+        if name in BODY:
+            text = provenance(name, body_run) + "\n\n" + MEASUREMENTS[name](body_run) + "\n"
+        else:
+            text = provenance(name, run) + "\n\n" + MEASUREMENTS[name](pipe) + "\n"
         (RESULTS / f"{name}.md").write_text(text)
         print(text)
 
@@ -247,17 +285,23 @@ def main() -> int:
     p = argparse.ArgumentParser(description="Measure the numbers the READMEs quote (see the module docstring).")
     p.add_argument("names", nargs="*", help=f"which measurements (default all): {', '.join(MEASUREMENTS)}")
     p.add_argument("--run", default=str(ROOT / "runs" / "tiny"))
+    p.add_argument("--body-run", default=str(ROOT / "runs" / "body"), help="(lesson15_body) the body stage's run")
     p.add_argument("--readmes", action="store_true", help="only copy bench/results/numbers/*.md into the READMEs")
     args = p.parse_args()
     unknown = [n for n in args.names if n not in MEASUREMENTS]
     if unknown:
         p.error(f"unknown measurement {', '.join(unknown)}: choose from {', '.join(MEASUREMENTS)}.")
     if not args.readmes:
-        run = Path(os.path.abspath(args.run))  # not resolve(): a symlinked runs/ still reads "runs/tiny"
-        if not (run / "ldm.pt").is_file():
-            print(f"error: no trained model in {run}: run `python train.py` first.", file=sys.stderr)
-            return 2
-        measure(args.names or list(MEASUREMENTS), run)
+        names = args.names or list(MEASUREMENTS)
+        # not resolve(): a symlinked runs/ still reads "runs/tiny"
+        run, body_run = Path(os.path.abspath(args.run)), Path(os.path.abspath(args.body_run))
+        needed = ([(run / "ldm.pt", "python train.py")] if set(names) - BODY else []) + (
+            [(body_run / "body_adapter.pt", "python train.py --stage body")] if set(names) & BODY else [])
+        for path, command in needed:
+            if not path.is_file():
+                print(f"error: no trained model in {path.parent}: run `{command}` first.", file=sys.stderr)
+                return 2
+        measure(names, run, body_run)
     for path in fill_readmes():
         print(f"updated {path.relative_to(ROOT)}")
     return 0

@@ -125,7 +125,7 @@ def train_feature_net(steps: int = FEATURE_NET_STEPS, batch_size: int = 64, lr: 
             optimizer.step()
             log.add(step, loss=loss.item(), acc=(logits.argmax(dim=-1).cpu() == labels).float().mean().item())
             bar.update(1)
-            bar.set_postfix(log.postfix("loss", "acc"))
+            bar.set_postfix(log.postfix("loss", "acc"), refresh=False)  # redrawn at the bar's own pace
     return model.eval(), log
 
 

@@ -86,6 +86,28 @@ def test_stage_writes_every_checkpoint(run):
     assert (run / "samples" / "body.png").is_file()
 
 
+def test_lesson15_numbers_name_the_body_recipe_only_for_a_run_of_todays_recipe(run, monkeypatch):
+    """bench/lesson_numbers.py writes "body stage <fingerprint>" into lesson15_body's first line (which
+    tests/test_lesson_numbers.py requires) only when the run's checkpoints record today's body recipe: the
+    micro run is not the body preset's; with the micro config standing in for today's recipe it passes."""
+    import importlib.util
+
+    from lessons.grading import ROOT
+    import minildm.train.body as body
+
+    spec = importlib.util.spec_from_file_location("lesson_numbers_body", ROOT / "bench" / "lesson_numbers.py")
+    numbers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(numbers)
+    assert numbers.recipe_of("lesson15_body") == ("body stage", numbers.body_fingerprint())
+    line = numbers.provenance("lesson15_body", run)
+    assert "body stage" not in line and "not the recipe of today's minildm/train/body.py" in line, line
+    micro = body_stage_config("micro")
+    monkeypatch.setattr(body, "body_stage_config", lambda name="body": micro)
+    line = numbers.provenance("lesson15_body", run)
+    assert f"(body stage {numbers.body_fingerprint()}, LDM trained {micro.base.ldm.steps} steps" in line, line
+    assert numbers.body_fingerprint() != numbers.recipe_fingerprint()
+
+
 def test_resume_skips_finished_steps(run):
     before = {f: (run / f).stat().st_mtime_ns for f in ("autoencoder.pt", "ldm.pt", REGRESSOR_FILE, VAE_FILE)}
     cfg = body_stage_config("micro")

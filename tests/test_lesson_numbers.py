@@ -41,11 +41,13 @@ def test_results_measured_on_todays_recipe(path):
     command = f"python bench/lesson_numbers.py {path.stem}"
     assert first.startswith(f"Measured by `{command}`"), (
         f"{path.name} was not written by `{command}` (its first line names another command): measure it with that")
-    recorded = re.search(r"tiny preset (\w+)", first)
+    words, fingerprint = numbers.recipe_of(path.stem)
+    recorded = re.search(rf"{words} (\w+)", first)
     assert recorded, f"{path.name} does not say which recipe it was measured on: measure it with `{command}`"
-    assert recorded[1] == numbers.recipe_fingerprint(), (
-        f"the tiny preset changed since {path.name} was measured: train again (python train.py) and run "
-        f"python bench/lesson_numbers.py {path.stem}, in the same commit as the recipe change")
+    train = "python train.py --stage body" if path.stem in numbers.BODY else "python train.py"
+    assert recorded[1] == fingerprint, (
+        f"the {words}'s recipe changed since {path.name} was measured: train again ({train}) and run "
+        f"{command}, in the same commit as the recipe change")
 
 
 def test_block_syntax_is_not_mistyped():

@@ -45,7 +45,7 @@ class KeypointRegressor(nn.Module):
         v_k = sum_{x,y} P_k(x, y) V_k(x, y)               visibility logit read where the keypoint is
 
     The window matters: over the whole image, P_k's small tails pull every p_k toward the image centre,
-    which shortens limbs. Measured on unseen people (bench/results/body.md's real renders), the window
+    which shortens limbs. Measured on unseen people (bench/results/body.md, regressor_people), the window
     raised the share of the true spread of arm / torso and leg / torso the regressor sees from 0.46 / 0.24
     to 0.61 / 0.37. (Training, KeypointRegressor.loss, keeps the whole-image sum: it penalises the tails.)
 

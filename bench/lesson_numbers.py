@@ -48,18 +48,23 @@ RESULTS = ROOT / "bench" / "results" / "numbers"
 BLOCK = re.compile(r"<!-- numbers: (\w+) -->\n(.*?)<!-- /numbers -->", re.S)
 
 
+def _fingerprint(recipe) -> str:
+    """A short hash of a recipe dataclass (every hyperparameter in it)."""
+    return hashlib.sha256(repr(recipe).encode()).hexdigest()[:12]
+
+
 def recipe_fingerprint() -> str:
-    """A short hash of the tiny preset (every hyperparameter of `python train.py`): the numbers' recipe."""
+    """The tiny preset's fingerprint (every hyperparameter of `python train.py`): the numbers' recipe."""
     from minildm.config import tiny
 
-    return hashlib.sha256(repr(tiny()).encode()).hexdigest()[:12]
+    return _fingerprint(tiny())
 
 
 def body_fingerprint() -> str:
-    """A short hash of the body stage's recipe (every hyperparameter of `python train.py --stage body`)."""
+    """The body stage's fingerprint (every hyperparameter of `python train.py --stage body`, its base preset too)."""
     from minildm.train.body import body_stage_config
 
-    return hashlib.sha256(repr(body_stage_config("body")).encode()).hexdigest()[:12]
+    return _fingerprint(body_stage_config("body"))
 
 
 BODY = {"lesson15_body"}  # measured on runs/body; every other measurement on runs/tiny
@@ -219,19 +224,16 @@ def provenance(name: str, run: Path) -> str:
     first = torch.load(run / "autoencoder.pt", map_location="cpu", weights_only=True)
     preset = state.get("preset", "?")
     words, fingerprint = recipe_of(name)
-    if name in BODY:  # what the checkpoints record of their recipe
-        cfg = body_stage_config("body")
+    cfg = body_stage_config("body") if name in BODY else None
+    today = cfg.base if cfg else tiny()  # the text-to-image model the measurement reads
+    # what the checkpoints record of their recipe
+    todays = (preset == today.name and state.get("unet_config") == asdict(today.unet)
+              and state.get("step") == today.ldm.steps and first.get("config") == asdict(today.vq)
+              and first.get("step") == today.vq_train.steps)
+    if cfg:  # and the body stage's own steps on top of its base model
         adapter = torch.load(run / "body_adapter.pt", map_location="cpu", weights_only=True)
-        todays = (adapter.get("train_config") == asdict(cfg) and adapter.get("step") == cfg.adapter_steps
-                  and state.get("unet_config") == asdict(cfg.base.unet) and state.get("step") == cfg.base.ldm.steps
-                  and first.get("config") == asdict(cfg.base.vq) and first.get("step") == cfg.base.vq_train.steps)
-        wrong = "not the recipe of today's minildm/train/body.py"
-    else:
-        today = tiny()
-        todays = (preset == "tiny" and state.get("unet_config") == asdict(today.unet)
-                  and state.get("step") == today.ldm.steps and first.get("config") == asdict(today.vq)
-                  and first.get("step") == today.vq_train.steps)
-        wrong = "not the tiny recipe of today's minildm/config.py"
+        todays = todays and adapter.get("train_config") == asdict(cfg) and adapter.get("step") == cfg.adapter_steps
+    wrong = f"not the recipe of today's {'minildm/train/body.py' if cfg else 'minildm/config.py'}"
     recipe = f"{words} {fingerprint}" if todays else f"preset {preset}, {wrong}"
     return (f"Measured by `python bench/lesson_numbers.py {name}` on `{shown(run)}` ({recipe}, LDM trained "
             f"{state.get('step', '?')} steps; code at commit {commit()}).")

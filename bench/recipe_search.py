@@ -9,7 +9,8 @@ x position combinations (8 each, never seen in training) back through the round 
 the fraction still right is a ceiling on the LDM's prompt accuracy (a colour the autoencoder confuses, the LDM
 cannot draw). ldm: trains the prompt encoder + UNet with the variant's settings on one fixed autoencoder (the
 reference: the tiny recipe before the speed-up, seed 0; trained first if missing) and scores prompt accuracy as
-`python -m minildm.evaluate` (DDIM 50, guidance 3, 4 samples per prompt) on the 80 seen and 10 held-out prompts.
+`python -m minildm.evaluate` (DDIM 50, guidance 3, --samples per prompt: 4 unless the row says) on the 80 seen
+and 10 held-out prompts.
 Rows gather in runs/recipe_search/rows.jsonl; --table writes them out. Times are not compared here (these
 runs shared the machine): bench/train_speed.py times whole recipes side by side.
 """
@@ -50,6 +51,7 @@ VARIANTS = {
         "k1000_lr2e-3": dict(steps=1000, lr=2e-3),
         "k1000_lr3e-3": dict(steps=1000, lr=3e-3),
         "k1200": dict(steps=1200, lr=1e-3),
+        "k1500": dict(steps=1500, lr=1e-3),
         "b32_1500": dict(steps=1500, batch_size=32, lr=1e-3),
     },
 }
@@ -91,7 +93,7 @@ def reference_autoencoder() -> Path:
     return out
 
 
-def train_ldm_variant(name: str, seed: int) -> dict:
+def train_ldm_variant(name: str, seed: int, samples: int = 4) -> dict:
     from minildm.config import tiny
     from minildm.evaluate import prompt_accuracy_report
     from minildm.pipeline import LatentDiffusion
@@ -105,8 +107,8 @@ def train_ldm_variant(name: str, seed: int) -> dict:
     shutil.copy(reference_autoencoder() / "autoencoder.pt", out / "autoencoder.pt")
     train_ldm(preset, out, torch.device("cpu"), show_progress=False)
     with torch.no_grad():
-        report = prompt_accuracy_report(LatentDiffusion.load(out), n=4, progress=False)
-    return {f"{split}_{k}": report[split][k] for split in report for k in ("color", "all")}
+        report = prompt_accuracy_report(LatentDiffusion.load(out), n=samples, progress=False)
+    return {"samples": samples, **{f"{split}_{k}": report[split][k] for split in report for k in ("color", "shape", "all")}}
 
 
 def write_table() -> Path:
@@ -125,9 +127,12 @@ def write_table() -> Path:
         "autoencoder": ("", [("colour", lambda r: f"{r['color']:.3f}"), ("all three", lambda r: f"{r['all']:.3f}"),
                              ("PSNR (held-back shapes)", lambda r: f"{r['psnr']:.1f} dB")]),
         "ldm": (f"## LDM on the reference autoencoder ({FAST_UNET['kernel']} kernel, channels_last): prompt "
-                "accuracy, 4 samples per prompt",
-                [("seen", lambda r: f"{r['seen_all']:.3f}"), ("held-out", lambda r: f"{r['held_out_all']:.3f}"),
-                 ("colour seen / held-out", lambda r: f"{r['seen_color']:.3f} / {r['held_out_color']:.3f}")]),
+                "accuracy on the 80 seen and 10 held-out prompts",
+                [("samples per prompt", lambda r: str(r.get("samples", 4))),
+                 ("seen", lambda r: f"{r['seen_all']:.3f}"), ("held-out", lambda r: f"{r['held_out_all']:.3f}"),
+                 ("colour seen / held-out", lambda r: f"{r['seen_color']:.3f} / {r['held_out_color']:.3f}"),
+                 ("shape seen / held-out", lambda r: f"{r['seen_shape']:.3f} / {r['held_out_shape']:.3f}"
+                  if "seen_shape" in r else "-")]),
     }
     for stage, (heading, columns) in sections.items():
         if heading:
@@ -146,6 +151,8 @@ def main() -> None:
     p.add_argument("stage", nargs="?", choices=list(VARIANTS))
     p.add_argument("variant", nargs="?")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--samples", type=int, default=4,
+                   help="(ldm) samples per prompt; at 4 one miss moves held-out accuracy by 0.025")
     p.add_argument("--table", action="store_true", help="write bench/results/recipe_search.md from the rows so far")
     args = p.parse_args()
     if args.table:
@@ -153,7 +160,11 @@ def main() -> None:
         return
     if args.stage is None or args.variant not in VARIANTS[args.stage]:
         p.error(f"give a stage and one of its variants: {json.dumps({s: list(v) for s, v in VARIANTS.items()})}")
-    train = train_autoencoder_variant if args.stage == "autoencoder" else train_ldm_variant
+    if args.stage == "autoencoder":
+        train = train_autoencoder_variant
+    else:
+        def train(variant: str, seed: int) -> dict:
+            return train_ldm_variant(variant, seed, args.samples)
     RUNS.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         t0 = time.time()

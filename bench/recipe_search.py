@@ -52,6 +52,7 @@ VARIANTS = {
         "k1000_lr3e-3": dict(steps=1000, lr=3e-3),
         "k1200": dict(steps=1200, lr=1e-3),
         "k1500": dict(steps=1500, lr=1e-3),
+        "k2000": dict(steps=2000, lr=1e-3),  # the tiny preset's own LDM steps
         "b32_1500": dict(steps=1500, batch_size=32, lr=1e-3),
     },
 }

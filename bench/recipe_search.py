@@ -161,7 +161,11 @@ def main() -> None:
         return
     if args.stage is None or args.variant not in VARIANTS[args.stage]:
         p.error(f"give a stage and one of its variants: {json.dumps({s: list(v) for s, v in VARIANTS.items()})}")
+    if args.samples < 1:
+        p.error(f"--samples is the number of samples per prompt: give 1 or more, not {args.samples}.")
     if args.stage == "autoencoder":
+        if args.samples != 4:
+            p.error("--samples sets the ldm stage's score; the autoencoder stage reads back 8 renders of each combination.")
         train = train_autoencoder_variant
     else:
         def train(variant: str, seed: int) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from machine import commit, machine  # noqa: E402  (bench/machine.py)
 CHILD = r"""
@@ -49,15 +50,16 @@ def measure(kernel: str, n: int, threads: int, repeats: int) -> dict:
 def block_passes(threads: int, n: int = 4096, repeats: int = 20) -> list[str]:
     """Rows "| pass | ms |" of the chunked kernel's steps on one 512 x 1024 block (4 heads x 32 dims), timed
     alone (best of `repeats`), and SDPA on the same 512 queries x 1024 keys."""
-    import math
     import time
 
     import torch.nn.functional as F
 
+    from minildm.modules.attention import LOG2_E
+
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, size, 32, generator=g) for size in (512, 1024, 1024))
-    q2 = q * (32 ** -0.5 * math.log2(math.e))
+    q2 = q * (32 ** -0.5 * LOG2_E)  # as chunked_attention scales Q
     block = q2 @ k.transpose(-1, -2)
     row_max = block.amax(dim=-1, keepdim=True)
     passes = {

@@ -17,6 +17,7 @@ runs shared the machine): bench/train_speed.py times whole recipes side by side.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -168,8 +169,7 @@ def main() -> None:
             p.error("--samples sets the ldm stage's score; the autoencoder stage reads back 8 renders of each combination.")
         train = train_autoencoder_variant
     else:
-        def train(variant: str, seed: int) -> dict:
-            return train_ldm_variant(variant, seed, args.samples)
+        train = functools.partial(train_ldm_variant, samples=args.samples)
     RUNS.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         t0 = time.time()

@@ -90,14 +90,10 @@ def test_lesson15_numbers_name_the_body_recipe_only_for_a_run_of_todays_recipe(r
     """bench/lesson_numbers.py writes "body stage <fingerprint>" into lesson15_body's first line (which
     tests/test_lesson_numbers.py requires) only when the run's checkpoints record today's body recipe: the
     micro run is not the body preset's; with the micro config standing in for today's recipe it passes."""
-    import importlib.util
-
-    from lessons.grading import ROOT
+    from lessons.grading import ROOT, load_module
     import minildm.train.body as body
 
-    spec = importlib.util.spec_from_file_location("lesson_numbers_body", ROOT / "bench" / "lesson_numbers.py")
-    numbers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(numbers)
+    numbers = load_module(ROOT / "bench" / "lesson_numbers.py", "lesson_numbers_body")
     assert numbers.recipe_of("lesson15_body") == ("body stage", numbers.body_fingerprint())
     line = numbers.provenance("lesson15_body", run)
     assert "body stage" not in line and "not the recipe of today's minildm/train/body.py" in line, line

@@ -1,15 +1,12 @@
 """The READMEs' measured numbers agree with the results files bench/lesson_numbers.py wrote, and were measured
 on today's tiny recipe (see that script's docstring). Reads files only: no model is run here."""
-import importlib.util
 import re
 
 import pytest
 
-from lessons.grading import ROOT
+from lessons.grading import ROOT, load_module
 
-spec = importlib.util.spec_from_file_location("lesson_numbers", ROOT / "bench" / "lesson_numbers.py")
-numbers = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(numbers)
+numbers = load_module(ROOT / "bench" / "lesson_numbers.py", "lesson_numbers")
 
 RESULT_FILES = sorted(numbers.RESULTS.glob("*.md"))
 

@@ -2,6 +2,7 @@
 
     python bench/recipe_search.py autoencoder a600_lr1e-3 --seeds 0 1 2   # one variant (see VARIANTS)
     python bench/recipe_search.py ldm k1000_lr2e-3 --seeds 0               # on runs/recipe_search/ae_reference
+    python bench/recipe_search.py ldm k1200 --seeds 1 --samples 8 --every 100   # + circle vs square while training
     python bench/recipe_search.py --table                                  # bench/results/recipe_search.md
 
 autoencoder: trains the tiny VQ-VAE with the variant's settings and reads fresh renders of all 90 colour x shape
@@ -10,7 +11,10 @@ the fraction still right is a ceiling on the LDM's prompt accuracy (a colour the
 cannot draw). ldm: trains the prompt encoder + UNet with the variant's settings on one fixed autoencoder (the
 reference: the tiny recipe before the speed-up, seed 0; trained first if missing) and scores prompt accuracy as
 `python -m minildm.evaluate` (DDIM 50, guidance 3, --samples per prompt: 4 unless the row says) on the 80 seen
-and 10 held-out prompts.
+and 10 held-out prompts. --every N also scores the EMA model every N steps while it trains, on the one
+distinction short runs miss (bench/results/recipe_search.md): the seen circle and square prompts, 2 samples each
+(DDIM 25, guidance 3), the fraction whose shape `describe` reads right. 0.5 is a model that draws one rounded
+box for both words; the loss curve does not show when (or whether) a run leaves it.
 Rows gather in runs/recipe_search/rows.jsonl; --table writes them out. Times are not compared here (these
 runs shared the machine): bench/train_speed.py times whole recipes side by side.
 """
@@ -55,6 +59,7 @@ VARIANTS = {
         "k1500": dict(steps=1500, lr=1e-3),
         "k2000": dict(steps=2000, lr=1e-3),  # the tiny preset's own LDM steps
         "b32_1500": dict(steps=1500, batch_size=32, lr=1e-3),
+        "b32_2000": dict(steps=2000, batch_size=32, lr=1e-3),  # the preset's steps at half its batch
     },
 }
 FAST_UNET = dict(kernel="sdpa", channels_last=True)  # every ldm variant: the speed-up's kernel and layout
@@ -95,22 +100,39 @@ def reference_autoencoder() -> Path:
     return out
 
 
-def train_ldm_variant(name: str, seed: int, samples: int = 4) -> dict:
+def circle_or_square(pipe) -> float:
+    """The fraction of 2 samples of each seen circle and square prompt whose shape `describe` reads right."""
+    from minildm.data import shapes
+    from minildm.data.describe import attribute_accuracy
+    from minildm.evaluate import generate_split
+
+    combos = [c for c in shapes.SEEN if c[1] in ("circle", "square")]
+    images, prompts = generate_split(pipe, combos, 2, steps=25, progress=False)
+    return attribute_accuracy(images, prompts)["shape"]
+
+
+def train_ldm_variant(name: str, seed: int, samples: int = 4, every: int = 0) -> dict:
     from minildm.config import tiny
     from minildm.evaluate import prompt_accuracy_report
     from minildm.pipeline import LatentDiffusion
     from minildm.train.ldm import train_ldm
 
     preset = tiny()
-    preset.ldm = replace(preset.ldm, seed=seed, sample_every=0, **VARIANTS["ldm"][name])
+    preset.ldm = replace(preset.ldm, seed=seed, sample_every=every, **VARIANTS["ldm"][name])
     preset.unet = replace(preset.unet, **FAST_UNET)
     out = RUNS / f"ldm_{name}_seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(reference_autoencoder() / "autoencoder.pt", out / "autoencoder.pt")
-    train_ldm(preset, out, torch.device("cpu"), show_progress=False)
+    trajectory = {}  # step -> circle_or_square of the EMA model then
+
+    def score(step, pipe):
+        trajectory[step] = circle_or_square(pipe)
+
+    train_ldm(preset, out, torch.device("cpu"), show_progress=False, on_sample=score if every else None)
     with torch.no_grad():
         report = prompt_accuracy_report(LatentDiffusion.load(out), n=samples, progress=False)
-    return {"samples": samples, **{f"{split}_{k}": report[split][k] for split in report for k in ("color", "shape", "all")}}
+    return {"samples": samples, **({"circle_or_square": trajectory} if every else {}),
+            **{f"{split}_{k}": report[split][k] for split in report for k in ("color", "shape", "all")}}
 
 
 def write_table() -> Path:
@@ -143,6 +165,14 @@ def write_table() -> Path:
                   "|---|---|---|" + "---|" * len(columns)]
         lines += [f"| {r['variant']} | {r['settings']} | {r['seed']} | " + " | ".join(f(r) for _, f in columns) + " |"
                   for r in rows if r["stage"] == stage]
+    tracked = [r for r in rows if "circle_or_square" in r]
+    if tracked:
+        lines += ["", "## Circle against square while the LDM trains (`--every`): shape read right on the seen circle "
+                  "and square prompts (2 samples each, DDIM 25) at each step; 0.5 draws one shape for both words", "",
+                  "| variant | seed | step: shape right |", "|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['seed']} | "
+                  + ", ".join(f"{step}: {acc:.2f}" for step, acc in r["circle_or_square"].items()) + " |"
+                  for r in tracked]
     out = ROOT / "bench" / "results" / "recipe_search.md"
     out.write_text("\n".join(lines) + "\n")
     return out
@@ -155,6 +185,8 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--samples", type=int, default=4,
                    help="(ldm) samples per prompt; at 4 one miss moves held-out accuracy by 0.025")
+    p.add_argument("--every", type=int, default=0,
+                   help="(ldm) also score circle against square every N steps while training (0: only at the end)")
     p.add_argument("--table", action="store_true", help="write bench/results/recipe_search.md from the rows so far")
     args = p.parse_args()
     if args.table:
@@ -165,11 +197,14 @@ def main() -> None:
     if args.samples < 1:
         p.error(f"--samples is the number of samples per prompt: give 1 or more, not {args.samples}.")
     if args.stage == "autoencoder":
-        if args.samples != 4:
-            p.error("--samples sets the ldm stage's score; the autoencoder stage reads back 8 renders of each combination.")
+        if args.samples != 4 or args.every:
+            p.error("--samples and --every set the ldm stage's scores; the autoencoder stage reads back 8 renders of "
+                    "each combination.")
         train = train_autoencoder_variant
     else:
-        train = functools.partial(train_ldm_variant, samples=args.samples)
+        if args.every < 0:
+            p.error(f"--every is a number of steps between scores: give 1 or more (or 0 for none), not {args.every}.")
+        train = functools.partial(train_ldm_variant, samples=args.samples, every=args.every)
     RUNS.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         t0 = time.time()

@@ -11,7 +11,8 @@ machine is doing lands on all alike. Reported: the best and the median of the ro
 on the best (on a shared machine the best round is the one least disturbed), per attention kernel of ours
 in the default (NCHW) memory format and with `UNetConfig(channels_last=True)` (oneDNN's preferred layout for
 convolutions on a CPU), the layout and kernel the tiny preset trains with. Then torch.profiler's table of
-where the preset's step spends its time (the top operators).
+where the preset's step spends its time (the top operators), and GroupNorm alone in each layout on each of the
+UNet's feature-map shapes (the operator channels_last slows down).
 """
 from __future__ import annotations
 
@@ -85,6 +86,28 @@ def time_by_category(prof) -> list[tuple[str, float]]:
     return sorted(totals.items(), key=lambda kv: -kv[1])
 
 
+def group_norm_by_layout(groups: int, rounds: int = 30) -> list[str]:
+    """Table rows: GroupNorm forward + backward at batch 64 on each feature-map shape of the tiny UNet, in NCHW
+    and in channels_last (median of `rounds`). The one operator the preset's layout makes slower."""
+    rows = []
+    for channels, side in ((32, 8), (64, 8), (96, 8), (64, 4), (128, 4), (64, 2), (128, 2)):
+        norm = torch.nn.GroupNorm(groups, channels)
+        times = {}
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(64, channels, side, side).contiguous(memory_format=layout).requires_grad_()
+            grad = torch.randn_like(x)
+            ts = []
+            for r in range(rounds + 2):  # 2 warm-up rounds
+                t0 = time.perf_counter()
+                norm(x).backward(grad)
+                ts.append(time.perf_counter() - t0)
+                x.grad = None
+            times[layout] = statistics.median(ts[2:])
+        nchw, cl = times[torch.contiguous_format], times[torch.channels_last]
+        rows.append(f"| {channels} x {side} x {side} | {nchw * 1e6:.0f} us | {cl * 1e6:.0f} us | {cl / nchw:.2f} |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -130,12 +153,17 @@ def main() -> None:
     best = {name: min(ts) for name, ts in times.items()}
 
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(args.profile_steps):
-            steps[cl_name]()
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
-    categories = time_by_category(prof)
+    profiles = {}
+    for name in ("diffusers", cl_name):
+        with profile(activities=[ProfilerActivity.CPU]) as profiles[name]:
+            for _ in range(args.profile_steps):
+                steps[name]()
+    table = profiles[cl_name].key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    group_norm = group_norm_by_layout(cfg.norm_groups)
+    categories = time_by_category(profiles[cl_name])
     total = sum(sec for _, sec in categories)
+    reference = dict(time_by_category(profiles["diffusers"]))
+    per_step = args.profile_steps / 1000  # seconds over the profiled steps -> ms per step
 
     rows = [f"| {name} | {best[name] * 1000:.0f} ms | {med[name] * 1000:.0f} ms | {best[name] / best['diffusers']:.2f} |"
             for name in steps]
@@ -156,13 +184,23 @@ def main() -> None:
         f"## Where our step spends its time (sdpa kernel, channels_last, {args.profile_steps} steps, torch.profiler, "
         "self CPU time)",
         "",
-        "| kind of operator | share of the step |",
-        "|---|---|",
-        *[f"| {label} | {sec / total:.0%} |" for label, sec in categories],
+        "| kind of operator | share of the step | ms per step | diffusers' ms per step (profiled the same way) |",
+        "|---|---|---|---|",
+        *[f"| {label} | {sec / total:.0%} | {sec / per_step:.1f} | {reference.get(label, 0.0) / per_step:.1f} |"
+          for label, sec in categories],
         "",
         "```",
         table,
         "```",
+        "",
+        f"## GroupNorm by memory format (forward + backward, batch 64, {cfg.norm_groups} groups, median of 30)",
+        "",
+        "channels_last makes the convolutions faster and GroupNorm slower where a group spans few channels of a "
+        "large map: PyTorch's channels_last GroupNorm kernel on the CPU.",
+        "",
+        "| channels x side x side | NCHW | channels_last | channels_last / NCHW |",
+        "|---|---|---|---|",
+        *group_norm,
     ])
     out = ROOT / "bench" / "results" / "unet_reference.md"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -87,7 +87,9 @@ def tiny() -> Preset:
         # at 2000 steps (its DDIM latents came out ~2.4x too wide; eta = 1 hid it: 0.92). 2000 steps: 1000-1200
         # drew seen prompts right on some seeds but held-out ones as low as 0.70, and higher peak rates or Min-SNR
         # weighting broke shapes and positions (bench/results/recipe_search.md, train_speed.md); on one seed 1200
-        # and 1500 steps drew circles and squares alike (shape right 0.68 and 0.74 of the time), 2000 steps 1.00
+        # and 1500 steps drew circles and squares alike (shape right 0.68 and 0.74 of the time), 2000 steps 1.00:
+        # the two words whose latents differ least (bench/results/attribute_gaps.md) are learnt last, at a step
+        # that depends on the seed (recipe_search.md's "circle against square while the LDM trains")
         ldm=LDMTrainConfig(steps=2000, prediction="v"),
     )
 

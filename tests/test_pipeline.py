@@ -51,6 +51,28 @@ def test_resume_continues_the_step_count(run_dir):
     assert load_checkpoint(run_dir / "ldm.pt", "ldm")["step"] == 9
 
 
+def test_on_sample_sees_the_ema_model_at_every_grid_and_at_the_end(run_dir, tmp_path):
+    """train_ldm's on_sample hook (benchmarks score a model while it trains): called after each progress grid,
+    every sample_every steps and once at the end, with the EMA weights (what ldm.pt saves as "ema")."""
+    import shutil
+    shutil.copy(run_dir / "autoencoder.pt", tmp_path / "autoencoder.pt")
+    preset = micro_preset()
+    preset.ldm = replace(preset.ldm, steps=5, sample_every=2)
+    seen = []
+
+    def on_sample(step, pipe):
+        assert isinstance(pipe, LatentDiffusion)
+        seen.append((step, {k: v.clone() for k, v in pipe.unet.state_dict().items()}))
+
+    train_ldm(preset, tmp_path, torch.device("cpu"), show_progress=False, on_sample=on_sample)
+    assert [step for step, _ in seen] == [2, 4, 5]
+    ema = load_checkpoint(tmp_path / "ldm.pt", "ldm")["ema"]
+    last = seen[-1][1]
+    for k, v in last.items():
+        torch.testing.assert_close(v, ema[f"unet.{k}"], rtol=0, atol=0)
+    assert any(not torch.equal(seen[0][1][k], last[k]) for k in last)  # a snapshot, not the live module
+
+
 def test_generate_is_repeatable_and_in_range(run_dir):
     pipe = LatentDiffusion.load(run_dir)
     a = pipe.generate(["a red circle on the left", ""], steps=4, guidance_scale=3.0, seed=1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -97,12 +98,15 @@ def build_tokenizer(captions: list[str], max_len: int) -> Tokenizer:
 def train_ldm(preset: Preset, run_dir: str | Path, device: torch.device, resume: bool = False,
               steps: int | None = None, batch_size: int | None = None, show_progress: bool = True,
               data: tuple[torch.Tensor, list[str] | list[list[str]]] | None = None, precision: str = "fp32",
-              compile: bool = False) -> Path:
+              compile: bool = False, on_sample: Callable[[int, LatentDiffusion], None] | None = None) -> Path:
     """Train tau_theta + eps_theta on the run's frozen autoencoder; returns the path of ldm.pt.
 
     data: optional (images [N, 3, H, W] in [-1, 1] or a folder's Uint8Images, captions), where captions[i]
     is one caption or a list of captions of image i (each step draws one); the default is the shapes set.
     precision: fp32, bf16 or fp16 (mixed precision on CUDA only); compile: torch.compile the UNet.
+    on_sample(step, pipe): called after each progress grid (every `sample_every` steps and at the end) with the
+    EMA model as a pipeline, to score the model while it trains (bench/recipe_search.py --every): the loss
+    curve does not show when the model starts to use a word.
     batch_size is per process: under torchrun the global batch is world_size * batch_size.
     """
     cfg = preset.ldm
@@ -156,6 +160,8 @@ def train_ldm(preset: Preset, run_dir: str | Path, device: torch.device, resume:
                                preset.image_size, cfg.prediction).eval()
         images = pipe.generate(grid_prompts, steps=25, guidance_scale=3.0, seed=0)
         save_grid(images, run_dir / "samples" / f"ldm_step{step:06d}.png", nrow=len(grid_prompts), upscale=2)
+        if on_sample is not None:
+            on_sample(step, pipe)
         denoiser.train()
 
     if compile:

@@ -186,7 +186,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=4,
                    help="(ldm) samples per prompt; at 4 one miss moves held-out accuracy by 0.025")
     p.add_argument("--every", type=int, default=0,
-                   help="(ldm) also score circle against square every N steps while training (0: only at the end)")
+                   help="(ldm) also score circle against square every N steps while training, and at the end (0: not at all)")
     p.add_argument("--table", action="store_true", help="write bench/results/recipe_search.md from the rows so far")
     args = p.parse_args()
     if args.table:

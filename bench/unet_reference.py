@@ -97,7 +97,7 @@ def group_norm_by_layout(groups: int, rounds: int = 30) -> list[str]:
             x = torch.randn(64, channels, side, side).contiguous(memory_format=layout).requires_grad_()
             grad = torch.randn_like(x)
             ts = []
-            for r in range(rounds + 2):  # 2 warm-up rounds
+            for _ in range(rounds + 2):  # 2 warm-up rounds
                 t0 = time.perf_counter()
                 norm(x).backward(grad)
                 ts.append(time.perf_counter() - t0)

@@ -1,7 +1,7 @@
 """How far apart, in the latents the LDM learns, are two prompts that differ in one word?
 
     python bench/attribute_gaps.py                  # on runs/tiny's autoencoder -> bench/results/attribute_gaps.md
-    python bench/attribute_gaps.py --run DIR
+    python bench/attribute_gaps.py --runs DIR ...   # one row per run's autoencoder
 
 Every one of the 90 colour x shape x position combinations is rendered once without jitter and encoded as the
 LDM's latent cache encodes its training set: z = scale_factor * E(x) (train/ldm.py, std ~ 1). For each attribute,
@@ -14,6 +14,8 @@ Why it matters to training: a model that has not learnt a word draws the average
 would pick between. At high noise (where v-prediction's target is ~ -x0) that costs
 mean((z_a + z_b) / 2 - z_a)^2 = gap / 4 per element, which is all the loss gains by learning the word. The
 smaller the gap, the weaker the gradient that teaches it, and the later a run learns it.
+The gaps belong to an autoencoder, not to the data alone: the same recipe on another seed can shrink or widen
+them (the rows of bench/results/attribute_gaps.md), so a first stage can be checked before an LDM is trained on it.
 """
 from __future__ import annotations
 
@@ -58,40 +60,47 @@ def gaps(values: dict, attribute: int, a: str | None = None, b: str | None = Non
     return sum(out) / len(out)
 
 
-def measure(run: Path) -> str:
-    z, x = encode_all(run)
-    rows = [("shape: circle / square", 1, "circle", "square"), ("shape: circle / triangle", 1, "circle", "triangle"),
-            ("shape: square / triangle", 1, "square", "triangle"), ("colour (any two)", 0, None, None),
-            ("position (any two)", 2, None, None)]
-    lines = ["| words that differ | latent gap (per element) | pixel gap (per element) | latent gap / circle-square's |",
-             "|---|---|---|---|"]
-    base = gaps(z, 1, "circle", "square")
-    for label, attribute, a, b in rows:
-        zg = gaps(z, attribute, a, b)
-        lines.append(f"| {label} | {zg:.3f} | {gaps(x, attribute, a, b):.3f} | {zg / base:.1f}x |")
-    mean_square = torch.stack(list(z.values())).pow(2).mean().item()
-    lines.append("")
-    lines.append(f"For scale: the latents' mean square is {mean_square:.2f} per element.")
-    return "\n".join(lines)
+PAIRS = (("circle / square", 1, "circle", "square"), ("circle / triangle", 1, "circle", "triangle"),
+         ("square / triangle", 1, "square", "triangle"), ("colour (any two)", 0, None, None),
+         ("position (any two)", 2, None, None))
+
+
+def measure(runs: list[Path]) -> str:
+    """One row per run's autoencoder (and one for the pixels themselves): the mean gap of each kind of pair."""
+    header = ["| latents of | " + " | ".join(label for label, *_ in PAIRS) + " | mean square |",
+              "|---|" + "---|" * (len(PAIRS) + 1)]
+    rows = []
+    for i, run in enumerate(runs):
+        z, x = encode_all(run)
+        if i == 0:  # the renders do not depend on the autoencoder
+            rows.append("| (the pixels themselves, x in [-1, 1]) | "
+                        + " | ".join(f"{gaps(x, *pair[1:]):.3f}" for pair in PAIRS)
+                        + f" | {torch.stack(list(x.values())).pow(2).mean().item():.2f} |")
+        rows.append(f"| {shown(run)} | " + " | ".join(f"{gaps(z, *pair[1:]):.3f}" for pair in PAIRS)
+                    + f" | {torch.stack(list(z.values())).pow(2).mean().item():.2f} |")
+    return "\n".join(header + rows)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", default=str(ROOT / "runs" / "tiny"), help="a run directory with autoencoder.pt")
+    p.add_argument("--runs", nargs="+", default=[str(ROOT / "runs" / "tiny")],
+                   help="run directories with an autoencoder.pt (one row each)")
     args = p.parse_args()
-    run = Path(args.run).absolute()
-    if not (run / "autoencoder.pt").is_file():
-        raise SystemExit(f"error: {shown(run)}/autoencoder.pt is missing: train it with "
-                         f"`python train.py --stage autoencoder --out {shown(run)}`.")
+    runs = [Path(run).absolute() for run in args.runs]
+    for run in runs:
+        if not (run / "autoencoder.pt").is_file():
+            raise SystemExit(f"error: {shown(run)}/autoencoder.pt is missing: train it with "
+                             f"`python train.py --stage autoencoder --out {shown(run)}`.")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     text = "\n".join([
         "# Latent gaps between prompts that differ in one word",
         "",
-        f"`python bench/attribute_gaps.py --run {shown(run)}` at commit {commit()}; {cpu_name()}, torch "
+        f"`python bench/attribute_gaps.py --runs {' '.join(str(shown(run)) for run in runs)}` at commit {commit()}; "
+        f"{cpu_name()}, torch "
         f"{torch.__version__}. The 90 combinations rendered without jitter, encoded as the LDM's latent cache; "
         "the mean over all pairs of combinations that differ in the one attribute (module docstring).",
         "",
-        measure(run),
+        measure(runs),
     ])
     out = ROOT / "bench" / "results" / "attribute_gaps.md"
     out.write_text(text + "\n")

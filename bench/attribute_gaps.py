@@ -35,16 +35,13 @@ from machine import commit, cpu_name, shown  # noqa: E402  (bench/machine.py)
 
 def encode_all(run: Path) -> tuple[dict, dict]:
     """({combo: z [c, h, w]}, {combo: x [3, H, W]}) of the 90 unjittered combinations through run's autoencoder."""
-    import numpy as np
-
     from minildm.data import shapes
     from minildm.pipeline import load_autoencoder
     from minildm.train.ldm import encode_latent_cache
 
     autoencoder = load_autoencoder(run, torch.device("cpu"))
     combos = shapes.ALL_COMBOS
-    pixels = np.stack([shapes.render(*combo) for combo in combos])  # uint8 [90, H, W, 3]
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1  # [90, 3, H, W] in [-1, 1]
+    x = shapes.render_combos(combos, rng=None)  # [90, 3, H, W] in [-1, 1], no jitter
     z = encode_latent_cache(autoencoder, x, show_progress=False)
     return dict(zip(combos, z)), dict(zip(combos, x))
 

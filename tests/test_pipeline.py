@@ -1,4 +1,5 @@
 """End to end on a micro config: train.py stages, resume, sample.py, same seed -> same image, bad input."""
+import shutil
 from dataclasses import replace
 
 import numpy as np

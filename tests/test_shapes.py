@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from minildm.data.describe import attribute_accuracy, describe, prompt_accuracy
 from minildm.data.shapes import (_render_batch, ALL_COMBOS, caption, CENTER_JITTER, COLORS, HELD_OUT, parse_caption,
-                                 POSITIONS, RADIUS, RADIUS_RANGE, render, sample_batch, SEEN, SHAPES, ShapesDataset,
-                                 VOCAB_WORDS)
+                                 POSITIONS, RADIUS, RADIUS_RANGE, render, render_combos, sample_batch, SEEN, SHAPES,
+                                 ShapesDataset, VOCAB_WORDS)
 
 
 def to_unit(images):
@@ -136,6 +136,16 @@ def test_render_canonical_is_deterministic_and_jitter_moves_the_shape():
     jittered = [render("red", "square", "left", rng=np.random.default_rng(seed)) for seed in range(3)]
     assert not np.array_equal(jittered[0], jittered[1])
     assert np.array_equal(jittered[2], render("red", "square", "left", rng=np.random.default_rng(2)))
+
+
+def test_render_combos_without_rng_draws_the_canonical_shapes():
+    """rng None: every combination exactly as `render` draws it without jitter (up to render's uint8 rounding)."""
+    combos = [("red", "square", "left"), ("blue", "circle", "center"), ("green", "triangle", "top")]
+    batch = render_combos(combos, rng=None)
+    for image, combo in zip(batch, combos):
+        canonical = torch.from_numpy(render(*combo)).permute(2, 0, 1).float() / 127.5 - 1
+        torch.testing.assert_close(image, canonical, atol=1 / 127.5, rtol=0)
+    assert not torch.equal(batch[0], render_combos(combos[:1], np.random.default_rng(0))[0])
 
 
 def test_render_stays_in_bounds_even_with_the_largest_jitter():

@@ -277,10 +277,14 @@ def sample_batch(
     return _to_model_range(images), [caption(*c, paraphrase=bool(p)) for c, p in zip(combos, paraphrase)]
 
 
-def render_combos(combos: Sequence[tuple], rng: np.random.Generator, size: int = 32) -> torch.Tensor:
+def render_combos(combos: Sequence[tuple], rng: Optional[np.random.Generator], size: int = 32) -> torch.Tensor:
     """Jittered images of the given (color, shape, position) combinations, concept colours allowed:
-    float tensor [B, 3, size, size] in [-1, 1] (e.g. the concept images of LoRA fine-tuning)."""
-    offsets, radii = _draw_jitter(rng, len(combos))
+    float tensor [B, 3, size, size] in [-1, 1] (e.g. the concept images of LoRA fine-tuning).
+    rng None: the canonical, unjittered shapes (as `render` draws them)."""
+    if rng is None:
+        offsets, radii = np.zeros((len(combos), 2)), np.full(len(combos), RADIUS)
+    else:
+        offsets, radii = _draw_jitter(rng, len(combos))
     return _to_model_range(_render_batch(list(combos), offsets, radii, size))
 
 
